@@ -1,0 +1,219 @@
+"""Typed, validated run configuration: YAML file + dotted `--set` overrides.
+
+Every field is checked (type, range, unknown keys) before any compute starts, and
+errors name the offending field, e.g. ``sampling.k: Input should be >= 2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the field or file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PolicyConfig(_Strict):
+    # A local Hugging Face model directory, a hub id (GPU clusters), or "tiny:policy",
+    # the embedded tiny Llama that is built from code on first use.
+    path: str = "tiny:policy"
+    trust_remote_code: bool = False
+
+
+class PromptsConfig(_Strict):
+    # "builtin:tiny" (the bundled prompt set) or a local .jsonl / .parquet file.
+    source: str = "builtin:tiny"
+    column: str = "prompt"
+    # Prompts each iteration takes from its own disjoint split (None: the whole split).
+    per_iteration: int | None = Field(default=None, ge=1)
+    # Number of disjoint splits the source is cut into; at least the number of iterations.
+    num_splits: int = Field(default=3, ge=1)
+    seed: int = 42
+
+
+class SamplingConfig(_Strict):
+    k: int = Field(default=5, ge=2, description="candidates per prompt (one n=K request)")
+    temperature: float = Field(default=0.7, ge=0.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=2048, ge=1)
+    seed: int = 0
+    num_engines: int = Field(default=1, ge=1)
+    cpus_per_engine: float = Field(default=1.0, ge=0.0)
+    gpus_per_engine: float = Field(default=0.0, ge=0.0)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    dtype: str = "auto"
+    max_model_len: int | None = Field(default=None, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    # vLLM's CPU backend: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs.
+    cpu_kvcache_gib: int = Field(default=1, ge=1)
+
+
+class JudgeConfig(_Strict):
+    # A local PairRM directory, "llm-blender/PairRM", or "tiny:pairrm" (built from code).
+    path: str = "tiny:pairrm"
+    batch_size: int = Field(default=32, ge=1, description="ordered pairs per forward pass")
+    source_max_length: int = Field(default=1224, ge=1)
+    candidate_max_length: int = Field(default=412, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0.0)
+    num_gpus: float = Field(default=0.0, ge=0.0)
+
+
+class TrainConfig(_Strict):
+    loss: Literal["sppo"] = "sppo"
+    eta: float = Field(default=1000.0, gt=0.0, description="SPPO eta; beta = 1/eta")
+    learning_rate: float = Field(default=5e-7, gt=0.0)
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    epochs: int = Field(default=1, ge=1)
+    per_device_batch_size: int = Field(default=8, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    num_workers: int = Field(default=2, ge=1)
+    cpus_per_worker: float = Field(default=1.0, ge=0.0)
+    use_gpu: bool = False
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    max_length: int = Field(default=1024, ge=2)
+    max_prompt_length: int = Field(default=512, ge=1)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> "TrainConfig":
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})"
+            )
+        return self
+
+    @property
+    def beta(self) -> float:
+        return 1.0 / self.eta
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.per_device_batch_size * self.gradient_accumulation_steps * self.num_workers
+
+
+class TrackingConfig(_Strict):
+    # Used when MLFLOW_TRACKING_URI is not set.
+    tracking_uri: str = "http://127.0.0.1:5000"
+    experiment: str = "sppo"
+    run_name: str | None = None
+
+    @property
+    def resolved_uri(self) -> str:
+        """MLFLOW_TRACKING_URI wins over the config, as MLflow users expect."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+
+
+class TimeoutsConfig(_Strict):
+    # Upper bounds on each wait for actors and workers: a dead or stuck one fails the job
+    # with its role and stage named instead of hanging. Generous defaults for GPU clusters.
+    sampling_s: float = Field(default=24 * 3600.0, gt=0.0)
+    judging_s: float = Field(default=24 * 3600.0, gt=0.0)
+    training_s: float = Field(default=48 * 3600.0, gt=0.0)
+
+
+class RunConfig(_Strict):
+    iterations: int = Field(default=3, ge=1)
+    output_dir: str = "outputs/sppo"
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    policy: PolicyConfig = PolicyConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    judge: JudgeConfig = JudgeConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _enough_splits(self) -> "RunConfig":
+        if self.prompts.num_splits < self.iterations:
+            raise ValueError(
+                f"prompts.num_splits ({self.prompts.num_splits}) must be >= iterations "
+                f"({self.iterations}): each iteration needs its own disjoint split"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, e.g. {"train.eta": 1000.0}: MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, sub)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump())
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+    def digest(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none): detects config drift on resume."""
+        data = self.model_dump()
+        if sections:
+            data = {s: data[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.learning_rate=1e-6' -> ("train.learning_rate", 1e-06); values are YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.learning_rate=1e-6")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {err}") from err
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read, merge overrides into, and validate a run config. Raises ConfigError."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"config file {path}: cannot read ({err.strerror})") from err
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path}: malformed YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+        tree = loaded or {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        where = f"config file {path}" if path else "config"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"{where}: {problems}") from err

@@ -1,0 +1,69 @@
+"""From a prompt's K x K win-probability matrix to one SPPO training row.
+
+P[i][j] estimates P(candidate i beats candidate j), with 0.5 on the diagonal.
+mean_j P[i][j] (diagonal included, as the reference computes it) estimates
+P(y_i beats pi_t): candidate i against a fresh sample from the current policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Pair:
+    chosen: int
+    rejected: int
+    chosen_probs: float  # P[w][l]
+    chosen_probs_win: float  # mean_j P[w][j] ~ P(y_w beats pi_t)
+    chosen_probs_lose: float  # mean_j P[l][j] ~ P(y_l beats pi_t)
+
+
+def select_pair(win_matrix: np.ndarray) -> Pair:
+    """Chosen = highest mean win probability, rejected = lowest.
+
+    Ties go to the lowest candidate index for both, so the choice is deterministic; when
+    every candidate ties, rejected is the last index so that chosen != rejected.
+    """
+    p = np.asarray(win_matrix, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] != p.shape[1] or p.shape[0] < 2:
+        raise ValueError(f"win matrix must be K x K with K >= 2, got shape {p.shape}")
+    mean_win = p.mean(axis=1)
+    w = int(np.argmax(mean_win))
+    l = int(np.argmin(mean_win))
+    if w == l:
+        l = p.shape[0] - 1 if w != p.shape[0] - 1 else 0
+    return Pair(
+        chosen=w,
+        rejected=l,
+        chosen_probs=float(p[w, l]),
+        chosen_probs_win=float(mean_win[w]),
+        chosen_probs_lose=float(mean_win[l]),
+    )
+
+
+def training_rows(
+    prompts: list[str], candidates: list[list[str]], win_matrices: list[np.ndarray]
+) -> list[dict]:
+    """One row per prompt in the columns the trainer reads (pairs.parquet)."""
+    if not len(prompts) == len(candidates) == len(win_matrices):
+        raise ValueError(
+            f"length mismatch: {len(prompts)} prompts, {len(candidates)} candidate lists, "
+            f"{len(win_matrices)} win matrices"
+        )
+    rows = []
+    for prompt, cands, matrix in zip(prompts, candidates, win_matrices):
+        pair = select_pair(matrix)
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": cands[pair.chosen],
+                "rejected": cands[pair.rejected],
+                "chosen_probs": pair.chosen_probs,
+                "chosen_probs_win": pair.chosen_probs_win,
+                "chosen_probs_lose": pair.chosen_probs_lose,
+            }
+        )
+    return rows
