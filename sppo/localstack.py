@@ -1,0 +1,220 @@
+"""A local Ray head and MLflow tracking server for the demo and the end-to-end tests.
+
+`python -m sppo.localstack start` starts whichever of the two is not already answering,
+binds both to 127.0.0.1, keeps Ray's token authentication on, and records the PIDs of
+exactly the processes it started in `<state_dir>/stack.json`; `stop` ends those and
+nothing else (never a blanket `ray stop`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+STATE_FILE = "stack.json"
+
+
+def _answers(url: str, timeout: float = 2.0) -> bool:
+    """True when an HTTP server answers at url (a 401 from Ray's token auth counts)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    return any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+               for c in psutil.net_connections(kind="tcp"))
+
+
+def _wait_until(predicate, what: str, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    hint = f"; see {log}" if log else ""
+    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s{hint}")
+
+
+def _venv_env() -> dict[str, str]:
+    """The environment for started servers: this interpreter's bin first on PATH, so that a
+    job entrypoint's `python` is the project's, and token auth explicitly on."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+@dataclass
+class LocalStack:
+    state_dir: Path
+    ray_port: int = 6379
+    dashboard_port: int = 8265
+    mlflow_port: int = 5000
+    num_cpus: int = 2
+    pids: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def ray_temp_dir(self) -> Path:
+        # Ray puts unix sockets under its temp dir and a socket path may not exceed 107 bytes,
+        # so the temp dir is short and under /tmp rather than inside the (possibly deep) repo.
+        tag = hashlib.sha1(str(self.state_dir.resolve()).encode()).hexdigest()[:8]
+        return Path(f"/tmp/sppo-ray-{tag}-{self.ray_port}")
+
+    def ray_running(self) -> bool:
+        return _answers(f"{self.dashboard_url}/api/version")
+
+    def mlflow_running(self) -> bool:
+        return _answers(f"{self.mlflow_url}/health")
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._load()
+        if self.ray_running():
+            print(f"Ray: already running, dashboard {self.dashboard_url}")
+        else:
+            self._start_ray()
+        if self.mlflow_running():
+            print(f"MLflow: already running at {self.mlflow_url}")
+        else:
+            self._start_mlflow()
+        self._save()
+
+    def _start_ray(self) -> None:
+        ray_bin = Path(sys.executable).parent / "ray"
+        log = self.state_dir / "ray-start.log"
+        agent_port = _free_port()
+        cmd = [
+            str(ray_bin), "start", "--head", f"--num-cpus={self.num_cpus}", f"--port={self.ray_port}",
+            "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats", f"--temp-dir={self.ray_temp_dir}",
+            # The job agent's default port (52365) is shared by every Ray instance on the machine,
+            # e.g. a test's own ray.init(); a free one lets both run side by side.
+            f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={_free_port()}",
+        ]
+        with open(log, "w") as fh:
+            done = subprocess.run(cmd, env=_venv_env(), stdout=fh, stderr=subprocess.STDOUT)
+        # Record the daemons even when `ray start` failed half-way, so `stop` can clean up.
+        marks = (str(self.ray_temp_dir), f"127.0.0.1:{self.ray_port}")
+        self.pids["ray"] = [p.pid for p in psutil.process_iter(["cmdline"])
+                            if any(m in " ".join(p.info["cmdline"] or []) for m in marks)]
+        self._save()
+        if done.returncode != 0:
+            raise RuntimeError(f"`ray start` failed (exit {done.returncode}); see {log}")
+        _wait_until(self.ray_running, "Ray dashboard", 120, log)
+        # Jobs are accepted only once the node's job agent listens.
+        _wait_until(lambda: _listening(agent_port), "Ray job agent", 120, log)
+        print(f"Ray: started head (token auth on), dashboard {self.dashboard_url}")
+
+    def _start_mlflow(self) -> None:
+        root = (self.state_dir / "mlflow").resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        log = self.state_dir / "mlflow.log"
+        env = _venv_env()
+        # Without these the server forks a job runner and several workers (3+ GB RSS).
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        cmd = [
+            str(Path(sys.executable).parent / "mlflow"), "server",
+            f"--backend-store-uri=sqlite:///{root / 'mlflow.db'}",
+            f"--artifacts-destination={root / 'artifacts'}", "--serve-artifacts",
+            "--host=127.0.0.1", f"--port={self.mlflow_port}", "--workers=1",
+        ]
+        proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.pids["mlflow"] = [proc.pid]
+        self._save()
+        _wait_until(lambda: self.mlflow_running() or proc.poll() is not None, "MLflow server", 120, log)
+        if proc.poll() is not None:
+            raise RuntimeError(f"MLflow server exited with {proc.returncode}; see {log}")
+        print(f"MLflow: started tracking server at {self.mlflow_url} (sqlite, artifacts under {root})")
+
+    def stop(self) -> None:
+        """End exactly the processes `start` started (and their children)."""
+        self._load()
+        procs = []
+        for pid in [p for pids in self.pids.values() for p in pids]:
+            try:
+                proc = psutil.Process(pid)
+                procs += [proc, *proc.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        for name, pids in self.pids.items():
+            if pids:
+                print(f"{name}: stopped {len(pids)} process(es) started by sppo.localstack")
+        self.pids = {}
+        self._save()
+
+    def _save(self) -> None:
+        (self.state_dir / STATE_FILE).write_text(json.dumps({"pids": self.pids}, indent=2))
+
+    def _load(self) -> None:
+        state = self.state_dir / STATE_FILE
+        if state.exists():
+            self.pids = json.loads(state.read_text())["pids"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sppo.localstack", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument("--state-dir", default=".run", help="where PIDs, logs and the MLflow store live")
+    parser.add_argument("--ray-port", type=int, default=6379)
+    parser.add_argument("--dashboard-port", type=int, default=8265)
+    parser.add_argument("--mlflow-port", type=int, default=5000)
+    parser.add_argument("--num-cpus", type=int, default=2)
+    args = parser.parse_args(argv)
+    stack = LocalStack(Path(args.state_dir), args.ray_port, args.dashboard_port, args.mlflow_port, args.num_cpus)
+    if args.action == "start":
+        stack.start()
+    elif args.action == "stop":
+        stack.stop()
+    else:
+        print(f"Ray dashboard {stack.dashboard_url}: {'up' if stack.ray_running() else 'down'}")
+        print(f"MLflow {stack.mlflow_url}: {'up' if stack.mlflow_running() else 'down'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""`python -m sppo.run`: run SPPO iterations on the current Ray cluster.
+
+Inside a Ray job (`ray job submit -- python -m sppo.run ...`) it uses that job's cluster;
+run directly with no cluster it starts a local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from sppo.config import ConfigError, load_config, parse_override
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sppo.run",
+        description="Self-Play Preference Optimization on Ray: sample with vLLM, judge with PairRM, "
+        "train with DeepSpeed ZeRO-3, track in MLflow.",
+    )
+    parser.add_argument("--config", metavar="PATH", help="YAML run config (e.g. configs/tiny.yaml); "
+                        "omitted fields take their defaults")
+    parser.add_argument("--iters", type=int, metavar="N", help="number of SPPO iterations (config: iterations)")
+    parser.add_argument("--resume-from", type=int, metavar="N",
+                        help="redo iteration N onwards, starting from iteration N-1's checkpoint in the same "
+                        "output directory and MLflow parent run; earlier outputs of N.. are moved aside, not deleted. "
+                        "Without it, re-submitting with the same --output-dir continues an interrupted run")
+    parser.add_argument("--output-dir", metavar="DIR",
+                        help="where stage outputs and checkpoints go (config: output_dir); use an absolute "
+                        "path under `ray job submit --working-dir`, whose working directory is temporary")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field by its dotted name, e.g. --set train.learning_rate=1e-6 "
+                        "(repeatable; values are parsed as YAML)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    try:
+        overrides = dict(parse_override(text) for text in args.overrides)
+        if args.iters is not None:
+            overrides["iterations"] = args.iters
+        if args.output_dir is not None:
+            overrides["output_dir"] = args.output_dir
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from sppo.controller import ResumeError, run_sppo
+
+    ray.init()
+    try:
+        checkpoints = run_sppo(cfg, resume_from=args.resume_from)
+    except ResumeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("SPPO finished. Checkpoints:")
+    for t, path in enumerate(checkpoints, start=1):
+        print(f"  iter-{t}: {path}")
+    print(f"MLflow: {cfg.tracking.resolved_uri} (experiment {cfg.tracking.experiment!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

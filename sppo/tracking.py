@@ -1,0 +1,159 @@
+"""MLflow record of a job: one parent run, one nested run `iter-N` per iteration.
+
+The parent run id is kept in `<output_dir>/run.json`, so a re-submitted or resumed job
+logs into the same parent. An iteration that is redone (interrupted, or re-run by
+`--resume-from`) gets a fresh nested run: the old one is marked FAILED, tagged with its
+replacement and soft-deleted (restorable with `MlflowClient.restore_run`), so the parent
+shows exactly one `iter-N` run per iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from sppo.storage import atomic_write_text
+
+RUN_FILE = "run.json"
+# MLflow caps a param value at 6000 characters and a log_batch at 100 params / 1000 metrics.
+_MAX_PARAM_LEN = 6000
+_PARAM_BATCH = 100
+_METRIC_BATCH = 1000
+
+
+def iteration_run_name(iteration: int) -> str:
+    return f"iter-{iteration}"
+
+
+def check_reachable(uri: str, attempts: int = 3, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when an HTTP tracking server does not answer: MLflow's
+    own client retries with backoff for several minutes before giving up."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    error: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered (an auth proxy may refuse /health)
+        except OSError as err:
+            error = err
+            time.sleep(1.0 + attempt)
+    raise RuntimeError(f"MLflow tracking server {uri} is not reachable (MLFLOW_TRACKING_URI / "
+                       f"tracking.tracking_uri): {error}")
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, output_dir: Path):
+        check_reachable(uri)
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        self.output_dir = Path(output_dir)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.parent_id: str | None = None
+
+    # -- parent run ---------------------------------------------------------------------
+    def start_parent(self, run_name: str, params: Mapping[str, Any]) -> str:
+        """Reopen the parent run recorded in the output directory, or create it."""
+        record = self.output_dir / RUN_FILE
+        if record.exists():
+            saved = json.loads(record.read_text())
+            if saved.get("tracking_uri") != self.uri:
+                raise RuntimeError(
+                    f"{record}: this output directory was tracked at {saved.get('tracking_uri')}, "
+                    f"not {self.uri}; use that tracking URI or a new --output-dir"
+                )
+            self.parent_id = saved["parent_run_id"]
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=run_name)
+            self.parent_id = run.info.run_id
+            self.log_params(self.parent_id, params)
+            atomic_write_text(
+                record,
+                json.dumps(
+                    {"parent_run_id": self.parent_id, "experiment_id": self.experiment_id, "tracking_uri": self.uri},
+                    indent=2,
+                ),
+            )
+        return self.parent_id
+
+    def finish_parent(self, status: str = "FINISHED") -> None:
+        if self.parent_id:
+            self.client.set_terminated(self.parent_id, status=status)
+
+    # -- nested iteration runs ------------------------------------------------------------
+    def iteration_runs(self) -> dict[int, Any]:
+        """Active nested runs of the parent, by iteration number."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}'"
+        )
+        out = {}
+        for run in runs:
+            name = run.data.tags.get(MLFLOW_RUN_NAME, "")
+            if name.startswith("iter-") and name[5:].isdigit():
+                out[int(name[5:])] = run
+        return out
+
+    def finished_iterations(self) -> set[int]:
+        return {t for t, run in self.iteration_runs().items() if run.info.status == "FINISHED"}
+
+    def start_iteration(self, iteration: int, params: Mapping[str, Any]) -> str:
+        """A fresh nested run `iter-N`; an earlier one for the same iteration is replaced."""
+        previous = self.iteration_runs().get(iteration)
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=iteration_run_name(iteration),
+            tags={MLFLOW_PARENT_RUN_ID: self.parent_id, "sppo.iteration": str(iteration)},
+        )
+        run_id = run.info.run_id
+        if previous is not None:
+            old_id = previous.info.run_id
+            self.client.set_tag(old_id, "sppo.replaced_by", run_id)
+            if previous.info.status != "FINISHED":
+                self.client.set_terminated(old_id, status="FAILED")
+            self.client.delete_run(old_id)
+            self.client.set_tag(run_id, "sppo.replaces", old_id)
+        self.log_params(run_id, params)
+        return run_id
+
+    # -- logging helpers -----------------------------------------------------------------
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(params.items())]
+        for start in range(0, len(items), _PARAM_BATCH):
+            self.client.log_batch(run_id, params=items[start : start + _PARAM_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for start in range(0, len(items), _METRIC_BATCH):
+            self.client.log_batch(run_id, metrics=items[start : start + _METRIC_BATCH])
+
+    def log_history(self, run_id: str, history: list[Mapping[str, float]]) -> None:
+        """Per-step metric dicts, each with a 'step' key."""
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, int(row["step"])) for row in history for k, v in row.items() if k != "step"
+        ]
+        for start in range(0, len(items), _METRIC_BATCH):
+            self.client.log_batch(run_id, metrics=items[start : start + _METRIC_BATCH])
+
+    def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, run_id: str, local_file: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(local_file), artifact_path)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)

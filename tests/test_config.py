@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+
+from sppo.config import ConfigError, RunConfig, load_config, parse_override
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_tiny_config_loads_and_overrides_apply():
+    cfg = load_config(CONFIGS / "tiny.yaml", {"train.learning_rate": 1e-6, "sampling.k": 3})
+    assert cfg.train.learning_rate == 1e-6
+    assert cfg.sampling.k == 3
+    assert cfg.train.beta == pytest.approx(1 / cfg.train.eta)
+    assert cfg.train.global_batch_size == cfg.train.per_device_batch_size * cfg.train.num_workers
+
+
+def test_defaults_follow_the_reference():
+    cfg = RunConfig()
+    assert (cfg.sampling.k, cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.max_tokens) == (5, 0.7, 0.9, 2048)
+    assert (cfg.train.eta, cfg.train.learning_rate, cfg.train.warmup_ratio) == (1000.0, 5e-7, 0.1)
+    assert (cfg.judge.source_max_length, cfg.judge.candidate_max_length) == (1224, 412)
+    assert cfg.policy.trust_remote_code is False
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"sampling.k": 1}, "sampling.k"),
+        ({"iterations": 0}, "iterations"),
+        ({"train.learning_rate": "fast"}, "train.learning_rate"),
+        ({"sampling.kk": 4}, "sampling.kk"),
+        ({"train.max_prompt_length": 2048}, "max_prompt_length"),
+        ({"iterations": 5}, "prompts.num_splits"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(CONFIGS / "tiny.yaml", overrides)
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*malformed YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="missing.yaml.*cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_parse_override_parses_yaml_scalars():
+    # YAML reads "1e-6" as a string; the typed config still gets a float.
+    cfg = load_config(CONFIGS / "tiny.yaml", dict([parse_override("train.learning_rate=1e-6")]))
+    assert cfg.train.learning_rate == 1e-6
+    assert parse_override("train.bf16=true") == ("train.bf16", True)
+    assert parse_override("tracking.run_name=my run") == ("tracking.run_name", "my run")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("train.learning_rate")
+
+
+def test_digest_tracks_only_named_sections():
+    base = RunConfig()
+    changed_lr = base.model_copy(update={"train": base.train.model_copy(update={"learning_rate": 1e-6})})
+    assert base.digest("sampling", "judge") == changed_lr.digest("sampling", "judge")
+    assert base.digest("train") != changed_lr.digest("train")

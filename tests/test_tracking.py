@@ -1,0 +1,67 @@
+"""Tracking against a real MLflow store (sqlite), as the controller uses it."""
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+
+from sppo.tracking import RUN_FILE, Tracker
+
+
+@pytest.fixture()
+def uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_parent_run_is_recorded_and_reopened(tmp_path, uri):
+    out = tmp_path / "out"
+    out.mkdir()
+    first = Tracker(uri, "exp", out)
+    parent = first.start_parent("job", {"train.eta": 1000.0})
+    assert json.loads((out / RUN_FILE).read_text())["parent_run_id"] == parent
+    first.finish_parent("FAILED")
+
+    again = Tracker(uri, "exp", out)
+    assert again.start_parent("job", {}) == parent
+    assert MlflowClient(uri).get_run(parent).info.status == "RUNNING"
+    assert MlflowClient(uri).get_run(parent).data.params["train.eta"] == "1000.0"
+
+
+def test_redone_iteration_replaces_its_run(tmp_path, uri):
+    out = tmp_path / "out"
+    out.mkdir()
+    tracker = Tracker(uri, "exp", out)
+    tracker.start_parent("job", {})
+    one = tracker.start_iteration(1, {"k": 4})
+    tracker.finish(one)
+    interrupted = tracker.start_iteration(2, {"k": 4})  # never finished: a killed driver
+    retry = tracker.start_iteration(2, {"k": 4})
+
+    runs = tracker.iteration_runs()
+    assert sorted(runs) == [1, 2]
+    assert runs[2].info.run_id == retry
+    assert tracker.finished_iterations() == {1}
+    client = MlflowClient(uri)
+    old = client.get_run(interrupted)
+    assert old.info.status == "FAILED" and old.info.lifecycle_stage == "deleted"
+    assert old.data.tags["sppo.replaced_by"] == retry
+    every = client.search_runs([tracker.experiment_id], run_view_type=ViewType.ALL)
+    assert len(every) == 4  # parent + iter-1 + both iter-2 attempts: nothing is lost
+
+
+def test_history_and_metrics_are_logged_with_steps(tmp_path, uri):
+    out = tmp_path / "out"
+    out.mkdir()
+    tracker = Tracker(uri, "exp", out)
+    tracker.start_parent("job", {})
+    run = tracker.start_iteration(1, {})
+    tracker.log_history(run, [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5}])
+    tracker.log_metrics(run, {"time/sampling_s": 3.0})
+    history = MlflowClient(uri).get_metric_history(run, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.5)]
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="not reachable"):
+        Tracker("http://127.0.0.1:9", "exp", tmp_path)
