@@ -32,8 +32,12 @@ class PolicyConfig(_Strict):
 
 
 class PromptsConfig(_Strict):
-    # "builtin:tiny" (the bundled prompt set) or a local .jsonl / .parquet file.
+    # "builtin:tiny" (the bundled prompt set), a local .jsonl / .parquet file or saved-dataset
+    # directory, or "hf:<repo>" (a Hugging Face hub dataset). "{t}" in source or split marks
+    # ready-made per-iteration splits (e.g. split "train_iteration_{t}"); without it the
+    # source is cut into num_splits disjoint seeded parts.
     source: str = "builtin:tiny"
+    split: str = "train"
     column: str = "prompt"
     # Prompts each iteration takes from its own disjoint split (None: the whole split).
     per_iteration: int | None = Field(default=None, ge=1)

@@ -56,3 +56,37 @@ def test_bad_sources_name_the_file_or_column(tmp_path):
     empty.write_text(json.dumps({"prompt": ""}))
     with pytest.raises(PromptSourceError, match="no non-empty prompts"):
         load_prompts(PromptsConfig(source=str(empty)))
+
+
+def _save_dataset(path, splits: dict[str, list[dict]]):
+    import datasets
+
+    datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(
+        str(path)
+    )
+
+
+def test_saved_dataset_with_ready_iteration_splits(tmp_path):
+    # The schema of snorkelai/Snorkel-Mistral-PairRM-DPO-Dataset: splits train_iteration_{1,2,3}, column prompt.
+    splits = {f"train_iteration_{t}": [{"prompt": f"t{t}-{i}", "chosen": "c"} for i in range(5)] for t in (1, 2, 3)}
+    splits["test_iteration_1"] = [{"prompt": "held out", "chosen": "c"}]
+    _save_dataset(tmp_path / "snorkel", splits)
+    cfg = PromptsConfig(source=str(tmp_path / "snorkel"), split="train_iteration_{t}")
+    assert iteration_prompts(cfg, 2) == [f"t2-{i}" for i in range(5)]
+    with pytest.raises(PromptSourceError, match="no split 'train_iteration_4'.*prompts.split"):
+        iteration_prompts(cfg, 4)
+
+
+def test_saved_dataset_per_iteration_sources_and_ultrafeedback_column(tmp_path):
+    # UCLA-AGI/data-mistral-7b-instruct-sppo-iter{t}: one dataset per iteration, column prompt.
+    for t in (1, 2):
+        _save_dataset(tmp_path / f"sppo-iter{t}", {"train": [{"prompt": f"iter{t}-{i}"} for i in range(3)]})
+    cfg = PromptsConfig(source=str(tmp_path / "sppo-iter{t}"))
+    assert iteration_prompts(cfg, 2) == ["iter2-0", "iter2-1", "iter2-2"]
+    # openbmb/UltraFeedback: one train split, column instruction, cut into disjoint parts here.
+    _save_dataset(tmp_path / "uf", {"train": [{"instruction": f"q{i}", "models": ["m"]} for i in range(9)]})
+    uf = PromptsConfig(source=str(tmp_path / "uf"), column="instruction", num_splits=3)
+    parts = [iteration_prompts(uf, t) for t in (1, 2, 3)]
+    assert sorted(p for part in parts for p in part) == sorted(f"q{i}" for i in range(9))
+    with pytest.raises(PromptSourceError, match="no column 'prompt'.*instruction"):
+        load_prompts(PromptsConfig(source=str(tmp_path / "uf")))
