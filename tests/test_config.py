@@ -63,3 +63,30 @@ def test_digest_tracks_only_named_sections():
     changed_lr = base.model_copy(update={"train": base.train.model_copy(update={"learning_rate": 1e-6})})
     assert base.digest("sampling", "judge") == changed_lr.digest("sampling", "judge")
     assert base.digest("train") != changed_lr.digest("train")
+
+
+PRODUCTION = ["gemma-2-9b-it-sppo.yaml", "llama-3-8b-instruct-sppo.yaml", "mistral-7b-instruct-sppo.yaml"]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_validates_and_its_resources_add_up(path):
+    cfg = load_config(path)
+    s, t = cfg.sampling, cfg.train
+    if t.use_gpu or s.gpus_per_engine:
+        # Each engine's GPUs hold its tensor-parallel shards; sampling and training use the same GPUs in turn.
+        assert s.gpus_per_engine == s.tensor_parallel_size
+        assert s.num_engines * s.gpus_per_engine == t.num_workers
+        assert cfg.judge.num_gpus <= t.num_workers
+    assert t.max_prompt_length < t.max_length
+
+
+@pytest.mark.parametrize("name", PRODUCTION)
+def test_production_configs_carry_the_reference_values(name):
+    cfg = load_config(CONFIGS / name)
+    assert (cfg.sampling.k, cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.max_tokens) == (5, 0.7, 0.9, 2048)
+    assert (cfg.train.eta, cfg.train.learning_rate, cfg.train.warmup_ratio, cfg.train.epochs) == (1000, 5e-7, 0.1, 1)
+    assert cfg.train.global_batch_size == 64 and cfg.train.num_workers == 8
+    assert (cfg.train.max_length, cfg.train.max_prompt_length) == (1024, 512)
+    assert cfg.train.bf16 and cfg.train.use_gpu and cfg.train.gradient_checkpointing
+    assert cfg.judge.path == "llm-blender/PairRM"
+    assert "{t}" in cfg.prompts.source + cfg.prompts.split
