@@ -78,6 +78,8 @@ class TrainConfig(_Strict):
     eta: float = Field(default=1000.0, gt=0.0, description="SPPO eta; beta = 1/eta")
     learning_rate: float = Field(default=5e-7, gt=0.0)
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # SPPO's targets reach eta/2, so unclipped gradients are huge; 1.0 as the reference trains.
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
     epochs: int = Field(default=1, ge=1)
     per_device_batch_size: int = Field(default=8, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)

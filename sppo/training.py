@@ -1,0 +1,553 @@
+"""Training stage: pi_t -> pi_{t+1} on the SPPO pairs, DeepSpeed ZeRO-3 inside Ray Train.
+
+The pure core (validation, tokenization, batching, sharding, log-probs, DeepSpeed config)
+runs without Ray; `train_policy` is the Ray shell: a `TorchTrainer` whose workers run
+`_train_loop_per_worker`. Reference log-probs come from the model being trained, once,
+before its first optimizer step (its weights are then pi_t), so no second copy is held.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sppo.chat import render_prompt_ids
+from sppo.config import TrainConfig
+from sppo.losses import get_loss, sequence_logps
+
+logger = logging.getLogger("sppo.training")
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected", "chosen_probs", "chosen_probs_win", "chosen_probs_lose")
+PROB_COLUMNS = ("chosen_probs", "chosen_probs_win", "chosen_probs_lose")
+# Files of a model directory that the checkpoint writes itself rather than copies.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+_MODEL_FILES = ("config.json", "generation_config.json")
+
+
+class TrainingError(RuntimeError):
+    """Training did not produce a checkpoint; the message carries the worker's error."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint_dir: str
+    num_steps: int
+    metrics: dict[str, float]  # the last optimizer step's metrics
+    history: list[dict[str, float]]  # one entry per optimizer step, with "step"
+    # Per pairs-file row, [chosen, rejected] summed response log-probs under pi_t.
+    reference_logps: list[list[float]] = field(repr=False)
+    # Evidence that ZeRO-3 sharded the weights: the largest parameter's full size, rank 0's
+    # shard of it and what rank 0 still holds of it between forward passes.
+    zero3_partition: dict[str, int]
+
+
+# ---------------------------------------------------------------- pure core: data
+
+
+def read_pairs(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a pairs.parquet file, checked: all columns present, probabilities in [0, 1]."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"pairs file {path}: cannot read as parquet ({err})") from err
+    missing = [c for c in PAIR_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"pairs file {path}: missing columns {missing}; has {list(frame.columns)}")
+    if frame.empty:
+        raise ValueError(f"pairs file {path}: no rows")
+    for column in ("prompt", "chosen", "rejected"):
+        bad = frame.index[~frame[column].map(lambda v: isinstance(v, str))]
+        if len(bad):
+            raise ValueError(f"pairs file {path}: column {column!r} must hold strings (row {bad[0]})")
+    for column in PROB_COLUMNS:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = frame.index[~values.between(0.0, 1.0)]  # NaN is not between
+        if len(bad):
+            raise ValueError(
+                f"pairs file {path}: column {column!r} must be a probability in [0, 1] "
+                f"(row {bad[0]}: {frame.loc[bad[0], column]!r})"
+            )
+    rows = frame[list(PAIR_COLUMNS)].to_dict("records")
+    for row in rows:
+        for column in PROB_COLUMNS:
+            row[column] = float(row[column])
+    return rows
+
+
+@dataclass(frozen=True)
+class EncodedSequence:
+    input_ids: list[int]
+    prompt_length: int  # tokens before the response; the loss covers the rest
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    chosen: EncodedSequence
+    rejected: EncodedSequence
+
+
+def encode_sequence(
+    prompt_ids: Sequence[int],
+    response_ids: Sequence[int],
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    bos_token_id: int | None,
+) -> EncodedSequence:
+    """Prompt + response ids, cut to fit.
+
+    A long prompt keeps its BOS and its end (the latest turn and the generation tag, which
+    condition the response); a long response keeps its beginning, so a cut response has
+    no EOS, as it should.
+    """
+    prompt = list(prompt_ids)
+    if len(prompt) > max_prompt_length:
+        head = prompt[:1] if bos_token_id is not None and prompt[0] == bos_token_id else []
+        prompt = head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
+    response = list(response_ids)[: max_length - len(prompt)]
+    return EncodedSequence(input_ids=prompt + response, prompt_length=len(prompt))
+
+
+def encode_pairs(
+    tokenizer, rows: Sequence[dict[str, Any]], *, max_length: int, max_prompt_length: int
+) -> list[EncodedPair]:
+    """Tokenize rows exactly as sampling saw them: chat-template prompt, response + EOS."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos_token_id: responses cannot be terminated")
+    prompt_ids = render_prompt_ids(tokenizer, [row["prompt"] for row in rows])
+    responses = [row["chosen"] for row in rows] + [row["rejected"] for row in rows]
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id]
+
+    def encode(prompt: list[int], response: list[int]) -> EncodedSequence:
+        return encode_sequence(
+            prompt,
+            list(response) + eos,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+
+    chosen_ids, rejected_ids = response_ids[: len(rows)], response_ids[len(rows) :]
+    return [
+        EncodedPair(chosen=encode(prompt, chosen), rejected=encode(prompt, rejected))
+        for prompt, chosen, rejected in zip(prompt_ids, chosen_ids, rejected_ids)
+    ]
+
+
+def collate_pairs(pairs: Sequence[EncodedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch of 2B sequences: the B chosen first, then the B rejected."""
+    sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    width = max(len(s.input_ids) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        length = len(seq.input_ids)
+        input_ids[i, :length] = torch.tensor(seq.input_ids)
+        attention_mask[i, :length] = 1
+        loss_mask[i, seq.prompt_length : length] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs (chosen [B], rejected [B]) from one forward pass."""
+    input_ids = batch["input_ids"]
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps = sequence_logps(logits, input_ids, batch["loss_mask"])
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:]
+
+
+@torch.no_grad()
+def reference_logps(
+    model, pairs: Sequence[EncodedPair], *, batch_size: int, pad_token_id: int, device=None
+) -> torch.Tensor:
+    """[N, 2] (chosen, rejected) log-probs of `pairs`, in batches of `batch_size`, float32 on CPU."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate_pairs(pairs[start : start + batch_size], pad_token_id)
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        chosen, rejected = pair_logps(model, batch)
+        out.append(torch.stack([chosen, rejected], dim=1).float().cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- pure core: schedule
+
+
+def steps_per_epoch(num_rows: int, cfg: TrainConfig) -> int:
+    """Optimizer steps per epoch; the rows past the last full global batch are left out."""
+    steps = num_rows // cfg.global_batch_size
+    if steps == 0:
+        raise ValueError(
+            f"{num_rows} pairs are fewer than one global batch of {cfg.global_batch_size} "
+            f"(train.per_device_batch_size x train.gradient_accumulation_steps x train.num_workers)"
+        )
+    return steps
+
+
+def epoch_rows(
+    num_rows: int, *, epoch: int, seed: int, rank: int, world_size: int, rows_per_rank: int
+) -> list[int]:
+    """This rank's row indices for one epoch, in order.
+
+    One seeded permutation per epoch; rank r takes every world_size-th index starting at r,
+    so optimizer step s trains on the permutation's s-th global batch across all ranks.
+    """
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(num_rows, generator=generator)
+    mine = order[rank::world_size][:rows_per_rank]
+    return mine.tolist()
+
+
+def reference_chunk(num_rows: int, *, rank: int, world_size: int) -> list[int]:
+    """Rows whose reference log-probs this rank computes: a contiguous chunk, padded with row 0.
+
+    Every chunk has the same length because ZeRO-3 forwards are collective: all ranks must
+    run the same number of them. Concatenating the chunks by rank and keeping the first
+    num_rows entries restores file order.
+    """
+    size = math.ceil(num_rows / world_size)
+    rows = list(range(rank * size, min(num_rows, (rank + 1) * size)))
+    return rows + [0] * (size - len(rows))
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.per_device_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.global_batch_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "bf16": {"enabled": cfg.bf16},
+        "zero_optimization": {
+            "stage": 3,
+            # 0: partition every parameter, however small (the default keeps small ones whole).
+            "stage3_param_persistence_threshold": 0,
+        },
+        # ZeRO only vouches for its own optimizers; RMSprop is what SPPO trains with.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+# ---------------------------------------------------------------- worker
+
+
+def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    rows, policy_dir = config["rows"], config["policy_dir"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    if rank == 0:  # progress lines, whatever level the worker's root logger is at
+        logger.setLevel(logging.INFO)
+    started = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    # Ray Train has set up the process group; DeepSpeed wraps it instead of making its own.
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    device = ray.train.torch.get_device()
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    probs = torch.tensor([[r["chosen_probs_win"], r["chosen_probs_lose"]] for r in rows])
+    per_epoch = steps_per_epoch(len(rows), cfg)
+    total_steps = per_epoch * cfg.epochs
+
+    engine, hf_ds_config = _load_engine(policy_dir, cfg, total_steps)
+    # The checkpoint is saved in the dtype the policy came in, whatever the training dtype.
+    save_dtype = AutoConfig.from_pretrained(policy_dir).dtype or torch.float32
+
+    # pi_ref = the weights as loaded: every row's reference log-probs, before any step.
+    engine.eval()
+    ref = _all_reference_logps(engine, pairs, cfg.per_device_batch_size, pad_id, device, rank, world_size)
+    engine.train()
+    largest = max(engine.module.parameters(), key=lambda p: p.ds_numel)
+    partition = {
+        "param_numel": int(largest.ds_numel),
+        "local_numel": int(largest.ds_tensor.numel()),  # this rank's shard
+        # After forward passes, only parameters ZeRO-3 keeps whole (persistent) are still held.
+        "resident_numel": int(largest.data.numel()),
+        "world_size": world_size,
+    }
+    if rank == 0:
+        logger.info("reference log-probs of %d pairs in %.1fs", len(pairs), time.monotonic() - started)
+
+    loss_fn = get_loss(cfg.loss)
+    tracker = _MlflowTracker(config["mlflow_tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    history: list[dict[str, float]] = []
+    rows_per_rank = per_epoch * cfg.per_device_batch_size * cfg.gradient_accumulation_steps
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, chosen logratio, rejected logratio, pairs
+    for epoch in range(cfg.epochs):
+        order = epoch_rows(len(pairs), epoch=epoch, seed=cfg.seed, rank=rank, world_size=world_size,
+                           rows_per_rank=rows_per_rank)
+        for start in range(0, len(order), cfg.per_device_batch_size):
+            step = len(history) + 1
+            if time.time() > config["deadline"]:
+                raise TimeoutError(f"training did not finish within timeout_s={config['timeout_s']} "
+                                   f"(at step {step}/{total_steps})")
+            index = order[start : start + cfg.per_device_batch_size]
+            batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in index], pad_id).items()}
+            policy_chosen, policy_rejected = pair_logps(engine, batch)
+            ref_rows, prob_rows = ref[index].to(device), probs[index].to(device)
+            losses = loss_fn(
+                policy_chosen_logps=policy_chosen,
+                policy_rejected_logps=policy_rejected,
+                ref_chosen_logps=ref_rows[:, 0],
+                ref_rejected_logps=ref_rows[:, 1],
+                chosen_probs_win=prob_rows[:, 0],
+                chosen_probs_lose=prob_rows[:, 1],
+                beta=cfg.beta,
+            )
+            # Summed over all ranks before backward, so every rank sees a bad loss at once.
+            micro = torch.stack([
+                losses.sum(),
+                (policy_chosen - ref_rows[:, 0]).sum(),
+                (policy_rejected - ref_rows[:, 1]).sum(),
+                losses.new_tensor(len(index)),
+            ]).detach().double()
+            dist.all_reduce(micro)
+            if not math.isfinite(micro[0].item()):
+                raise FloatingPointError(
+                    f"non-finite SPPO loss ({micro[0].item()}) at step {step}/{total_steps}, epoch {epoch}; "
+                    f"learning rate {engine.get_lr()[0]:.3g}, eta {cfg.eta}: no checkpoint is written"
+                )
+            sums += micro.cpu()
+            learning_rate = engine.get_lr()[0]
+            engine.backward(losses.mean())
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            if not boundary:
+                continue
+            loss, chosen_logratio, rejected_logratio = (sums[:3] / sums[3]).tolist()
+            metrics = {
+                "step": step,
+                "train/loss": loss,
+                "train/chosen_logratio": chosen_logratio,
+                "train/rejected_logratio": rejected_logratio,
+                "train/learning_rate": learning_rate,
+                "train/epoch": epoch + (start + cfg.per_device_batch_size) / len(order),
+            }
+            if (grad_norm := engine.get_global_grad_norm()) is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            sums.zero_()
+            history.append(metrics)
+            if tracker is not None:
+                tracker.log(metrics, step)
+                logger.info(
+                    "step %d/%d loss %.4g lr %.3g elapsed %.1fs",
+                    step, total_steps, loss, learning_rate, time.monotonic() - started,
+                )
+
+    _publish_checkpoint(engine, rank, policy_dir, config["checkpoint_dir"], save_dtype)
+    engine.destroy()
+    del hf_ds_config
+    if rank == 0:
+        logger.info("published %s after %d steps in %.1fs",
+                    config["checkpoint_dir"], len(history), time.monotonic() - started)
+    return {"history": history, "reference_logps": ref.tolist(), "zero3_partition": partition}
+
+
+def _load_engine(policy_dir: str, cfg: TrainConfig, total_steps: int):
+    """The policy as a ZeRO-3 DeepSpeed engine with RMSprop and a linear warmup/decay schedule.
+
+    Also returns transformers' DeepSpeed config holder, which the caller keeps alive while it
+    uses the model: transformers finds it through a weakref. from_pretrained then builds the
+    model inside zero.Init and loads the weights straight into partitions.
+    """
+    import deepspeed
+    from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds_config = deepspeed_config(cfg)
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.RMSprop(model.parameters(), lr=cfg.learning_rate),
+        # Built on the optimizer DeepSpeed returns, which steps it at each accumulation boundary.
+        lr_scheduler=lambda optimizer: get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps),
+        config=ds_config,
+    )
+    return engine, hf_ds_config
+
+
+def _all_reference_logps(engine, pairs, batch_size, pad_id, device, rank, world_size) -> torch.Tensor:
+    """[N, 2] reference log-probs of all pairs on every rank; each rank computes one chunk."""
+    import torch.distributed as dist
+
+    chunk = reference_chunk(len(pairs), rank=rank, world_size=world_size)
+    local = reference_logps(
+        engine, [pairs[i] for i in chunk], batch_size=batch_size, pad_token_id=pad_id, device=device
+    )
+    gathered = [torch.empty_like(local, device=device) for _ in range(world_size)]
+    dist.all_gather(gathered, local.to(device))
+    return torch.cat([g.cpu() for g in gathered])[: len(pairs)]
+
+
+class _MlflowTracker:
+    """Live per-step metrics on rank 0; a tracking outage costs metrics, not the run."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None):
+        self._client = None
+        self._run_id = run_id
+        if run_id is not None:
+            import mlflow
+
+            self._client = mlflow.MlflowClient(tracking_uri)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items() if key != "step"]
+        try:
+            self._client.log_batch(self._run_id, metrics=batch)
+        except Exception as err:  # any transport or server error: the driver still gets the history
+            logger.warning("MLflow log_batch for run %s at step %d failed: %s", self._run_id, step, err)
+
+
+def _publish_checkpoint(engine, rank: int, policy_dir: str, checkpoint_dir: str, dtype: torch.dtype) -> None:
+    """Gather the ZeRO-3 partitions one parameter at a time and publish an HF checkpoint.
+
+    Every rank takes part in the gathers; rank 0 writes a staging directory beside
+    checkpoint_dir and renames it into place, so checkpoint_dir is complete or absent.
+    """
+    import deepspeed
+
+    state_dict = {}
+    for name, param in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                state_dict[name] = param.detach().to("cpu", dtype=dtype, copy=True)
+    if rank != 0:
+        return
+    target = Path(checkpoint_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    replaced = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
+    try:
+        engine.module.config.dtype = dtype
+        engine.module.save_pretrained(staging, state_dict=state_dict)
+        for source in Path(policy_dir).iterdir():
+            written_here = source.name in _MODEL_FILES or source.name.endswith(_WEIGHT_SUFFIXES)
+            if source.is_file() and not written_here:
+                shutil.copy2(source, staging / source.name)
+        staging.chmod(0o755)  # mkdtemp makes it 0700
+        if target.exists():  # an earlier attempt's checkpoint: set aside, never merged with
+            target.rename(replaced)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def train_policy(
+    pairs_path: str,
+    policy_dir: str,
+    checkpoint_dir: str,
+    cfg: TrainConfig,
+    *,
+    storage_dir: str,
+    mlflow_tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
+    timeout_s: float | None = None,
+) -> TrainResult:
+    """Train pi_{t+1} from pi_t (policy_dir) on pairs_path; publish it at checkpoint_dir.
+
+    An existing checkpoint_dir is replaced only once the new checkpoint is complete.
+    timeout_s is enforced three ways, since fit() itself has no timeout: the workers check
+    the deadline before each micro-batch, the process group times out any collective after
+    timeout_s, and placing the workers is retried for about timeout_s (at least 60 s).
+    Raises TrainingError with the worker's message when training fails.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not Path(policy_dir, "config.json").is_file():
+        raise FileNotFoundError(f"policy_dir {policy_dir}: no config.json (needs a local model directory)")
+    rows = read_pairs(pairs_path)
+    num_steps = steps_per_epoch(len(rows), cfg) * cfg.epochs
+    get_loss(cfg.loss)
+
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    backend = "nccl" if cfg.use_gpu else "gloo"
+    torch_config, failure_config = TorchConfig(backend=backend), FailureConfig(max_failures=0)
+    if timeout_s is not None:
+        torch_config = TorchConfig(backend=backend, timeout_s=max(1, math.ceil(timeout_s)))
+        # Ray Train retries placing the workers every WORKER_GROUP_START_TIMEOUT_S (60 s),
+        # forever by default: this bounds the retries to about timeout_s.
+        failure_config = FailureConfig(
+            max_failures=0, controller_failure_limit=max(0, math.ceil(timeout_s / 60) - 1)
+        )
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "rows": rows,
+            "policy_dir": str(Path(policy_dir).resolve()),
+            "checkpoint_dir": str(Path(checkpoint_dir).resolve()),
+            "mlflow_tracking_uri": mlflow_tracking_uri,
+            "mlflow_run_id": mlflow_run_id,
+            "deadline": time.time() + timeout_s if timeout_s is not None else math.inf,
+            "timeout_s": timeout_s,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        torch_config=torch_config,
+        run_config=RunConfig(
+            storage_path=str(Path(storage_dir).resolve()),
+            name=f"train-{Path(checkpoint_dir).name}-{uuid.uuid4().hex[:8]}",
+            failure_config=failure_config,
+        ),
+    )
+    logger.info(
+        "training %s on %d pairs: %d steps of %d pairs on %d workers",
+        policy_dir, len(rows), num_steps, cfg.global_batch_size, cfg.num_workers,
+    )
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:
+        raise TrainingError(f"training on {pairs_path} failed: {err}") from err
+    output = result.return_value
+    if output is None or len(output["history"]) != num_steps:
+        raise TrainingError(f"training on {pairs_path} returned no result for {num_steps} steps from rank 0")
+    history = output["history"]
+    return TrainResult(
+        checkpoint_dir=str(checkpoint_dir),
+        num_steps=len(history),
+        metrics={k: v for k, v in history[-1].items() if k != "step"},
+        history=history,
+        reference_logps=output["reference_logps"],
+        zero3_partition=output["zero3_partition"],
+    )

@@ -1,0 +1,274 @@
+"""Training stage: data handling without Ray, then real Ray Train + DeepSpeed ZeRO-3 runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sppo.chat import render_prompt_ids
+from sppo.config import TrainConfig
+from sppo.training import (
+    EncodedPair,
+    EncodedSequence,
+    TrainingError,
+    collate_pairs,
+    encode_pairs,
+    encode_sequence,
+    epoch_rows,
+    read_pairs,
+    reference_chunk,
+    reference_logps,
+    steps_per_epoch,
+    train_policy,
+)
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing near the river".split()
+
+
+def make_rows(n: int) -> list[dict]:
+    """Rows of varied lengths; some prompts and responses overflow the slow test's limits."""
+    long_tail = " " + " ".join(WORDS + WORDS)
+    rows = []
+    for i in range(n):
+        prompt = " ".join(WORDS[: 2 + i % 5]) + (long_tail if i % 6 == 0 else "") + "?"
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": " ".join(WORDS[i % 4 : i % 4 + 3 + i % 7]) + ".",
+                "rejected": "no " + " ".join(WORDS[: 1 + i % 3]) + (long_tail if i % 5 == 0 else ""),
+                "chosen_probs": 0.6 + 0.01 * i,
+                "chosen_probs_win": 0.55 + 0.02 * i,
+                "chosen_probs_lose": 0.45 - 0.02 * i,
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_policy_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_policy_dir)
+
+
+# ---------------------------------------------------------------- data, without Ray
+
+
+def test_read_pairs_names_missing_column(tmp_path):
+    path = tmp_path / "pairs.parquet"
+    pd.DataFrame(make_rows(3)).drop(columns=["chosen_probs_lose"]).to_parquet(path)
+    with pytest.raises(ValueError, match=r"pairs\.parquet: missing columns \['chosen_probs_lose'\]"):
+        read_pairs(path)
+
+
+def test_read_pairs_names_bad_probability(tmp_path):
+    rows = make_rows(3)
+    rows[2]["chosen_probs_win"] = float("nan")
+    path = tmp_path / "pairs.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    with pytest.raises(ValueError, match=r"'chosen_probs_win' must be a probability in \[0, 1\] \(row 2"):
+        read_pairs(path)
+
+
+def test_encode_sequence_keeps_bos_and_prompt_end_and_response_start():
+    seq = encode_sequence(
+        [1, 10, 11, 12, 13, 14], [20, 21, 22, 2], max_length=7, max_prompt_length=4, bos_token_id=1
+    )
+    assert seq.input_ids == [1, 12, 13, 14, 20, 21, 22]
+    assert seq.prompt_length == 4
+    short = encode_sequence([1, 10], [20, 2], max_length=7, max_prompt_length=4, bos_token_id=1)
+    assert short == EncodedSequence(input_ids=[1, 10, 20, 2], prompt_length=2)
+
+
+def test_encode_pairs_uses_the_sampling_prompt_and_ends_with_eos(tokenizer):
+    rows = make_rows(2)
+    pairs = encode_pairs(tokenizer, rows, max_length=1024, max_prompt_length=512)
+    prompt_ids = render_prompt_ids(tokenizer, [r["prompt"] for r in rows])
+    for pair, prompt, row in zip(pairs, prompt_ids, rows):
+        for seq, response in ((pair.chosen, row["chosen"]), (pair.rejected, row["rejected"])):
+            assert seq.input_ids[: seq.prompt_length] == prompt
+            response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+            assert seq.input_ids[seq.prompt_length :] == response_ids + [tokenizer.eos_token_id]
+    assert prompt_ids[0].count(tokenizer.bos_token_id) == 1
+
+
+def test_collate_masks_prompt_and_padding():
+    pair = EncodedPair(
+        chosen=EncodedSequence([1, 5, 6, 7], prompt_length=2),
+        rejected=EncodedSequence([1, 5, 8], prompt_length=2),
+    )
+    batch = collate_pairs([pair], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7], [1, 5, 8, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch["loss_mask"].tolist() == [[False, False, True, True], [False, False, True, False]]
+
+
+def test_epoch_rows_split_each_global_batch_across_ranks():
+    world, per_rank = 2, 6
+    for epoch in range(2):
+        def shard(rank: int) -> list[int]:
+            return epoch_rows(13, epoch=epoch, seed=7, rank=rank, world_size=world, rows_per_rank=per_rank)
+
+        shards = [shard(r) for r in range(world)]
+        assert shards[0] == shard(0)  # deterministic
+        order = torch.randperm(13, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+        # micro-batch 3 per rank: step s takes permutation positions [6s, 6s + 6) across both ranks.
+        for s in range(2):
+            step_rows = shards[0][3 * s : 3 * s + 3] + shards[1][3 * s : 3 * s + 3]
+            assert sorted(step_rows) == sorted(order[6 * s : 6 * s + 6])
+    first = epoch_rows(13, epoch=0, seed=7, rank=0, world_size=world, rows_per_rank=per_rank)
+    assert first != epoch_rows(13, epoch=1, seed=7, rank=0, world_size=world, rows_per_rank=per_rank)
+
+
+@pytest.mark.parametrize("num_rows,world", [(18, 2), (5, 2), (7, 3), (4, 4)])
+def test_reference_chunks_restore_file_order(num_rows, world):
+    chunks = [reference_chunk(num_rows, rank=r, world_size=world) for r in range(world)]
+    assert len({len(c) for c in chunks}) == 1
+    assert sum(chunks, [])[:num_rows] == list(range(num_rows))
+
+
+def test_steps_per_epoch_names_the_batch_fields():
+    cfg = TrainConfig(per_device_batch_size=4, gradient_accumulation_steps=2, num_workers=2)
+    assert steps_per_epoch(35, cfg) == 2
+    message = r"15 pairs are fewer than one global batch of 16 \(train\.per_device_batch_size x"
+    with pytest.raises(ValueError, match=message):
+        steps_per_epoch(15, cfg)
+
+
+def test_reference_logps_do_not_depend_on_batching(tokenizer, tiny_policy_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
+    pairs = encode_pairs(tokenizer, make_rows(7), max_length=48, max_prompt_length=24)
+    batched = reference_logps(model, pairs, batch_size=4, pad_token_id=tokenizer.pad_token_id)
+    single = reference_logps(model, pairs, batch_size=1, pad_token_id=tokenizer.pad_token_id)
+    assert batched.shape == (7, 2)
+    assert (batched < 0).all()
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- Ray Train + DeepSpeed
+
+NUM_ROWS = 18
+# 2 workers x 2 per device x 2 accumulation = global batch 8: 2 steps per epoch (2 rows left out), 2 epochs.
+TRAIN_CFG = dict(
+    learning_rate=1e-3,
+    warmup_ratio=0.25,
+    epochs=2,
+    per_device_batch_size=2,
+    gradient_accumulation_steps=2,
+    num_workers=2,
+    cpus_per_worker=1,
+    gradient_checkpointing=True,
+    max_length=48,
+    max_prompt_length=24,
+    seed=3,
+)
+EXPECTED_STEPS = NUM_ROWS // 8 * 2
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tiny_policy_dir, tmp_path_factory):
+    import mlflow
+
+    root = tmp_path_factory.mktemp("train")
+    pairs_path = root / "pairs.parquet"
+    rows = make_rows(NUM_ROWS)
+    pd.DataFrame(rows).to_parquet(pairs_path)
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.create_experiment("train", artifact_location=str(root / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    cfg = TrainConfig(**TRAIN_CFG)
+    result = train_policy(
+        str(pairs_path),
+        tiny_policy_dir,
+        str(root / "ckpt" / "iter1"),
+        cfg,
+        storage_dir=str(root / "ray"),
+        mlflow_tracking_uri=tracking_uri,
+        mlflow_run_id=run_id,
+        timeout_s=600,
+    )
+    return {"result": result, "rows": rows, "cfg": cfg, "client": client, "run_id": run_id, "root": root}
+
+
+@pytest.mark.slow
+def test_checkpoint_reloads_with_changed_weights(trained, tiny_policy_dir):
+    from transformers import AutoModelForCausalLM
+
+    ckpt = Path(trained["result"].checkpoint_dir)
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert model.dtype == torch.float32
+    before = load_file(Path(tiny_policy_dir) / "model.safetensors")
+    after = model.state_dict()
+    assert set(before) <= set(after)
+    changed = [name for name, tensor in before.items() if not torch.equal(tensor, after[name])]
+    assert len(changed) == len(before), f"unchanged after training: {set(before) - set(changed)}"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (ckpt / name).read_bytes() == (Path(tiny_policy_dir) / name).read_bytes(), name
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["iter1"], "a staging directory was left behind"
+
+
+@pytest.mark.slow
+def test_steps_schedule_and_metrics(trained):
+    result = trained["result"]
+    assert result.num_steps == EXPECTED_STEPS == 4
+    assert [m["step"] for m in result.history] == [1, 2, 3, 4]
+    losses = [m["train/loss"] for m in result.history]
+    assert all(math.isfinite(v) and v > 0 for v in losses)
+    assert result.metrics["train/loss"] == losses[-1]
+    # warmup = ceil(0.25 * 4) = 1 step from 0, then linear decay to 0 over the other 3.
+    lr = TRAIN_CFG["learning_rate"]
+    expected_lr = [0.0, lr, lr * 2 / 3, lr / 3]
+    assert [m["train/learning_rate"] for m in result.history] == pytest.approx(expected_lr)
+    assert all(m["train/grad_norm"] > 0 for m in result.history)
+    # Step 1 ran before any update: pi_theta == pi_ref, so the log-ratios are exactly 0.
+    assert result.history[0]["train/chosen_logratio"] == pytest.approx(0.0, abs=1e-4)
+    assert result.history[-1]["train/chosen_logratio"] != pytest.approx(0.0, abs=1e-2)
+
+    client, run_id = trained["client"], trained["run_id"]
+    logged = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
+    assert [m.step for m in logged] == [1, 2, 3, 4]
+    assert [m.value for m in logged] == pytest.approx(losses)
+
+
+@pytest.mark.slow
+def test_reference_logps_match_a_separate_fp32_model(trained, tiny_policy_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    cfg = trained["cfg"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
+    pairs = encode_pairs(
+        tokenizer, trained["rows"], max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length
+    )
+    online = reference_logps(model, pairs, batch_size=1, pad_token_id=tokenizer.pad_token_id)
+    precomputed = torch.tensor(trained["result"].reference_logps)
+    assert precomputed.shape == (NUM_ROWS, 2)
+    torch.testing.assert_close(precomputed, online, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_zero3_partitioned_the_weights(trained):
+    partition = trained["result"].zero3_partition
+    assert partition["world_size"] == 2
+    assert partition["param_numel"] >= 1024 * 64  # the embedding or LM head
+    assert partition["local_numel"] == math.ceil(partition["param_numel"] / 2)
+    assert partition["resident_numel"] == 0  # not kept whole (stage3_param_persistence_threshold 0)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_fails_without_checkpoint(ray_cluster, tiny_policy_dir, tmp_path):
+    pairs_path = tmp_path / "pairs.parquet"
+    pd.DataFrame(make_rows(8)).to_parquet(pairs_path)
+    # eta = 1e300: targets (p - 1/2) * eta overflow float32, so the first loss is inf.
+    cfg = TrainConfig(**{**TRAIN_CFG, "eta": 1e300, "gradient_accumulation_steps": 1, "epochs": 1})
+    with pytest.raises(TrainingError, match=r"non-finite SPPO loss \(inf\) at step 1/2"):
+        checkpoint_dir = str(tmp_path / "ckpt" / "iter1")
+        train_policy(str(pairs_path), tiny_policy_dir, checkpoint_dir, cfg, storage_dir=str(tmp_path / "ray"))
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
