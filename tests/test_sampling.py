@@ -1,0 +1,258 @@
+"""Sampling stage: pure sharding / argument mapping, and real vLLM engines in Ray actors.
+
+The engine-based checks share ONE `sample_candidates` call (engine start dominates the cost).
+It samples near-greedily (top_p tiny keeps only the most likely token, so all K candidates of a
+prompt equal its greedy continuation) in float32, which lets transformers' own greedy decoding
+of the same prompt ids check, independently of vLLM, that every prompt got its own candidates.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from sppo.chat import render_prompt_ids
+from sppo.config import SamplingConfig
+from sppo.sampling import (
+    Samples,
+    engine_env,
+    engine_kwargs,
+    sample_candidates,
+    sampling_params_kwargs,
+    shard,
+)
+
+NUM_PROMPTS = 12
+SHM = "/dev/shm"
+
+
+@pytest.mark.parametrize(
+    "length,n", [(0, 1), (0, 3), (1, 1), (5, 1), (5, 2), (12, 4), (13, 4), (3, 5), (7, 3)]
+)
+def test_shard_covers_every_item_once_in_order(length, n):
+    items = [f"p{i}" for i in range(length)]
+    parts = shard(items, n)
+    assert len(parts) == n
+    assert [x for part in parts for x in part] == items
+    sizes = [len(part) for part in parts]
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # the larger parts come first
+
+
+def test_shard_rejects_fewer_than_one_part():
+    with pytest.raises(ValueError, match="shards must be >= 1"):
+        shard([1, 2], 0)
+
+
+def test_sampling_params_carry_k_temperature_top_p_max_tokens():
+    from vllm import SamplingParams
+
+    cfg = SamplingConfig(k=3, temperature=0.7, top_p=0.9, max_tokens=17)
+    params = SamplingParams(**sampling_params_kwargs(cfg))
+    assert (params.n, params.temperature, params.top_p, params.max_tokens) == (3, 0.7, 0.9, 17)
+    assert params.seed is None  # per-request seeds fail on vLLM's CPU backend
+
+
+def test_greedy_temperature_is_rejected_naming_the_field():
+    with pytest.raises(ValueError, match=r"sampling\.temperature"):
+        sampling_params_kwargs(SamplingConfig(k=4, temperature=0.0))
+
+
+def test_engine_kwargs_map_the_config_and_seed():
+    cfg = SamplingConfig(
+        tensor_parallel_size=2, dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.5
+    )
+    kwargs = engine_kwargs("/models/pi_1", cfg, seed=7)
+    assert kwargs == {
+        "model": "/models/pi_1",
+        "tokenizer": "/models/pi_1",
+        "tensor_parallel_size": 2,
+        "dtype": "bfloat16",
+        "max_model_len": 512,
+        "gpu_memory_utilization": 0.5,
+        "seed": 7,
+    }
+    assert "max_model_len" not in engine_kwargs("/models/pi_1", SamplingConfig(), seed=0)
+
+
+def test_engine_env_bounds_the_cpu_kv_cache():
+    assert engine_env(SamplingConfig(cpu_kvcache_gib=3))["VLLM_CPU_KVCACHE_SPACE"] == "3"
+
+
+def test_samples_concat_keeps_shard_order_and_sums_tokens():
+    a = Samples(candidates=[["a1", "a2"]], prompt_token_ids=[[1, 5]], num_generated_tokens=4)
+    b = Samples(
+        candidates=[["b1", "b2"], ["c1", "c2"]], prompt_token_ids=[[1, 6], [1, 7]], num_generated_tokens=9
+    )
+    joined = Samples.concat([a, b])
+    assert joined.candidates == [["a1", "a2"], ["b1", "b2"], ["c1", "c2"]]
+    assert joined.prompt_token_ids == [[1, 5], [1, 6], [1, 7]]
+    assert joined.num_generated_tokens == 13
+
+
+# --- real vLLM engines in Ray actors ---------------------------------------------------------
+
+NEAR_GREEDY = SamplingConfig(
+    k=4,
+    temperature=1.0,
+    top_p=1e-6,
+    max_tokens=16,
+    max_model_len=512,
+    dtype="float32",  # what transformers computes in, for the greedy cross-check
+    num_engines=2,  # exercises sharding and re-assembly across engines
+    cpus_per_engine=1.0,
+    cpu_kvcache_gib=1,
+)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    from sppo.tiny.policy import bundled_prompts
+
+    return bundled_prompts()[:NUM_PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_policy_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_policy_dir)
+
+
+def _wait_for_cpus(ray, total: float, within_s: float = 30.0) -> float:
+    """Available CPUs once they are back to `total`, or what is available after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while (available := ray.available_resources().get("CPU", 0.0)) < total:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return available
+
+
+def _shm_entries() -> set[str]:
+    return set(os.listdir(SHM)) if os.path.isdir(SHM) else set()
+
+
+def _mapped_by_a_live_process(name: str) -> bool:
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                if name in f.read():
+                    return True
+        except OSError:  # the process ended meanwhile
+            continue
+    return False
+
+
+def _leaked_shm(before: set[str], settle_s: float = 15.0) -> set[str]:
+    """New /dev/shm entries that no live process maps: left behind by ended processes.
+
+    Entries still mapped get `settle_s` for their (killed) processes to go; after that they
+    count as another live process's own (other tests may run engines meanwhile)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        new = _shm_entries() - before
+        mapped = {name for name in new if _mapped_by_a_live_process(name)}
+        if not mapped or time.monotonic() > deadline:
+            return new - mapped
+        time.sleep(1.0)
+
+
+@dataclass
+class SamplingRun:
+    samples: Samples
+    total_cpus: float
+    leaked_shm: set[str]
+
+
+@pytest.fixture(scope="module")
+def sampled(ray_cluster, tiny_policy_dir, prompts) -> SamplingRun:
+    total_cpus = ray_cluster.cluster_resources()["CPU"]
+    shm_before = _shm_entries()
+    started = time.monotonic()
+    samples = sample_candidates(tiny_policy_dir, prompts, NEAR_GREEDY, seed=0, timeout_s=900)
+    print(f"sample_candidates: {time.monotonic() - started:.1f}s for {len(prompts)} prompts")
+    return SamplingRun(samples, total_cpus, _leaked_shm(shm_before))
+
+
+@pytest.mark.slow
+def test_k_candidates_per_prompt_aligned_with_the_input(sampled, prompts, tokenizer):
+    samples = sampled.samples
+    assert len(samples.candidates) == len(prompts)
+    assert all(len(c) == NEAR_GREEDY.k for c in samples.candidates)
+    # Each RequestOutput carries its own prompt ids: slot i was sampled from prompt i.
+    expected_ids = render_prompt_ids(tokenizer, prompts)
+    assert len({tuple(ids) for ids in expected_ids}) == len(prompts)
+    assert samples.prompt_token_ids == expected_ids
+    nonempty = sum(bool(text) for c in samples.candidates for text in c)
+    assert nonempty >= 0.75 * len(prompts) * NEAR_GREEDY.k
+
+
+@pytest.mark.slow
+def test_candidates_are_the_greedy_continuations_of_their_own_prompts(
+    sampled, prompts, tokenizer, tiny_policy_dir
+):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    samples = sampled.samples
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
+    greedy = []
+    with torch.no_grad():
+        for ids in render_prompt_ids(tokenizer, prompts):
+            out = model.generate(
+                torch.tensor([ids]), max_new_tokens=NEAR_GREEDY.max_tokens, do_sample=False
+            )
+            greedy.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+    # Distinct continuations make a swapped or shifted assignment detectable.
+    assert len(set(greedy)) >= len(prompts) - 1
+    for cands in samples.candidates:
+        assert len(set(cands)) == 1, "near-greedy sampling must give K equal candidates"
+    matches = [c[0] == g for c, g in zip(samples.candidates, greedy)]
+    # One late near-tie flip between two float32 implementations is tolerated, not more.
+    assert sum(matches) >= len(prompts) - 1, list(zip([c[0] for c in samples.candidates], greedy))
+
+
+@pytest.mark.slow
+def test_vllm_saw_exactly_one_bos(sampled, tokenizer):
+    samples = sampled.samples
+    bos = tokenizer.bos_token_id
+    for ids in samples.prompt_token_ids:
+        assert ids[0] == bos and ids.count(bos) == 1, ids[:4]
+
+
+@pytest.mark.slow
+def test_generated_token_count_is_bounded(sampled, prompts):
+    samples = sampled.samples
+    assert 0 < samples.num_generated_tokens <= len(prompts) * NEAR_GREEDY.k * NEAR_GREEDY.max_tokens
+
+
+@pytest.mark.slow
+def test_engines_are_released_after_sampling(sampled, ray_cluster):
+    assert _wait_for_cpus(ray_cluster, sampled.total_cpus) == sampled.total_cpus
+    # vLLM cores were shut down, not only killed: their shared memory is gone.
+    assert not sampled.leaked_shm, f"left in {SHM}: {sorted(sampled.leaked_shm)}"
+
+
+@pytest.mark.slow
+def test_timeout_names_role_and_stage_and_releases_engines(ray_cluster, tiny_policy_dir, prompts):
+    total_cpus = ray_cluster.cluster_resources()["CPU"]
+    cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1})
+    # Far shorter than an engine start: the engine is killed while it is still loading.
+    with pytest.raises(TimeoutError, match=r"sampling: 1 of 1 vLLM engine\(s\) did not finish"):
+        sample_candidates(tiny_policy_dir, prompts[:2], cfg, seed=0, timeout_s=1.0)
+    assert _wait_for_cpus(ray_cluster, total_cpus) == total_cpus
+
+
+@pytest.mark.slow
+def test_engine_failure_names_the_engine_and_model(ray_cluster, tmp_path, prompts):
+    total_cpus = ray_cluster.cluster_resources()["CPU"]
+    missing = str(tmp_path / "no-such-policy")
+    cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1})
+    with pytest.raises(RuntimeError, match=r"sampling: vLLM engine 0 .*no-such-policy.* failed"):
+        sample_candidates(missing, prompts[:2], cfg, seed=0, timeout_s=600)
+    assert _wait_for_cpus(ray_cluster, total_cpus) == total_cpus
