@@ -66,6 +66,9 @@ class SamplingConfig(_Strict):
 class JudgeConfig(_Strict):
     # A local PairRM directory, "llm-blender/PairRM", or "tiny:pairrm" (built from code).
     path: str = "tiny:pairrm"
+    # reference: P_ij = sigmoid(s_i - s_j) from llm-blender's scores (depends on the other
+    # candidates); pairwise: from the two orderings of (i, j) alone. See sppo/judging/pairrm.py.
+    estimator: Literal["reference", "pairwise"] = "reference"
     batch_size: int = Field(default=32, ge=1, description="ordered pairs per forward pass")
     source_max_length: int = Field(default=1224, ge=1)
     candidate_max_length: int = Field(default=412, ge=1)
@@ -74,8 +77,9 @@ class JudgeConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    loss: Literal["sppo"] = "sppo"
-    eta: float = Field(default=1000.0, gt=0.0, description="SPPO eta; beta = 1/eta")
+    # sppo (soft, the reference's), sppo_hard, sppo_single, dpo (sigmoid), ipo. See docs/losses.md.
+    loss: Literal["sppo", "sppo_hard", "sppo_single", "dpo", "ipo"] = "sppo"
+    eta: float = Field(default=1000.0, gt=0.0, description="beta = 1/eta for every loss")
     learning_rate: float = Field(default=5e-7, gt=0.0)
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
     # SPPO's targets reach eta/2, so unclipped gradients are huge; 1.0 as the reference trains.

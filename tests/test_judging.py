@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from sppo.config import JudgeConfig
-from sppo.judging.pairrm import PairRMJudge, judge_candidates, ordered_pairs, pair_scores, win_matrix
+from sppo.judging.pairrm import (
+    PairRMJudge,
+    estimate_win_matrix,
+    judge_candidates,
+    ordered_pairs,
+    pair_scores,
+    pairwise_win_matrix,
+    win_matrix,
+)
 from sppo.tiny.policy import bundled_prompts
 
 
@@ -258,3 +266,28 @@ def test_judge_candidates_reports_a_failed_judge(ray_cluster, tmp_path):
         judge_candidates(str(tmp_path), PROMPTS, CANDIDATES, SMALL, timeout_s=300)
     assert f"PairRM directory {tmp_path}: no config.json" in str(failure.value)
     _wait_for_free_cpus(ray_cluster, free)
+
+
+def test_pairwise_estimator_by_hand():
+    # c_01 = 2 (0 beats 1 when shown first), c_10 = 0 (no preference when 1 is shown first):
+    # P_01 = 1/2 [sigmoid(2) + 1 - sigmoid(0)] = 1/2 [0.880797 + 0.5] = 0.690399; P_10 = 1 - P_01.
+    p = pairwise_win_matrix(np.array([[0.0, 2.0], [0.0, 0.0]]))
+    np.testing.assert_allclose(p, [[0.5, 0.690399], [0.309601, 0.5]], atol=1e-6)
+    rng = np.random.default_rng(3)
+    q = pairwise_win_matrix(rng.normal(scale=5, size=(5, 5)))
+    np.testing.assert_allclose(q + q.T, np.ones((5, 5)), atol=1e-12)
+    assert np.all(np.diag(q) == 0.5)
+    with pytest.raises(ValueError, match="judge.estimator"):
+        estimate_win_matrix(np.zeros((2, 2)), "bogus")
+
+
+def test_pairwise_estimate_ignores_the_other_candidates(judge):
+    # Same prompt and first two candidates; a different third candidate.
+    prompt = PROMPTS[0]
+    a = judge.pair_logits([prompt], [["Paris is the capital.", "I do not know.", "Blue."]])[0]
+    b = judge.pair_logits([prompt], [["Paris is the capital.", "I do not know.", "A long, unrelated answer about cats."]])[0]
+    pairwise = [pairwise_win_matrix(m)[0, 1] for m in (a, b)]
+    reference = [estimate_win_matrix(m, "reference")[0, 1] for m in (a, b)]
+    assert pairwise[0] == pytest.approx(pairwise[1], abs=1e-6)
+    # The reference estimator's P_01 moves with candidate 2, the open issue the pairwise one avoids.
+    assert abs(reference[0] - reference[1]) > 1e-4

@@ -4,7 +4,10 @@ c_ij is PairRM's logit for "candidate i beats candidate j" with i shown first. l
 `Blender.rank(..., return_scores=True)` turns the K(K-1) ordered-pair logits into scores
 s_i = (1/K) sum_{j != i} (c_ij - c_ji), and the reference sets P_ij = sigmoid(s_i - s_j).
 
-- Pure core (numpy): `ordered_pairs`, `pair_scores`, `win_matrix`.
+Two estimators (judge.estimator): `reference`, the above; `pairwise`, P_ij from c_ij and c_ji
+alone (`pairwise_win_matrix`), which does not depend on the other candidates.
+
+- Pure core (numpy): `ordered_pairs`, `pair_scores`, `win_matrix`, `pairwise_win_matrix`.
 - `PairRMJudge`: llm-blender's own ranker and encoder, with every ordered pair of every prompt
   flattened into length-sorted batches (the reference runs one prompt at a time).
 - `judge_candidates`: the Ray shell, one judge actor (`PairRMJudgeActor`) per call.
@@ -54,6 +57,31 @@ def win_matrix(scores: np.ndarray) -> np.ndarray:
         raise ValueError(f"scores must be a vector of K scores, got shape {s.shape}")
     # sigmoid(x) = (1 + tanh(x/2)) / 2: no overflow for large |x|, exactly 0.5 at 0.
     return 0.5 * (1.0 + np.tanh((s[:, None] - s[None, :]) / 2.0))
+
+
+def pairwise_win_matrix(logits: np.ndarray) -> np.ndarray:
+    """P_ij from the two orderings of (i, j) alone: 1/2 [sigmoid(c_ij) + 1 - sigmoid(c_ji)].
+
+    Each ordering gives PairRM's probability that i wins (shown first, then second); averaging
+    them cancels its position bias. Unlike the reference estimator, P_ij does not move when
+    another candidate is added or changed. P_ij + P_ji = 1 and the diagonal is 0.5.
+    """
+    c = np.array(logits, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError(f"pair logits must be a K x K matrix, got shape {c.shape}")
+    first = 0.5 * (1.0 + np.tanh(c / 2.0))  # sigmoid(c_ij), overflow-free
+    p = 0.5 * (first + 1.0 - first.T)
+    np.fill_diagonal(p, 0.5)
+    return p
+
+
+def estimate_win_matrix(logits: np.ndarray, estimator: str) -> np.ndarray:
+    """The K x K win-probability matrix by the configured estimator (judge.estimator)."""
+    if estimator == "reference":
+        return win_matrix(pair_scores(logits))
+    if estimator == "pairwise":
+        return pairwise_win_matrix(logits)
+    raise ValueError(f"judge.estimator: unknown estimator {estimator!r} (reference, pairwise)")
 
 
 def _check_inputs(prompts: list[str], candidates: list[list[str]]) -> None:
@@ -158,8 +186,8 @@ class PairRMJudge:
         return matrices
 
     def win_matrices(self, prompts: list[str], candidates: list[list[str]]) -> list[np.ndarray]:
-        """One K x K matrix P_ij = sigmoid(s_i - s_j) per prompt."""
-        return [win_matrix(pair_scores(c)) for c in self.pair_logits(prompts, candidates)]
+        """One K x K win-probability matrix per prompt, by cfg.estimator."""
+        return [estimate_win_matrix(c, self.cfg.estimator) for c in self.pair_logits(prompts, candidates)]
 
 
 class PairRMJudgeActor(PairRMJudge):
