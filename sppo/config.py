@@ -44,6 +44,10 @@ class PromptsConfig(_Strict):
     # Number of disjoint splits the source is cut into; at least the number of iterations.
     num_splits: int = Field(default=3, ge=1)
     seed: int = 42
+    # Held-out prompts for evaluation, never used for training: eval_size prompts set aside
+    # from a pooled source before it is cut, or (sources with "{t}") the split eval_split.
+    eval_size: int = Field(default=0, ge=0)
+    eval_split: str | None = None
 
 
 class SamplingConfig(_Strict):

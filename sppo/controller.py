@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from transformers import AutoTokenizer
 
 from sppo.config import RunConfig
 from sppo.judging.pairrm import judge_candidates
 from sppo.pairs import training_rows
-from sppo.prompts import iteration_prompts
+from sppo.prompts import iteration_prompts, prompt_length_filter
 from sppo.sampling import sample_candidates
 from sppo.storage import IterationDir, atomic_write_parquet, atomic_write_text, read_parquet
 from sppo.tiny import resolve_model
@@ -38,7 +39,10 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: st
     """One SPPO iteration: from policy pi_t (a checkpoint directory) to pi_{t+1}."""
     it, t = rec.it, rec.it.iteration
     if not it.samples.exists():
-        prompts = iteration_prompts(cfg.prompts, t)
+        selection = iteration_prompts(cfg.prompts, t, too_long=prompt_length_filter(
+            AutoTokenizer.from_pretrained(policy), cfg.train.max_prompt_length))
+        rec.record({f"prompts/{k}": v for k, v in selection.counts.items()})
+        prompts = selection.prompts
         with rec.stage("sampling"):
             samples = sample_candidates(policy, prompts, cfg.sampling, seed=cfg.sampling.seed + 1000 * t,
                                         timeout_s=cfg.timeouts.sampling_s)

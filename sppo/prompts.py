@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sppo.config import PromptsConfig
@@ -23,10 +24,22 @@ class PromptSourceError(ValueError):
     """A prompt source that cannot be used; the message names the file or column."""
 
 
-def load_prompts(cfg: PromptsConfig, iteration: int | None = None) -> list[str]:
-    """All prompts of the source (of `iteration`'s ready split, if it has them), in source
-    order, with empty ones and duplicates dropped."""
-    source, split = cfg.source, cfg.split
+@dataclass
+class PromptSelection:
+    """An iteration's prompts and how many were dropped on the way, for MLflow."""
+
+    prompts: list[str]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def load_prompts(cfg: PromptsConfig, iteration: int | None = None, split: str | None = None) -> list[str]:
+    """All prompts of the source (of `iteration`'s ready split, or of `split`), in source order,
+    with empty ones and duplicates dropped."""
+    return _load(cfg, iteration, split).prompts
+
+
+def _load(cfg: PromptsConfig, iteration: int | None = None, split: str | None = None) -> PromptSelection:
+    source, split = cfg.source, split or cfg.split
     if iteration is not None:
         source = source.replace(ITERATION_MARK, str(iteration))
         split = split.replace(ITERATION_MARK, str(iteration))
@@ -39,15 +52,17 @@ def load_prompts(cfg: PromptsConfig, iteration: int | None = None) -> list[str]:
     else:
         raw = _read_column(source, split, cfg.column)
     seen: set[str] = set()
-    prompts = []
+    prompts, empty = [], 0
     for text in raw:
-        if not isinstance(text, str) or not text.strip() or text in seen:
-            continue
-        seen.add(text)
-        prompts.append(text)
+        if not isinstance(text, str) or not text.strip():
+            empty += 1
+        elif text not in seen:
+            seen.add(text)
+            prompts.append(text)
     if not prompts:
         raise PromptSourceError(f"prompts.source {source}: no non-empty prompts")
-    return prompts
+    counts = {"source_rows": len(raw), "empty_dropped": empty, "duplicates_dropped": len(raw) - empty - len(prompts)}
+    return PromptSelection(prompts, counts)
 
 
 def _read_column(source: str, split: str, column: str) -> list:
@@ -103,12 +118,52 @@ def split_prompts(prompts: list[str], num_splits: int, seed: int) -> list[list[s
     return [[prompts[i] for i in order[part::num_splits]] for part in range(num_splits)]
 
 
-def iteration_prompts(cfg: PromptsConfig, iteration: int) -> list[str]:
-    """The prompts of 1-based `iteration`: its own split, capped at `per_iteration`."""
-    if ITERATION_MARK in cfg.source or ITERATION_MARK in cfg.split:
-        split = load_prompts(cfg, iteration)
+def _ready_splits(cfg: PromptsConfig) -> bool:
+    return ITERATION_MARK in cfg.source or ITERATION_MARK in cfg.split
+
+
+def heldout_prompts(cfg: PromptsConfig) -> list[str]:
+    """Evaluation prompts: never part of any iteration's training prompts."""
+    if _ready_splits(cfg):
+        return load_prompts(cfg, iteration=1, split=cfg.eval_split) if cfg.eval_split else []
+    pool = load_prompts(cfg)
+    order = list(range(len(pool)))
+    random.Random(cfg.seed).shuffle(order)
+    return [pool[i] for i in order[: cfg.eval_size]]
+
+
+def iteration_prompts(cfg: PromptsConfig, iteration: int, too_long=None) -> PromptSelection:
+    """The prompts of 1-based `iteration`: its own split minus held-out prompts and those that
+    `too_long(prompt)` rejects, capped at `per_iteration`; with the counts of each step."""
+    heldout = set(heldout_prompts(cfg))
+    if _ready_splits(cfg):
+        loaded = _load(cfg, iteration)
+        split, counts = loaded.prompts, loaded.counts
     else:
         if not 1 <= iteration <= cfg.num_splits:
             raise ValueError(f"iteration {iteration} has no split (prompts.num_splits={cfg.num_splits})")
-        split = split_prompts(load_prompts(cfg), cfg.num_splits, cfg.seed)[iteration - 1]
-    return split[: cfg.per_iteration] if cfg.per_iteration else split
+        loaded = _load(cfg)
+        pool = [p for p in loaded.prompts if p not in heldout]
+        split, counts = split_prompts(pool, cfg.num_splits, cfg.seed)[iteration - 1], dict(loaded.counts)
+    kept = [p for p in split if p not in heldout]
+    counts["heldout_dropped"] = len(split) - len(kept)
+    if too_long is not None:
+        fitting = [p for p in kept if not too_long(p)]
+        counts["too_long_dropped"] = len(kept) - len(fitting)
+        if not fitting:
+            raise PromptSourceError(
+                f"prompts.source {cfg.source}: all {len(kept)} prompts of iteration {iteration} are longer "
+                "than train.max_prompt_length tokens"
+            )
+        kept = fitting
+    selected = kept[: cfg.per_iteration] if cfg.per_iteration else kept
+    counts["selected"] = len(selected)
+    counts["heldout"] = len(heldout)
+    return PromptSelection(selected, counts)
+
+
+def prompt_length_filter(tokenizer, max_prompt_length: int):
+    """A predicate: is the prompt, rendered with the chat template, over max_prompt_length tokens?"""
+    from sppo.chat import render_prompt_ids
+
+    return lambda prompt: len(render_prompt_ids(tokenizer, [prompt])[0]) > max_prompt_length

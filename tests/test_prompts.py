@@ -5,7 +5,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from sppo.config import PromptsConfig
-from sppo.prompts import PromptSourceError, iteration_prompts, load_prompts, split_prompts
+from sppo.prompts import (
+    PromptSourceError,
+    heldout_prompts,
+    iteration_prompts,
+    load_prompts,
+    prompt_length_filter,
+    split_prompts,
+)
 
 
 def test_bundled_set_is_large_distinct_and_nonempty():
@@ -27,12 +34,12 @@ def test_splits_are_disjoint_and_cover_everything(n, parts):
 
 def test_iteration_prompts_are_reproducible_and_disjoint():
     cfg = PromptsConfig(per_iteration=40)
-    first = [iteration_prompts(cfg, t) for t in (1, 2, 3)]
-    again = [iteration_prompts(cfg, t) for t in (1, 2, 3)]
+    first = [iteration_prompts(cfg, t).prompts for t in (1, 2, 3)]
+    again = [iteration_prompts(cfg, t).prompts for t in (1, 2, 3)]
     assert first == again
     assert all(len(p) == 40 for p in first)
     assert not set(first[0]) & set(first[1]) and not set(first[1]) & set(first[2])
-    assert iteration_prompts(cfg.model_copy(update={"seed": 7}), 1) != first[0]
+    assert iteration_prompts(cfg.model_copy(update={"seed": 7}), 1).prompts != first[0]
 
 
 def test_local_files_dedupe_and_drop_empty(tmp_path):
@@ -72,7 +79,7 @@ def test_saved_dataset_with_ready_iteration_splits(tmp_path):
     splits["test_iteration_1"] = [{"prompt": "held out", "chosen": "c"}]
     _save_dataset(tmp_path / "snorkel", splits)
     cfg = PromptsConfig(source=str(tmp_path / "snorkel"), split="train_iteration_{t}")
-    assert iteration_prompts(cfg, 2) == [f"t2-{i}" for i in range(5)]
+    assert iteration_prompts(cfg, 2).prompts == [f"t2-{i}" for i in range(5)]
     with pytest.raises(PromptSourceError, match="no split 'train_iteration_4'.*prompts.split"):
         iteration_prompts(cfg, 4)
 
@@ -82,11 +89,47 @@ def test_saved_dataset_per_iteration_sources_and_ultrafeedback_column(tmp_path):
     for t in (1, 2):
         _save_dataset(tmp_path / f"sppo-iter{t}", {"train": [{"prompt": f"iter{t}-{i}"} for i in range(3)]})
     cfg = PromptsConfig(source=str(tmp_path / "sppo-iter{t}"))
-    assert iteration_prompts(cfg, 2) == ["iter2-0", "iter2-1", "iter2-2"]
+    assert iteration_prompts(cfg, 2).prompts == ["iter2-0", "iter2-1", "iter2-2"]
     # openbmb/UltraFeedback: one train split, column instruction, cut into disjoint parts here.
     _save_dataset(tmp_path / "uf", {"train": [{"instruction": f"q{i}", "models": ["m"]} for i in range(9)]})
     uf = PromptsConfig(source=str(tmp_path / "uf"), column="instruction", num_splits=3)
-    parts = [iteration_prompts(uf, t) for t in (1, 2, 3)]
+    parts = [iteration_prompts(uf, t).prompts for t in (1, 2, 3)]
     assert sorted(p for part in parts for p in part) == sorted(f"q{i}" for i in range(9))
     with pytest.raises(PromptSourceError, match="no column 'prompt'.*instruction"):
         load_prompts(PromptsConfig(source=str(tmp_path / "uf")))
+
+
+def test_heldout_prompts_never_reach_training():
+    cfg = PromptsConfig(eval_size=30)
+    heldout = set(heldout_prompts(cfg))
+    assert len(heldout) == 30
+    training = [p for t in (1, 2, 3) for p in iteration_prompts(cfg, t).prompts]
+    assert not heldout & set(training)
+    assert len(training) + len(heldout) == len(load_prompts(cfg))
+
+
+def test_ready_splits_drop_prompts_of_the_eval_split(tmp_path):
+    splits = {"train_iteration_1": [{"prompt": p} for p in ["a", "b", "shared"]],
+              "test_iteration_1": [{"prompt": p} for p in ["shared", "z"]]}
+    _save_dataset(tmp_path / "ds", splits)
+    cfg = PromptsConfig(source=str(tmp_path / "ds"), split="train_iteration_{t}", eval_split="test_iteration_1")
+    selection = iteration_prompts(cfg, 1)
+    assert selection.prompts == ["a", "b"]
+    assert selection.counts["heldout_dropped"] == 1 and selection.counts["heldout"] == 2
+
+
+def test_counts_and_length_filter(tmp_path, tiny_policy_dir):
+    from transformers import AutoTokenizer
+
+    rows = [{"prompt": "short one"}, {"prompt": "short one"}, {"prompt": ""}, {"prompt": "word " * 200},
+            {"prompt": "Reply with None if there is None."}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = PromptsConfig(source=str(path), num_splits=1)
+    too_long = prompt_length_filter(AutoTokenizer.from_pretrained(tiny_policy_dir), max_prompt_length=64)
+    selection = iteration_prompts(cfg, 1, too_long=too_long)
+    assert sorted(selection.prompts) == ["Reply with None if there is None.", "short one"]
+    assert selection.counts == {"source_rows": 5, "empty_dropped": 1, "duplicates_dropped": 1,
+                                "heldout_dropped": 0, "too_long_dropped": 1, "selected": 2, "heldout": 0}
+    with pytest.raises(PromptSourceError, match="all 3 prompts of iteration 1 are longer than train.max_prompt_length"):
+        iteration_prompts(cfg, 1, too_long=prompt_length_filter(AutoTokenizer.from_pretrained(tiny_policy_dir), 2))
