@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from sppo.config import ConfigError, load_config, parse_override
 
@@ -50,16 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    import ray
+    from sppo.controller import ResumeError, check_resume, run_sppo
 
-    from sppo.controller import ResumeError, run_sppo
-
-    ray.init()
     try:
-        checkpoints = run_sppo(cfg, resume_from=args.resume_from)
+        if args.resume_from is not None:  # before any cluster or server is touched
+            check_resume(Path(cfg.output_dir).resolve(), args.resume_from, cfg.iterations)
     except ResumeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+    import ray
+
+    ray.init()
+    checkpoints = run_sppo(cfg, resume_from=args.resume_from)
     print("SPPO finished. Checkpoints:")
     for t, path in enumerate(checkpoints, start=1):
         print(f"  iter-{t}: {path}")

@@ -14,6 +14,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from sppo.localstack import LocalStack
@@ -37,7 +38,11 @@ def stack(tmp_path_factory):
         stack.start()
         yield stack
     finally:
+        started = [pid for pids in stack.pids.values() for pid in pids]
         stack.stop()
+    # `stop` ends exactly what `start` started: every recorded daemon is gone.
+    assert started and not [pid for pid in started if psutil.pid_exists(pid)
+                            and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
 
 
 def submit(stack: LocalStack, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
