@@ -270,7 +270,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    probs = torch.tensor([[r["chosen_probs_win"], r["chosen_probs_lose"]] for r in rows])
+    probs = torch.tensor([[r["chosen_probs_win"], r["chosen_probs_lose"], r["chosen_probs"]] for r in rows])
     per_epoch = steps_per_epoch(len(rows), cfg)
     total_steps = per_epoch * cfg.epochs
 
@@ -317,6 +317,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 ref_rejected_logps=ref_rows[:, 1],
                 chosen_probs_win=prob_rows[:, 0],
                 chosen_probs_lose=prob_rows[:, 1],
+                chosen_probs=prob_rows[:, 2],
                 beta=cfg.beta,
             )
             # Summed over all ranks before backward, so every rank sees a bad loss at once.
@@ -329,7 +330,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             dist.all_reduce(micro)
             if not math.isfinite(micro[0].item()):
                 raise FloatingPointError(
-                    f"non-finite SPPO loss ({micro[0].item()}) at step {step}/{total_steps}, epoch {epoch}; "
+                    f"non-finite {cfg.loss} loss ({micro[0].item()}) at step {step}/{total_steps}, epoch {epoch}; "
                     f"learning rate {engine.get_lr()[0]:.3g}, eta {cfg.eta}: no checkpoint is written"
                 )
             sums += micro.cpu()

@@ -268,7 +268,7 @@ def test_non_finite_loss_fails_without_checkpoint(ray_cluster, tiny_policy_dir, 
     pd.DataFrame(make_rows(8)).to_parquet(pairs_path)
     # eta = 1e300: targets (p - 1/2) * eta overflow float32, so the first loss is inf.
     cfg = TrainConfig(**{**TRAIN_CFG, "eta": 1e300, "gradient_accumulation_steps": 1, "epochs": 1})
-    with pytest.raises(TrainingError, match=r"non-finite SPPO loss \(inf\) at step 1/2"):
+    with pytest.raises(TrainingError, match=r"non-finite sppo loss \(inf\) at step 1/2"):
         checkpoint_dir = str(tmp_path / "ckpt" / "iter1")
         train_policy(str(pairs_path), tiny_policy_dir, checkpoint_dir, cfg, storage_dir=str(tmp_path / "ray"))
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
