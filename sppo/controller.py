@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from sppo.config import RunConfig
 from sppo.judging.pairrm import judge_candidates
+from sppo.manifest import RunManifest
 from sppo.pairs import training_rows
 from sppo.prompts import iteration_prompts, prompt_length_filter
 from sppo.sampling import sample_candidates
@@ -43,28 +44,28 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: st
             AutoTokenizer.from_pretrained(policy), cfg.train.max_prompt_length))
         rec.record({f"prompts/{k}": v for k, v in selection.counts.items()})
         prompts = selection.prompts
-        with rec.stage("sampling"):
+        with rec.stage("sampling", samples=it.samples):
             samples = sample_candidates(policy, prompts, cfg.sampling, seed=cfg.sampling.seed + 1000 * t,
                                         timeout_s=cfg.timeouts.sampling_s)
-        rec.publish(it.samples, [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)],
-                    sampling_metrics(samples.candidates, samples.num_generated_tokens))
+            rec.publish(it.samples, [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)],
+                        sampling_metrics(samples.candidates, samples.num_generated_tokens))
     if not it.judgments.exists():
         prompts, candidates = _columns(read_parquet(it.samples), "prompt", "candidates")
-        with rec.stage("judging"):
+        with rec.stage("judging", judgments=it.judgments):
             matrices = judge_candidates(judge, prompts, candidates, cfg.judge, timeout_s=cfg.timeouts.judging_s)
-        rec.publish(it.judgments, [{"prompt": p, "candidates": c, "win_matrix": m.tolist()}
-                                   for p, c, m in zip(prompts, candidates, matrices)], {})
+            rec.publish(it.judgments, [{"prompt": p, "candidates": c, "win_matrix": m.tolist()}
+                                       for p, c, m in zip(prompts, candidates, matrices)], {})
     if not it.pairs.exists():
         prompts, candidates, matrices = _columns(read_parquet(it.judgments), "prompt", "candidates", "win_matrix")
-        with rec.stage("pairs"):
+        with rec.stage("pairs", pairs=it.pairs):
             rows = training_rows(prompts, candidates, [np.asarray(m) for m in matrices])
-        rec.publish(it.pairs, rows, pair_metrics(rows))
+            rec.publish(it.pairs, rows, pair_metrics(rows))
     if not it.trained:
-        with rec.stage("training"):
+        with rec.stage("training", checkpoint=it.checkpoint, train_history=it.train_history):
             result = train_policy(str(it.pairs), policy, str(it.checkpoint), cfg.train,
                                   storage_dir=str(it.path / "ray_train"), mlflow_tracking_uri=rec.tracker.uri,
                                   mlflow_run_id=rec.run_id, timeout_s=cfg.timeouts.training_s)
-        atomic_write_text(it.train_history, json.dumps(result.history))
+            atomic_write_text(it.train_history, json.dumps(result.history))
         rec.record({"train/final_loss": result.metrics["train/loss"]})
     else:  # trained by an earlier attempt: its per-step curve goes into this run too
         rec.tracker.log_history(rec.run_id, json.loads(it.train_history.read_text()))
@@ -73,12 +74,20 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: st
     return str(it.checkpoint)
 
 
-def run_sppo(cfg: RunConfig, resume_from: int | None = None) -> list[Path]:
-    """Run iterations until cfg.iterations; returns every iteration's checkpoint directory."""
+def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = False) -> RunManifest:
+    """Checks that need no cluster: a --resume-from that can be honoured, an unchanged lineage."""
     out = Path(cfg.output_dir).resolve()
     if resume_from is not None:
         check_resume(out, resume_from, cfg.iterations)
-    out.mkdir(parents=True, exist_ok=True)
+    manifest = RunManifest(out)
+    manifest.check_lineage(cfg, force=force)
+    return manifest
+
+
+def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False) -> list[Path]:
+    """Run iterations until cfg.iterations; returns every iteration's checkpoint directory."""
+    out = Path(cfg.output_dir).resolve()
+    manifest = preflight(cfg, resume_from, force)
     tracker = Tracker(cfg.tracking.resolved_uri, cfg.tracking.experiment, out)
     tracker.start_parent(cfg.tracking.run_name or out.name, cfg.flat())
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
@@ -86,6 +95,7 @@ def run_sppo(cfg: RunConfig, resume_from: int | None = None) -> list[Path]:
     if resume_from:  # an explicit restart redoes iteration N onwards; earlier outputs are kept aside
         for t in range(resume_from, cfg.iterations + 1):
             if (moved := IterationDir(out, t).archive()) is not None:
+                manifest.forget(t)
                 log.info("iteration %d: earlier outputs moved to %s", t, moved)
     policy = resolve_model(cfg.policy.path) if first == 1 else str(IterationDir(out, first - 1).checkpoint)
     judge = resolve_model(cfg.judge.path)
@@ -93,7 +103,7 @@ def run_sppo(cfg: RunConfig, resume_from: int | None = None) -> list[Path]:
     try:
         for t in range(first, cfg.iterations + 1):
             log.info("=== iteration %d/%d: policy %s", t, cfg.iterations, policy)
-            with IterationRecord.open(tracker, IterationDir(out, t), cfg, policy) as rec:
+            with IterationRecord.open(tracker, manifest, IterationDir(out, t), cfg, policy) as rec:
                 policy = run_iteration(cfg, rec, policy, judge)
             log.info("=== iteration %d done: %s", t, rec.summary())
         status = "FINISHED"
@@ -152,15 +162,15 @@ def _columns(rows: list[dict], *names: str) -> tuple[list, ...]:
 class IterationRecord:
     """An iteration's nested MLflow run plus its metrics file, kept in step."""
 
-    def __init__(self, tracker: Tracker, it: IterationDir, run_id: str):
-        self.tracker, self.it, self.run_id = tracker, it, run_id
+    def __init__(self, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, run_id: str):
+        self.tracker, self.manifest, self.it, self.cfg, self.run_id = tracker, manifest, it, cfg, run_id
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, tracker: Tracker, it: IterationDir, cfg: RunConfig, policy: str):
+    def open(cls, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, policy: str):
         run_id = tracker.start_iteration(it.iteration, {**cfg.flat(), "iteration": it.iteration,
                                                         "policy.input": policy})
-        rec = cls(tracker, it, run_id)
+        rec = cls(tracker, manifest, it, cfg, run_id)
         tracker.log_metrics(run_id, it.read_metrics())  # stages finished by an earlier attempt
         try:
             yield rec
@@ -170,12 +180,14 @@ class IterationRecord:
         tracker.finish(run_id, "FINISHED")
 
     @contextlib.contextmanager
-    def stage(self, name: str):
+    def stage(self, name: str, **outputs: Path):
+        """Times a stage; once it completes, the manifest records its outputs and their hashes."""
         log.info("iteration %d: %s ...", self.it.iteration, name)
         start = time.perf_counter()
         yield
         seconds = time.perf_counter() - start
         self.record({f"time/{name}_s": seconds})
+        self.manifest.record_stage(self.it.iteration, name, self.cfg, outputs, self.run_id)
         log.info("iteration %d: %s done in %.1f s", self.it.iteration, name, seconds)
 
     def record(self, metrics: dict[str, float]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from sppo.config import ConfigError, load_config, parse_override
 
@@ -30,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", metavar="DIR",
                         help="where stage outputs and checkpoints go (config: output_dir); use an absolute "
                         "path under `ray job submit --working-dir`, whose working directory is temporary")
+    parser.add_argument("--force", action="store_true",
+                        help="continue in an output directory whose earlier iterations were made with a different "
+                        "policy, K, judge or prompt source (refused by default, since the run would mix lineages)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field by its dotted name, e.g. --set train.learning_rate=1e-6 "
                         "(repeatable; values are parsed as YAML)")
@@ -51,19 +53,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from sppo.controller import ResumeError, check_resume, run_sppo
+    from sppo.controller import ResumeError, preflight, run_sppo
+    from sppo.manifest import LineageError
 
     try:
-        if args.resume_from is not None:  # before any cluster or server is touched
-            check_resume(Path(cfg.output_dir).resolve(), args.resume_from, cfg.iterations)
-    except ResumeError as err:
+        preflight(cfg, args.resume_from, args.force)  # before any cluster or server is touched
+    except (ResumeError, LineageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
     import ray
 
     ray.init()
-    checkpoints = run_sppo(cfg, resume_from=args.resume_from)
+    checkpoints = run_sppo(cfg, resume_from=args.resume_from, force=args.force)
     print("SPPO finished. Checkpoints:")
     for t, path in enumerate(checkpoints, start=1):
         print(f"  iter-{t}: {path}")

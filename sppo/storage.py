@@ -5,6 +5,7 @@ sibling, then rename), so a file that exists is always whole and a resumed job c
 trust it.
 
     <output_dir>/run.json                parent MLflow run id (sppo.tracking)
+    <output_dir>/manifest.json           per-stage status, outputs, hashes, run ids (sppo.manifest)
     <output_dir>/config.yaml             resolved config of the latest submission
     <output_dir>/iter-N/samples.parquet    prompt, candidates[K]
     <output_dir>/iter-N/judgments.parquet  prompt, candidates[K], win_matrix[K][K]

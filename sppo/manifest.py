@@ -1,0 +1,112 @@
+"""The run manifest: `<output_dir>/manifest.json`, rewritten atomically after every stage.
+
+Per iteration and stage it records the status, the output paths, their content hashes, the
+MLflow run id and a digest of the config fields the stage's result depends on. It also keeps
+the run's lineage: the fields that, once changed, make earlier iterations belong to another
+run (the policy, K, the judge, the prompt source). Continuing a run under a different lineage
+is refused unless forced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from sppo.config import RunConfig
+from sppo.storage import atomic_write_text
+
+MANIFEST_FILE = "manifest.json"
+
+# Changing any of these makes the iterations already done answer a different question.
+LINEAGE_FIELDS = (
+    "policy.path", "sampling.k", "judge.path", "judge.estimator",
+    "prompts.source", "prompts.split", "prompts.column", "prompts.num_splits", "prompts.seed",
+    "prompts.eval_size", "prompts.eval_split",
+)
+# The config fields each stage's output depends on (besides its input files).
+STAGE_FIELDS = {
+    "sampling": ("policy.", "prompts.", "sampling.k", "sampling.temperature", "sampling.top_p",
+                 "sampling.max_tokens", "sampling.seed", "sampling.max_model_len", "sampling.dtype",
+                 "train.max_prompt_length"),
+    "judging": ("judge.path", "judge.estimator", "judge.source_max_length", "judge.candidate_max_length"),
+    "pairs": (),
+    "training": ("train.",),
+    "tracking": (),
+}
+
+
+class LineageError(ValueError):
+    """The config differs from the one the output directory was made with."""
+
+
+def _pick(cfg: RunConfig, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.flat().items() if any(k == p or (p.endswith(".") and k.startswith(p))
+                                                        for p in prefixes)}
+
+
+def digest(values: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file (as `sha256sum` prints it), or of a directory's files: their relative
+    names and bytes, in name order."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+class RunManifest:
+    def __init__(self, output_dir: Path):
+        self.root = Path(output_dir)
+        self.path = self.root / MANIFEST_FILE
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {
+            "lineage": None, "iterations": {}}
+
+    def check_lineage(self, cfg: RunConfig, force: bool = False) -> None:
+        """Record the lineage on first use; refuse a changed one unless forced."""
+        current = _pick(cfg, LINEAGE_FIELDS)
+        recorded = self.data.get("lineage")
+        if recorded is not None and recorded != current and not force:
+            changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+            details = "; ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            raise LineageError(
+                f"{self.path}: the config changes what earlier iterations were made from ({details}). "
+                "Use a new --output-dir, or --force to continue with the new values anyway"
+            )
+        self.data["lineage"] = current
+        self._save()
+
+    def record_stage(self, iteration: int, stage: str, cfg: RunConfig, outputs: dict[str, Path],
+                     mlflow_run_id: str) -> None:
+        entry = self.data["iterations"].setdefault(str(iteration), {"stages": {}})
+        entry["mlflow_run_id"] = mlflow_run_id
+        entry["stages"][stage] = {
+            "status": "done",
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "outputs": {name: str(p.relative_to(self.root)) for name, p in outputs.items()},
+            "sha256": {name: content_hash(p) for name, p in outputs.items()},
+            "config_digest": digest(_pick(cfg, STAGE_FIELDS[stage])),
+            "mlflow_run_id": mlflow_run_id,
+        }
+        self._save()
+
+    def stage(self, iteration: int, stage: str) -> dict[str, Any] | None:
+        return self.data["iterations"].get(str(iteration), {}).get("stages", {}).get(stage)
+
+    def forget(self, iteration: int) -> None:
+        """An iteration that is redone from scratch (its outputs were moved aside)."""
+        if self.data["iterations"].pop(str(iteration), None) is not None:
+            self._save()
+
+    def _save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True))
