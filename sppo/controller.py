@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,8 +78,11 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: st
 def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = False) -> RunManifest:
     """Checks that need no cluster: a --resume-from that can be honoured, an unchanged lineage."""
     out = Path(cfg.output_dir).resolve()
+    for field, spec in (("policy.path", cfg.policy.path), ("judge.path", cfg.judge.path)):
+        check_model_dir(field, spec)
     if resume_from is not None:
         check_resume(out, resume_from, cfg.iterations)
+    check_writable(out)
     manifest = RunManifest(out)
     manifest.check_lineage(cfg, force=force)
     return manifest
@@ -112,15 +116,35 @@ def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False
     return [IterationDir(out, t).checkpoint for t in range(1, cfg.iterations + 1)]
 
 
-class ResumeError(ValueError):
-    """A --resume-from that cannot be honoured; the message says why."""
+class PreflightError(ValueError):
+    """A precondition of the run that does not hold (models, output directory, --resume-from)."""
+
+
+def check_model_dir(field: str, spec: str) -> None:
+    """A local model path (absolute, ./ or ~) must be a readable model directory; hub ids and
+    tiny: models are resolved later."""
+    if not spec.startswith(("/", "./", "../", "~")):
+        return
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise PreflightError(f"{field}: {path} is not a readable model directory (no config.json)")
+
+
+def check_writable(out: Path) -> None:
+    # Trying beats os.access: root passes permission checks that a read-only mount still fails.
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise PreflightError(f"output_dir: {out} is not writable: {err.strerror or err}") from err
 
 
 def check_resume(out: Path, resume_from: int, iterations: int) -> None:
     if not 1 <= resume_from <= iterations:
-        raise ResumeError(f"--resume-from {resume_from}: must be between 1 and the number of iterations ({iterations})")
+        raise PreflightError(f"--resume-from {resume_from}: must be between 1 and the number of iterations ({iterations})")
     if resume_from > 1 and not IterationDir(out, resume_from - 1).trained:
-        raise ResumeError(
+        raise PreflightError(
             f"--resume-from {resume_from}: iteration {resume_from - 1}'s checkpoint "
             f"{IterationDir(out, resume_from - 1).checkpoint} is missing or incomplete"
         )

@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from sppo.controller import ResumeError, preflight, run_sppo
+    from sppo.controller import PreflightError, preflight, run_sppo
     from sppo.manifest import LineageError
 
     try:
         preflight(cfg, args.resume_from, args.force)  # before any cluster or server is touched
-    except (ResumeError, LineageError) as err:
+    except (PreflightError, LineageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

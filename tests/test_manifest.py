@@ -19,8 +19,8 @@ def test_lineage_change_is_refused_unless_forced(tmp_path):
     preflight(tiny(tmp_path, **{"train.learning_rate": 1e-4, "sampling.num_engines": 2}))  # same lineage
     with pytest.raises(LineageError, match=r"sampling.k: 4 -> 3.*--force"):
         preflight(tiny(tmp_path, **{"sampling.k": 3}))
-    with pytest.raises(LineageError, match=r"judge.path: 'tiny:pairrm' -> '/models/pairrm'"):
-        preflight(tiny(tmp_path, **{"judge.path": "/models/pairrm"}))
+    with pytest.raises(LineageError, match=r"judge.path: 'tiny:pairrm' -> 'llm-blender/PairRM'"):
+        preflight(tiny(tmp_path, **{"judge.path": "llm-blender/PairRM"}))
     preflight(tiny(tmp_path, **{"sampling.k": 3}), force=True)
     recorded = json.loads((tmp_path / "out" / "manifest.json").read_text())["lineage"]
     assert recorded["sampling.k"] == 3  # forcing adopts the new lineage
@@ -56,3 +56,14 @@ def test_stage_records_hash_outputs(tmp_path):
     assert RunManifest(root).stage(1, "training")["config_digest"] != again.stage(1, "training")["config_digest"]
     again.forget(1)
     assert RunManifest(root).stage(1, "pairs") is None
+
+
+def test_preflight_rejects_missing_models_and_unwritable_output(tmp_path):
+    with pytest.raises(ValueError, match=r"policy.path: .*nope is not a readable model directory"):
+        preflight(tiny(tmp_path, **{"policy.path": str(tmp_path / "nope")}))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"judge.path: .*empty is not a readable model directory"):
+        preflight(tiny(tmp_path, **{"judge.path": str(tmp_path / "empty")}))
+    # /proc refuses new entries even to root, who passes permission-bit checks.
+    with pytest.raises(ValueError, match="output_dir: /proc/sppo-out is not writable"):
+        preflight(tiny(tmp_path, output_dir="/proc/sppo-out"))
