@@ -40,14 +40,15 @@ log = logging.getLogger("sppo")
 def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: str) -> str:
     """One SPPO iteration: from policy pi_t (a checkpoint directory) to pi_{t+1}."""
     it, t = rec.it, rec.it.iteration
+    remote_code = cfg.policy.trust_remote_code  # off unless the config turns it on
     if not it.samples.exists():
         selection = iteration_prompts(cfg.prompts, t, too_long=prompt_length_filter(
-            AutoTokenizer.from_pretrained(policy), cfg.train.max_prompt_length))
+            AutoTokenizer.from_pretrained(policy, trust_remote_code=remote_code), cfg.train.max_prompt_length))
         rec.record({f"prompts/{k}": v for k, v in selection.counts.items()})
         prompts = selection.prompts
         with rec.stage("sampling", samples=it.samples):
             samples = sample_candidates(policy, prompts, cfg.sampling, seed=cfg.sampling.seed + 1000 * t,
-                                        timeout_s=cfg.timeouts.sampling_s)
+                                        timeout_s=cfg.timeouts.sampling_s, trust_remote_code=remote_code)
             rec.publish(it.samples, [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)],
                         sampling_metrics(samples.candidates, samples.num_generated_tokens))
     if not it.judgments.exists():
@@ -65,7 +66,8 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: st
         with rec.stage("training", checkpoint=it.checkpoint, train_history=it.train_history):
             result = train_policy(str(it.pairs), policy, str(it.checkpoint), cfg.train,
                                   storage_dir=str(it.path / "ray_train"), mlflow_tracking_uri=rec.tracker.uri,
-                                  mlflow_run_id=rec.run_id, timeout_s=cfg.timeouts.training_s)
+                                  mlflow_run_id=rec.run_id, timeout_s=cfg.timeouts.training_s,
+                                  trust_remote_code=remote_code)
             atomic_write_text(it.train_history, json.dumps(result.history))
         rec.record({"train/final_loss": result.metrics["train/loss"]})
     else:  # trained by an earlier attempt: its per-step curve goes into this run too

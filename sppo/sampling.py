@@ -89,11 +89,12 @@ def sampling_params_kwargs(cfg: SamplingConfig) -> dict:
     return {"n": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
 
 
-def engine_kwargs(model_dir: str, cfg: SamplingConfig, seed: int) -> dict:
+def engine_kwargs(model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_code: bool = False) -> dict:
     """Arguments of vLLM's `LLM` for a policy checkpoint (tokenizer from the same directory)."""
     kwargs = {
         "model": model_dir,
         "tokenizer": model_dir,
+        "trust_remote_code": trust_remote_code,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "dtype": cfg.dtype,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
@@ -115,14 +116,14 @@ def engine_env(cfg: SamplingConfig) -> dict[str, str]:
 class VLLMEngine:
     """One vLLM engine over a policy checkpoint; a Ray actor when wrapped with `ray.remote`."""
 
-    def __init__(self, model_dir: str, cfg: SamplingConfig, seed: int):
+    def __init__(self, model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_code: bool = False):
         from transformers import AutoTokenizer
         from vllm import LLM, SamplingParams
 
         self._params = SamplingParams(**sampling_params_kwargs(cfg))
         # The same tokenizer class the trainer loads, so prompt ids match token for token.
-        self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self._llm = LLM(**engine_kwargs(model_dir, cfg, seed))
+        self._tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self._llm = LLM(**engine_kwargs(model_dir, cfg, seed, trust_remote_code))
 
     def generate(self, prompts: list[str]) -> Samples:
         """K completions per prompt, in input order, from one n=K request per prompt."""
@@ -149,6 +150,7 @@ def sample_candidates(
     cfg: SamplingConfig,
     seed: int,
     timeout_s: float | None = None,
+    trust_remote_code: bool = False,
 ) -> Samples:
     """Sample cfg.k candidates per prompt with cfg.num_engines vLLM engine actors.
 
@@ -172,7 +174,7 @@ def sample_candidates(
     engines = []
     idle: set[int] = set()  # engines not busy with a request, safe to close
     try:
-        engines = [engine_cls.remote(model_dir, cfg, seed + i) for i in range(len(shards))]
+        engines = [engine_cls.remote(model_dir, cfg, seed + i, trust_remote_code) for i in range(len(shards))]
         logger.info(
             "sampling: started %d vLLM engine(s) on %s (seeds %d..%d) for %d prompts x k=%d",
             len(engines), model_dir, seed, seed + len(engines) - 1, len(prompts), cfg.k,

@@ -267,16 +267,17 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     device = ray.train.torch.get_device()
 
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    remote_code = config["trust_remote_code"]
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     probs = torch.tensor([[r["chosen_probs_win"], r["chosen_probs_lose"], r["chosen_probs"]] for r in rows])
     per_epoch = steps_per_epoch(len(rows), cfg)
     total_steps = per_epoch * cfg.epochs
 
-    engine, hf_ds_config = _load_engine(policy_dir, cfg, total_steps)
+    engine, hf_ds_config = _load_engine(policy_dir, cfg, total_steps, remote_code)
     # The checkpoint is saved in the dtype the policy came in, whatever the training dtype.
-    save_dtype = AutoConfig.from_pretrained(policy_dir).dtype or torch.float32
+    save_dtype = AutoConfig.from_pretrained(policy_dir, trust_remote_code=remote_code).dtype or torch.float32
 
     # pi_ref = the weights as loaded: every row's reference log-probs, before any step.
     engine.eval()
@@ -369,7 +370,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     return {"history": history, "reference_logps": ref.tolist(), "zero3_partition": partition}
 
 
-def _load_engine(policy_dir: str, cfg: TrainConfig, total_steps: int):
+def _load_engine(policy_dir: str, cfg: TrainConfig, total_steps: int, trust_remote_code: bool):
     """The policy as a ZeRO-3 DeepSpeed engine with RMSprop and a linear warmup/decay schedule.
 
     Also returns transformers' DeepSpeed config holder, which the caller keeps alive while it
@@ -383,7 +384,7 @@ def _load_engine(policy_dir: str, cfg: TrainConfig, total_steps: int):
     ds_config = deepspeed_config(cfg)
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
@@ -482,6 +483,7 @@ def train_policy(
     mlflow_tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
     timeout_s: float | None = None,
+    trust_remote_code: bool = False,
 ) -> TrainResult:
     """Train pi_{t+1} from pi_t (policy_dir) on pairs_path; publish it at checkpoint_dir.
 
@@ -521,6 +523,7 @@ def train_policy(
             "mlflow_run_id": mlflow_run_id,
             "deadline": time.time() + timeout_s if timeout_s is not None else math.inf,
             "timeout_s": timeout_s,
+            "trust_remote_code": trust_remote_code,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources

@@ -70,6 +70,7 @@ def test_engine_kwargs_map_the_config_and_seed():
     assert kwargs == {
         "model": "/models/pi_1",
         "tokenizer": "/models/pi_1",
+        "trust_remote_code": False,  # off unless policy.trust_remote_code turns it on
         "tensor_parallel_size": 2,
         "dtype": "bfloat16",
         "max_model_len": 512,
@@ -77,6 +78,7 @@ def test_engine_kwargs_map_the_config_and_seed():
         "seed": 7,
     }
     assert "max_model_len" not in engine_kwargs("/models/pi_1", SamplingConfig(), seed=0)
+    assert engine_kwargs("/models/pi_1", cfg, seed=7, trust_remote_code=True)["trust_remote_code"] is True
 
 
 def test_engine_env_bounds_the_cpu_kv_cache():
