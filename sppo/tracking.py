@@ -10,6 +10,7 @@ shows exactly one `iter-N` run per iteration.
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,20 @@ RUN_FILE = "run.json"
 _MAX_PARAM_LEN = 6000
 _PARAM_BATCH = 100
 _METRIC_BATCH = 1000
+
+
+# Keys named like these have their values replaced before they reach MLflow.
+_SECRET_KEY = re.compile(r"token|secret|passw(or)?d|api[_-]?key|credential|private[_-]?key", re.IGNORECASE)
+# user:password@ in a URL (e.g. a tracking URI behind basic auth).
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*):[^@/\s]*@", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact(key: str, value: Any) -> str:
+    """A param value as MLflow may store it: secrets by name masked, URL passwords removed."""
+    if _SECRET_KEY.search(key):
+        return REDACTED
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", str(value))
 
 
 def iteration_run_name(iteration: int) -> str:
@@ -130,7 +145,7 @@ class Tracker:
 
     # -- logging helpers -----------------------------------------------------------------
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(params.items())]
+        items = [Param(k, redact(k, v)[:_MAX_PARAM_LEN]) for k, v in sorted(params.items())]
         for start in range(0, len(items), _PARAM_BATCH):
             self.client.log_batch(run_id, params=items[start : start + _PARAM_BATCH])
 

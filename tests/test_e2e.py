@@ -21,6 +21,14 @@ from sppo.localstack import LocalStack
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 REPO = Path(__file__).resolve().parents[1]
+# Planted in the job's environment; none may reach MLflow or the job log.
+SECRETS = {
+    "HF_TOKEN": "hf_plantedSecretToken0451",
+    "AWS_SECRET_ACCESS_KEY": "plantedAwsSecret0451",
+    "AWS_ACCESS_KEY_ID": "AKIAPLANTED0451",
+    "MLFLOW_TRACKING_PASSWORD": "plantedMlflowPassword0451",
+    "SPPO_TEST_API_KEY": "plantedApiKey0451",
+}
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -47,7 +55,7 @@ def stack(tmp_path_factory):
 
 def submit(stack: LocalStack, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": stack.mlflow_url, "HF_HUB_OFFLINE": "1"}}
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": stack.mlflow_url, "HF_HUB_OFFLINE": "1", **SECRETS}}
     cmd = [
         str(VENV_BIN / "ray"), "job", "submit", "--address", stack.dashboard_url, "--working-dir", str(REPO),
         "--runtime-env-json", json.dumps(runtime_env), "--",
@@ -57,6 +65,11 @@ def submit(stack: LocalStack, output_dir: Path, *extra: str) -> subprocess.Compl
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, f"job failed:\n{done.stdout[-8000:]}\n{done.stderr[-4000:]}"
     return done
+
+
+def assert_no_secrets(where: str, text: str) -> None:
+    leaked = [name for name, value in SECRETS.items() if value in text]
+    assert not leaked, f"secrets {leaked} appear in {where}"
 
 
 def rest(stack: LocalStack, endpoint: str, params: dict | None = None, body: dict | None = None) -> dict:
@@ -86,6 +99,7 @@ def test_three_iterations_then_resume(stack, tmp_path):
     output_dir = tmp_path / "run"
     first = submit(stack, output_dir)
     assert "SPPO finished" in first.stdout
+    assert_no_secrets("the job log", first.stdout + first.stderr)
 
     record = json.loads((output_dir / "run.json").read_text())
     parent = rest(stack, "runs/get", {"run_id": record["parent_run_id"]})["run"]
@@ -128,3 +142,9 @@ def test_three_iterations_then_resume(stack, tmp_path):
     assert rest(stack, "runs/get", {"run_id": record["parent_run_id"]})["run"]["info"]["status"] == "FINISHED"
     assert (output_dir / "iter-3" / "checkpoint" / "config.json").exists()
     assert (output_dir / "iter-3.superseded-1" / "checkpoint" / "config.json").exists()
+
+    # The MLflow store (database and artifacts) and the output directory hold no planted secret.
+    for root in (stack.state_dir / "mlflow", output_dir):
+        for path in root.rglob("*"):
+            if path.is_file():
+                assert_no_secrets(str(path), path.read_bytes().decode("latin-1"))

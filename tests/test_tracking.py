@@ -65,3 +65,20 @@ def test_history_and_metrics_are_logged_with_steps(tmp_path, uri):
 def test_unreachable_server_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="not reachable"):
         Tracker("http://127.0.0.1:9", "exp", tmp_path)
+
+
+def test_params_never_carry_secrets(tmp_path, uri):
+    from sppo.tracking import redact
+
+    assert redact("tracking.tracking_uri", "https://alice:s3cr3t@mlflow.example.com/x") == \
+        "https://alice:***@mlflow.example.com/x"
+    assert redact("hub_token", "hf_abc") == "***" and redact("aws.secret_access_key", "k") == "***"
+    assert redact("train.learning_rate", 1e-6) == "1e-06"
+    out = tmp_path / "out"
+    out.mkdir()
+    tracker = Tracker(uri, "exp", out)
+    parent = tracker.start_parent("job", {"tracking.tracking_uri": "http://bob:hunter2@host:5000",
+                                          "db_password": "hunter2", "train.eta": 1000})
+    params = MlflowClient(uri).get_run(parent).data.params
+    assert "hunter2" not in json.dumps(params)
+    assert params["train.eta"] == "1000"
