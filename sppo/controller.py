@@ -78,7 +78,8 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: st
 
 
 def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = False) -> RunManifest:
-    """Checks that need no cluster: a --resume-from that can be honoured, an unchanged lineage."""
+    """Checks that need no cluster: readable local models, a --resume-from that can be honoured,
+    a writable output directory and an unchanged lineage (recorded on first use)."""
     out = Path(cfg.output_dir).resolve()
     for field, spec in (("policy.path", cfg.policy.path), ("judge.path", cfg.judge.path)):
         check_model_dir(field, spec)
