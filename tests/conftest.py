@@ -38,3 +38,24 @@ def tiny_pairrm_dir() -> str:
     from sppo.tiny import resolve_model
 
     return resolve_model("tiny:pairrm")
+
+
+@pytest.fixture(scope="module")
+def live_stack(tmp_path_factory):
+    """A real Ray head (token auth) and MLflow server on free loopback ports, stopped by PID."""
+    import psutil
+
+    from sppo.localstack import LocalStack
+    from tests.live_stack import free_port
+
+    stack = LocalStack(tmp_path_factory.mktemp("stack"), ray_port=free_port(), dashboard_port=free_port(),
+                       mlflow_port=free_port(), num_cpus=2)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        started = [pid for pids in stack.pids.values() for pid in pids]
+        stack.stop()
+    # `stop` ends exactly what `start` started: every recorded daemon is gone.
+    assert started and not [pid for pid in started if psutil.pid_exists(pid)
+                            and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]

@@ -6,98 +6,22 @@ Checks go through MLflow's REST API, as a user's tooling would see the record.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
-import urllib.parse
-import urllib.request
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from sppo.localstack import LocalStack
+from tests.live_stack import REPO, assert_no_secrets, nested_runs, rest, submit, submit_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
-REPO = Path(__file__).resolve().parents[1]
-# Planted in the job's environment; none may reach MLflow or the job log.
-SECRETS = {
-    "HF_TOKEN": "hf_plantedSecretToken0451",
-    "AWS_SECRET_ACCESS_KEY": "plantedAwsSecret0451",
-    "AWS_ACCESS_KEY_ID": "AKIAPLANTED0451",
-    "MLFLOW_TRACKING_PASSWORD": "plantedMlflowPassword0451",
-    "SPPO_TEST_API_KEY": "plantedApiKey0451",
-}
-VENV_BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    stack = LocalStack(tmp_path_factory.mktemp("stack"), ray_port=_free_port(), dashboard_port=_free_port(),
-                       mlflow_port=_free_port(), num_cpus=2)
-    try:
-        stack.start()
-        yield stack
-    finally:
-        started = [pid for pids in stack.pids.values() for pid in pids]
-        stack.stop()
-    # `stop` ends exactly what `start` started: every recorded daemon is gone.
-    assert started and not [pid for pid in started if psutil.pid_exists(pid)
-                            and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-
-
-def submit(stack: LocalStack, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": stack.mlflow_url, "HF_HUB_OFFLINE": "1", **SECRETS}}
-    cmd = [
-        str(VENV_BIN / "ray"), "job", "submit", "--address", stack.dashboard_url, "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps(runtime_env), "--",
-        "python", "-m", "sppo.run", "--config", "configs/tiny.yaml", "--iters", "3",
-        "--output-dir", str(output_dir), *extra,
-    ]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, f"job failed:\n{done.stdout[-8000:]}\n{done.stderr[-4000:]}"
-    return done
-
-
-def assert_no_secrets(where: str, text: str) -> None:
-    leaked = [name for name, value in SECRETS.items() if value in text]
-    assert not leaked, f"secrets {leaked} appear in {where}"
-
-
-def rest(stack: LocalStack, endpoint: str, params: dict | None = None, body: dict | None = None) -> dict:
-    url = f"{stack.mlflow_url}/api/2.0/mlflow/{endpoint}"
-    if params:
-        url += "?" + urllib.parse.urlencode(params)
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
-
-
-def nested_runs(stack: LocalStack, experiment_id: str, parent_id: str) -> dict[str, dict]:
-    found = rest(stack, "runs/search", body={
-        "experiment_ids": [experiment_id],
-        "filter": f"tags.mlflow.parentRunId = '{parent_id}'",
-        "run_view_type": "ACTIVE_ONLY",
-        "max_results": 100,
-    })
-    runs = found.get("runs", [])
-    names = [r["info"]["run_name"] for r in runs]
-    assert len(names) == len(set(names)), f"duplicated nested runs: {names}"
-    return {r["info"]["run_name"]: r for r in runs}
-
-
-def test_three_iterations_then_resume(stack, tmp_path):
+def test_three_iterations_then_resume(live_stack, tmp_path):
+    stack = live_stack
     output_dir = tmp_path / "run"
-    first = submit(stack, output_dir)
+    first = submit(stack, output_dir, "--iters", "3")
     assert "SPPO finished" in first.stdout
     assert_no_secrets("the job log", first.stdout + first.stderr)
 
@@ -127,12 +51,12 @@ def test_three_iterations_then_resume(stack, tmp_path):
         assert AutoModelForCausalLM.from_pretrained(local).num_parameters() > 0
 
     # Re-submitting the finished job redoes nothing; --resume-from 3 redoes only iteration 3.
-    submit(stack, output_dir)
+    submit(stack, output_dir, "--iters", "3")
     assert {n: r["info"]["run_id"] for n, r in nested_runs(stack, record["experiment_id"],
                                                             record["parent_run_id"]).items()} == \
         {n: r["info"]["run_id"] for n, r in runs.items()}
 
-    submit(stack, output_dir, "--resume-from", "3")
+    submit(stack, output_dir, "--iters", "3", "--resume-from", "3")
     after = nested_runs(stack, record["experiment_id"], record["parent_run_id"])
     assert sorted(after) == ["iter-1", "iter-2", "iter-3"]
     assert after["iter-1"]["info"]["run_id"] == runs["iter-1"]["info"]["run_id"]
@@ -148,3 +72,48 @@ def test_three_iterations_then_resume(stack, tmp_path):
         for path in root.rglob("*"):
             if path.is_file():
                 assert_no_secrets(str(path), path.read_bytes().decode("latin-1"))
+
+
+def _driver_of(output_dir) -> psutil.Process:
+    """The job's driver: the `python -m sppo.run ... --output-dir <output_dir>` process."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if ("sppo.run" in cmd and str(output_dir) in cmd and "submit" not in cmd
+                and Path(cmd[0]).name.startswith("python")):
+            return proc
+    raise AssertionError(f"no driver process for {output_dir}")
+
+
+def test_driver_killed_during_training_continues_on_resubmit(live_stack, tmp_path):
+    """SIGKILL the driver while it trains; the re-submitted job redoes only training."""
+    stack, out = live_stack, tmp_path / "run"
+    args = ("--iters", "1", "--set", "prompts.per_iteration=16")
+    cmd, env = submit_command(stack, out, *args)
+    job = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = out / "manifest.json"
+    deadline = time.monotonic() + 900
+    while not (manifest.exists() and "pairs" in json.loads(manifest.read_text())["iterations"].get("1", {})
+               .get("stages", {})):
+        assert job.poll() is None, "the job ended before its training stage"
+        assert time.monotonic() < deadline, "pairs stage not reached in time"
+        time.sleep(0.2)
+    before = json.loads(manifest.read_text())["iterations"]["1"]["stages"]
+    _driver_of(out).kill()
+    assert job.wait(timeout=600) != 0  # the submission reports the failed job
+    assert not (out / "iter-1" / "checkpoint").exists()
+    killed_run = json.loads(manifest.read_text())["iterations"]["1"]["mlflow_run_id"]
+
+    submit(stack, out, *args)
+    after = json.loads(manifest.read_text())["iterations"]["1"]["stages"]
+    for stage in ("sampling", "judging", "pairs"):
+        assert after[stage] == before[stage], f"{stage} was redone"
+    assert after["training"]["status"] == "done" and after["tracking"]["status"] == "done"
+    assert (out / "iter-1" / "checkpoint" / "config.json").exists()
+
+    record = json.loads((out / "run.json").read_text())
+    runs = nested_runs(stack, record["experiment_id"], record["parent_run_id"])
+    assert list(runs) == ["iter-1"] and runs["iter-1"]["info"]["status"] == "FINISHED"
+    metrics = {m["key"] for m in runs["iter-1"]["data"]["metrics"]}
+    assert {"sampling/candidates", "time/judging_s", "train/loss"} <= metrics  # replayed + retrained
+    old = rest(stack, "runs/get", {"run_id": killed_run})["run"]
+    assert old["info"]["status"] == "FAILED" and old["info"]["lifecycle_stage"] == "deleted"

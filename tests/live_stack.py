@@ -1,0 +1,81 @@
+"""A live Ray head + MLflow server and the helpers that submit jobs to it and read MLflow's REST API.
+
+Shared by the end-to-end and fault-injection tests through the session fixture `live_stack`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from sppo.localstack import LocalStack
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+# Planted in the job's environment; none may reach MLflow or the job log.
+SECRETS = {
+    "HF_TOKEN": "hf_plantedSecretToken0451",
+    "AWS_SECRET_ACCESS_KEY": "plantedAwsSecret0451",
+    "AWS_ACCESS_KEY_ID": "AKIAPLANTED0451",
+    "MLFLOW_TRACKING_PASSWORD": "plantedMlflowPassword0451",
+    "SPPO_TEST_API_KEY": "plantedApiKey0451",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def submit_command(stack: LocalStack, output_dir: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    """`ray job submit` of the tiny config, as `make demo` does, and the environment to run it in."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": stack.mlflow_url, "HF_HUB_OFFLINE": "1", **SECRETS}}
+    cmd = [
+        str(VENV_BIN / "ray"), "job", "submit", "--address", stack.dashboard_url, "--working-dir", str(REPO),
+        "--runtime-env-json", json.dumps(runtime_env), "--",
+        "python", "-m", "sppo.run", "--config", "configs/tiny.yaml", "--output-dir", str(output_dir), *args,
+    ]
+    return cmd, env
+
+
+def submit(stack: LocalStack, output_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd, env = submit_command(stack, output_dir, *args)
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, f"job failed:\n{done.stdout[-8000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+def assert_no_secrets(where: str, text: str) -> None:
+    leaked = [name for name, value in SECRETS.items() if value in text]
+    assert not leaked, f"secrets {leaked} appear in {where}"
+
+
+def rest(stack: LocalStack, endpoint: str, params: dict | None = None, body: dict | None = None) -> dict:
+    url = f"{stack.mlflow_url}/api/2.0/mlflow/{endpoint}"
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def nested_runs(stack: LocalStack, experiment_id: str, parent_id: str) -> dict[str, dict]:
+    found = rest(stack, "runs/search", body={
+        "experiment_ids": [experiment_id],
+        "filter": f"tags.mlflow.parentRunId = '{parent_id}'",
+        "run_view_type": "ACTIVE_ONLY",
+        "max_results": 100,
+    })
+    runs = found.get("runs", [])
+    names = [r["info"]["run_name"] for r in runs]
+    assert len(names) == len(set(names)), f"duplicated nested runs: {names}"
+    return {r["info"]["run_name"]: r for r in runs}
