@@ -38,7 +38,7 @@ def _answers(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -114,14 +114,14 @@ class LocalStack:
     def _start_ray(self) -> None:
         ray_bin = Path(sys.executable).parent / "ray"
         log = self.state_dir / "ray-start.log"
-        agent_port = _free_port()
+        agent_port = free_port()
         cmd = [
             str(ray_bin), "start", "--head", f"--num-cpus={self.num_cpus}", f"--port={self.ray_port}",
             "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats", f"--temp-dir={self.ray_temp_dir}",
             # The job agent's default port (52365) is shared by every Ray instance on the machine,
             # e.g. a test's own ray.init(); a free one lets both run side by side.
-            f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={free_port()}",
         ]
         with open(log, "w") as fh:
             done = subprocess.run(cmd, env=_venv_env(), stdout=fh, stderr=subprocess.STDOUT)

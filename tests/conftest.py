@@ -45,8 +45,7 @@ def live_stack(tmp_path_factory):
     """A real Ray head (token auth) and MLflow server on free loopback ports, stopped by PID."""
     import psutil
 
-    from sppo.localstack import LocalStack
-    from tests.live_stack import free_port
+    from sppo.localstack import LocalStack, free_port
 
     stack = LocalStack(tmp_path_factory.mktemp("stack"), ray_port=free_port(), dashboard_port=free_port(),
                        mlflow_port=free_port(), num_cpus=2)

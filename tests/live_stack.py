@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.parse
@@ -26,12 +25,6 @@ SECRETS = {
     "MLFLOW_TRACKING_PASSWORD": "plantedMlflowPassword0451",
     "SPPO_TEST_API_KEY": "plantedApiKey0451",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def submit_command(stack: LocalStack, output_dir: Path, *args: str) -> tuple[list[str], dict[str, str]]:
