@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field by its dotted name, e.g. --set train.learning_rate=1e-6 "
                         "(repeatable; values are parsed as YAML)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print each stage's resources (engines, judge, training workers), check them against "
+                        "the running cluster (or the --node descriptions) and exit without running anything: "
+                        "0 fits, 1 does not fit, 2 nothing to check against")
+    parser.add_argument("--node", dest="nodes", action="append", default=[], metavar="[Nx] RES=N,...",
+                        help="with --plan: describe the cluster instead of connecting to one, e.g. "
+                        "--node '2x CPU=96,GPU=8' (repeatable, one description per node type)")
     return parser
 
 
@@ -52,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.plan:
+        from sppo.plan import plan_main
+
+        return plan_main(cfg, args.nodes)
 
     from sppo.controller import PreflightError, preflight, run_sppo
     from sppo.manifest import LineageError

@@ -1,0 +1,210 @@
+"""The per-stage resource plan of a run, and whether it fits a cluster: `python -m sppo.run --plan`.
+
+Stages run one after another and each releases its actors before the next starts (sampling
+kills its engines, judging its judge actor, and Ray Train removes its workers' placement group
+when `fit` returns), so the cluster must hold each stage on its own, not their sum.
+
+Pure core (no Ray): `resource_plan`, `config_problems`, `parse_node`, `placeable`, `check_fit`,
+`format_plan`. Ray shell: `cluster_nodes`, the alive nodes of the cluster this process reaches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sppo.config import RunConfig
+from sppo.training import worker_resources
+
+# Floating-point slack when dividing capacities by fractional demands (e.g. 0.1 CPU).
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """`count` identical actors or workers of one stage, each holding `cpus` CPUs and `gpus` GPUs.
+
+    `fields` gives the config fields behind count, cpus and gpus with their values, for messages.
+    """
+
+    stage: str
+    role: str
+    count: int
+    cpus: float
+    gpus: float
+    fields: dict[str, str]
+    detail: str = ""
+
+    @property
+    def total_cpus(self) -> float:
+        return self.count * self.cpus
+
+    @property
+    def total_gpus(self) -> float:
+        return self.count * self.gpus
+
+
+def resource_plan(cfg: RunConfig) -> list[StagePlan]:
+    """What each stage asks Ray for, in stage order (the actors' and workers' resource requests)."""
+    s, j, t = cfg.sampling, cfg.judge, cfg.train
+    trainer = worker_resources(t)
+    return [
+        StagePlan(
+            "sampling", "vLLM engine", s.num_engines, s.cpus_per_engine, s.gpus_per_engine,
+            {"count": f"sampling.num_engines={s.num_engines}", "CPU": f"sampling.cpus_per_engine={s.cpus_per_engine:g}",
+             "GPU": f"sampling.gpus_per_engine={s.gpus_per_engine:g}"},
+            f"tensor_parallel_size={s.tensor_parallel_size}, {s.dtype}, k={s.k}",
+        ),
+        StagePlan(
+            "judging", "PairRM judge", 1, j.num_cpus, j.num_gpus,
+            {"count": "judge", "CPU": f"judge.num_cpus={j.num_cpus:g}", "GPU": f"judge.num_gpus={j.num_gpus:g}"},
+            f"batch_size={j.batch_size}",
+        ),
+        StagePlan(
+            "training", "ZeRO-3 worker", t.num_workers, trainer["CPU"], trainer.get("GPU", 0.0),
+            {"count": f"train.num_workers={t.num_workers}", "CPU": f"train.cpus_per_worker={t.cpus_per_worker:g}",
+             "GPU": f"train.use_gpu={str(t.use_gpu).lower()}"},
+            f"global batch {t.global_batch_size}, {'bf16' if t.bf16 else 'fp32'}",
+        ),
+    ]
+
+
+def config_problems(cfg: RunConfig) -> list[str]:
+    """Resource settings that cannot work on any cluster."""
+    s = cfg.sampling
+    problems = []
+    if s.gpus_per_engine > 0 and s.tensor_parallel_size > s.gpus_per_engine:
+        problems.append(
+            f"stage 'sampling': sampling.tensor_parallel_size={s.tensor_parallel_size} needs that many GPUs "
+            f"in each engine, but sampling.gpus_per_engine={s.gpus_per_engine:g}; set gpus_per_engine to "
+            f"{s.tensor_parallel_size}"
+        )
+    if s.gpus_per_engine > 1 and not float(s.gpus_per_engine).is_integer():
+        problems.append(f"stage 'sampling': sampling.gpus_per_engine={s.gpus_per_engine:g}: above 1, "
+                        "Ray only grants whole GPUs")
+    return problems
+
+
+def parse_node(spec: str) -> list[dict[str, float]]:
+    """'CPU=96,GPU=8' is one node; '2x CPU=96,GPU=8' is two such nodes."""
+    usage = f"--node {spec!r}: expected [Nx] RESOURCE=AMOUNT,..., e.g. '2x CPU=96,GPU=8'"
+    count, body = 1, spec.strip()
+    head, sep, rest = body.partition("x")
+    if sep and head.strip().isdigit():
+        count, body = int(head), rest.strip()
+    resources: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            amount = float(value)
+        except ValueError:
+            raise ValueError(usage) from None
+        if not name.strip() or not amount >= 0:
+            raise ValueError(usage)
+        resources[name.strip()] = amount
+    if count < 1 or not resources:
+        raise ValueError(usage)
+    return [dict(resources) for _ in range(count)]
+
+
+def placeable(stage: StagePlan, node: dict[str, float]) -> int:
+    """How many of the stage's actors fit on one node (math.inf when they ask for nothing)."""
+    fits = math.inf
+    for name, need in (("CPU", stage.cpus), ("GPU", stage.gpus)):
+        if need > 0:
+            fits = min(fits, math.floor(node.get(name, 0.0) / need + _EPS))
+    return fits
+
+
+def _binding_resource(stage: StagePlan, nodes: Sequence[dict[str, float]]) -> str:
+    """The resource that limits the stage most: the one with the least room over the whole cluster."""
+    room = {name: sum(math.floor(n.get(name, 0.0) / need + _EPS) for n in nodes)
+            for name, need in (("CPU", stage.cpus), ("GPU", stage.gpus)) if need > 0}
+    return min(room, key=room.get)
+
+
+def check_fit(plan: Sequence[StagePlan], nodes: Sequence[dict[str, float]]) -> list[str]:
+    """One message per stage that the nodes cannot hold, naming the stage and config fields."""
+    problems = []
+    for stage in plan:
+        fits = sum(placeable(stage, node) for node in nodes)
+        if fits >= stage.count:
+            continue
+        resource = _binding_resource(stage, nodes)
+        per_actor = stage.cpus if resource == "CPU" else stage.gpus
+        biggest = max((n.get(resource, 0.0) for n in nodes), default=0.0)
+        total = sum(n.get(resource, 0.0) for n in nodes)
+        problems.append(
+            f"stage '{stage.stage}' does not fit: {stage.count} x {stage.role} at {per_actor:g} {resource} each "
+            f"({stage.fields['count'] + ', ' if stage.count > 1 else ''}{stage.fields[resource]}) but the "
+            f"cluster can place {fits} ({total:g} {resource} over {len(nodes)} node(s), at most {biggest:g} on one); "
+            f"lower {(stage.fields['count'] if stage.count > 1 else stage.fields[resource]).split('=')[0]} "
+            f"or add {resource}s"
+        )
+    return problems
+
+
+def format_plan(cfg: RunConfig, plan: Sequence[StagePlan], nodes: Sequence[dict[str, float]] | None) -> str:
+    lines = [f"Resource plan ({cfg.iterations} iteration(s); stages run in turn, each frees its resources):"]
+    for stage in plan:
+        lines.append(
+            f"  {stage.stage:<9} {stage.count:>3} x {stage.role:<14} {stage.cpus:>5g} CPU {stage.gpus:>4g} GPU each"
+            f"  = {stage.total_cpus:g} CPU, {stage.total_gpus:g} GPU   ({stage.detail})"
+        )
+    lines.append(f"  peak: {max(s.total_cpus for s in plan):g} CPU, {max(s.total_gpus for s in plan):g} GPU "
+                 "(the largest single stage; the job's driver reserves none by default)")
+    if nodes is not None:
+        cpus = sum(n.get("CPU", 0.0) for n in nodes)
+        gpus = sum(n.get("GPU", 0.0) for n in nodes)
+        lines.append(f"Cluster: {len(nodes)} node(s), {cpus:g} CPU, {gpus:g} GPU")
+        for n, node in enumerate(nodes):
+            lines.append(f"  node {n}: {node.get('CPU', 0.0):g} CPU, {node.get('GPU', 0.0):g} GPU")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- Ray shell
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """Resources of every alive node of the running cluster this process reaches: the one it is
+    connected to, else RAY_ADDRESS or a local head. Never starts a cluster. Raises ConnectionError."""
+    import ray
+
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", logging_level="WARNING",
+                     log_to_driver=False)
+        except ConnectionError as err:
+            raise ConnectionError(
+                "no running Ray cluster to check the plan against (set RAY_ADDRESS, run it inside a Ray job, "
+                "or describe the cluster with --node, e.g. --node '2x CPU=96,GPU=8')"
+            ) from err
+    try:
+        return [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+    finally:
+        if connected_here:
+            ray.shutdown()
+
+
+def plan_main(cfg: RunConfig, node_specs: Sequence[str]) -> int:
+    """`--plan`: print the plan, check it against --node specs or the running cluster; run nothing.
+    0 when it fits, 1 when it does not, 2 when there is nothing to check against."""
+    plan = resource_plan(cfg)
+    try:
+        nodes = [node for spec in node_specs for node in parse_node(spec)] if node_specs else cluster_nodes()
+    except (ValueError, ConnectionError) as err:
+        print(format_plan(cfg, plan, None))
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_plan(cfg, plan, nodes))
+    problems = config_problems(cfg) + check_fit(plan, nodes)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print("The plan fits: every stage can be placed.")
+    return 0

@@ -1,0 +1,111 @@
+"""`python -m sppo.run --plan`: the per-stage resource plan and its fit against a cluster."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sppo.config import load_config
+from sppo.plan import check_fit, cluster_nodes, config_problems, parse_node, placeable, resource_plan
+
+REPO = Path(__file__).resolve().parents[1]
+PRODUCTION = sorted(p.name for p in (REPO / "configs").glob("*-sppo.yaml"))
+
+
+def config(name: str, **overrides):
+    return load_config(REPO / "configs" / name, overrides)
+
+
+def test_plan_reads_each_stage_from_the_config():
+    sampling, judging, training = resource_plan(config("gemma-2-9b-it-sppo.yaml"))
+    assert (sampling.stage, sampling.count, sampling.cpus, sampling.gpus) == ("sampling", 8, 4.0, 1.0)
+    assert (judging.stage, judging.count, judging.cpus, judging.gpus) == ("judging", 1, 4.0, 1.0)
+    assert (training.stage, training.count, training.cpus, training.gpus) == ("training", 8, 4.0, 1.0)
+    tiny = resource_plan(config("tiny.yaml"))
+    assert [(s.count, s.cpus, s.gpus) for s in tiny] == [(1, 1.0, 0.0), (1, 1.0, 0.0), (2, 1.0, 0.0)]
+
+
+@pytest.mark.parametrize("name", PRODUCTION)
+@pytest.mark.parametrize("layout", ["CPU=64,GPU=8", "2x CPU=64,GPU=8"])
+def test_production_configs_fit_one_and_two_nodes_of_8_gpus(name, layout):
+    cfg = config(name)
+    assert config_problems(cfg) == []
+    assert check_fit(resource_plan(cfg), parse_node(layout)) == []
+
+
+def test_a_stage_that_does_not_fit_is_named_with_its_config_fields():
+    problems = check_fit(resource_plan(config("gemma-2-9b-it-sppo.yaml")), parse_node("CPU=64,GPU=4"))
+    assert len(problems) == 2
+    assert problems[0].startswith("stage 'sampling' does not fit") and "sampling.num_engines=8" in problems[0]
+    assert "sampling.gpus_per_engine=1" in problems[0] and "can place 4" in problems[0]
+    assert problems[1].startswith("stage 'training' does not fit") and "train.num_workers=8" in problems[1]
+    judge_cpus = check_fit(resource_plan(config("tiny.yaml", **{"judge.num_cpus": 3})), parse_node("CPU=2"))
+    assert len(judge_cpus) == 1 and "stage 'judging'" in judge_cpus[0] and "judge.num_cpus=3" in judge_cpus[0]
+
+
+def test_actors_must_fit_on_one_node_not_only_in_the_cluster_total():
+    # Four TP=2 engines need 8 GPUs; three nodes of 3 GPUs have 9 but hold only one engine each.
+    cfg = config("gemma-2-9b-it-sppo.yaml", **{"sampling.num_engines": 4, "sampling.gpus_per_engine": 2,
+                                               "sampling.tensor_parallel_size": 2})
+    sampling = resource_plan(cfg)[0]
+    assert placeable(sampling, {"CPU": 64, "GPU": 3}) == 1
+    problems = check_fit([sampling], parse_node("3x CPU=64,GPU=3"))
+    assert len(problems) == 1 and "can place 3 (9 GPU over 3 node(s), at most 3 on one)" in problems[0]
+    assert check_fit([sampling], parse_node("2x CPU=64,GPU=4")) == []
+
+
+def test_fractional_demands_and_cpu_only_stages():
+    cfg = config("tiny.yaml", **{"sampling.num_engines": 4, "sampling.cpus_per_engine": 0.5})
+    sampling = resource_plan(cfg)[0]
+    assert placeable(sampling, {"CPU": 2.0}) == 4 and placeable(sampling, {"CPU": 1.9}) == 3
+    assert placeable(sampling, {"GPU": 8.0}) == 0  # it asks for CPUs, and this node has none
+    assert check_fit(resource_plan(config("tiny.yaml")), [{"CPU": 2.0}]) == []
+
+
+def test_tensor_parallel_engines_need_as_many_gpus():
+    cfg = config("gemma-2-9b-it-sppo.yaml", **{"sampling.tensor_parallel_size": 2})
+    problems = config_problems(cfg)
+    assert len(problems) == 1 and "sampling.tensor_parallel_size=2" in problems[0]
+    assert "sampling.gpus_per_engine=1" in problems[0]
+
+
+def test_node_descriptions():
+    assert parse_node("CPU=96, GPU=8") == [{"CPU": 96.0, "GPU": 8.0}]
+    assert parse_node("3x CPU=8") == [{"CPU": 8.0}] * 3
+    for bad in ("CPU", "CPU=lots", "0x CPU=1", "", "GPU=-1"):
+        with pytest.raises(ValueError, match="expected \\[Nx\\] RESOURCE=AMOUNT"):
+            parse_node(bad)
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sppo.run", "--plan", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_prints_the_plan_and_exits_by_fit(tmp_path):
+    out = tmp_path / "never-created"
+    fits = run_plan("--config", "configs/gemma-2-9b-it-sppo.yaml", "--node", "2x CPU=64,GPU=8",
+                    "--output-dir", str(out))
+    assert fits.returncode == 0, fits.stderr
+    assert re.search(r"sampling +8 x vLLM engine +4 CPU +1 GPU each", fits.stdout) and "The plan fits" in fits.stdout
+    assert "Cluster: 2 node(s), 128 CPU, 16 GPU" in fits.stdout
+    short = run_plan("--config", "configs/gemma-2-9b-it-sppo.yaml", "--node", "CPU=64,GPU=4",
+                     "--output-dir", str(out))
+    assert short.returncode == 1 and "stage 'sampling' does not fit" in short.stderr
+    bad = run_plan("--config", "configs/tiny.yaml", "--node", "GPU=lots")
+    assert bad.returncode == 2 and "--node 'GPU=lots'" in bad.stderr
+    assert not out.exists()  # --plan runs nothing and writes nothing
+
+
+@pytest.mark.slow
+def test_plan_against_the_running_cluster(ray_cluster):
+    nodes = cluster_nodes()  # the fixture's cluster: one node with 2 CPUs
+    assert len(nodes) == 1 and nodes[0]["CPU"] == 2.0
+    assert ray_cluster.is_initialized()  # reading the cluster leaves the connection as it was
+    assert check_fit(resource_plan(config("tiny.yaml")), nodes) == []
+    problems = check_fit(resource_plan(config("tiny.yaml", **{"train.num_workers": 3})), nodes)
+    assert len(problems) == 1 and "stage 'training'" in problems[0] and "train.num_workers=3" in problems[0]
