@@ -41,6 +41,10 @@ class PromptsConfig(_Strict):
     column: str = "prompt"
     # Prompts each iteration takes from its own disjoint split (None: the whole split).
     per_iteration: int | None = Field(default=None, ge=1)
+    # Hybrid candidates: a column of the source holding the dataset's own response (a string)
+    # or responses (a list of strings) to each prompt, e.g. UltraFeedback's completions. They
+    # join the K sampled candidates before judging, marked off-policy. None: on-policy only.
+    response_column: str | None = None
     # Number of disjoint splits the source is cut into; at least the number of iterations.
     num_splits: int = Field(default=3, ge=1)
     seed: int = 42
@@ -65,25 +69,50 @@ class SamplingConfig(_Strict):
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     # vLLM's CPU backend: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs.
     cpu_kvcache_gib: int = Field(default=1, ge=1)
+    # Ray restarts a crashed engine actor this often and retries its shard on it (same seed,
+    # so the same candidates); a shard is never lost or sampled twice.
+    max_restarts: int = Field(default=1, ge=0)
+
+
+class RuleJudgeConfig(_Strict):
+    # judge.kind "rule": score(y) = sum of weights[f] * f(y) over text features f in [0, 1]
+    # (letters: share of ASCII letters and spaces; keywords: share of words in `keywords`),
+    # P_ij = sigmoid((s_i - s_j) / temperature). Deterministic, no model. See sppo/judging/rules.py.
+    weights: dict[Literal["letters", "keywords"], float] = Field(default_factory=lambda: {"letters": 1.0}, min_length=1)
+    keywords: list[str] = []
+    temperature: float = Field(default=0.02, gt=0.0)
 
 
 class JudgeConfig(_Strict):
-    # A local PairRM directory, "llm-blender/PairRM", or "tiny:pairrm" (built from code).
+    # pairrm: a pairwise ranker (llm-blender PairRM). reward_model: a scalar reward model (a
+    # sequence-classification head, e.g. ArmoRM), P_ij = sigmoid(r_i - r_j). rule: the
+    # deterministic rule judge of `rule` below (no model; judge.path is not used). See sppo/judging/.
+    kind: Literal["pairrm", "reward_model", "rule"] = "pairrm"
+    # A local model directory or hub id: "llm-blender/PairRM" or "tiny:pairrm" (built from code)
+    # for pairrm; e.g. "RLHFlow/ArmoRM-Llama3-8B-v0.1" or "tiny:reward" for reward_model.
     path: str = "tiny:pairrm"
+    # reward_model only: ArmoRM's gated head is custom code on the hub.
+    trust_remote_code: bool = False
     # reference: P_ij = sigmoid(s_i - s_j) from llm-blender's scores (depends on the other
     # candidates); pairwise: from the two orderings of (i, j) alone. See sppo/judging/pairrm.py.
     estimator: Literal["reference", "pairwise"] = "reference"
-    batch_size: int = Field(default=32, ge=1, description="ordered pairs per forward pass")
+    batch_size: int = Field(default=32, ge=1, description="ordered pairs (pairrm) or candidates (reward_model) per forward pass")
     source_max_length: int = Field(default=1224, ge=1)
     candidate_max_length: int = Field(default=412, ge=1)
     num_cpus: float = Field(default=1.0, ge=0.0)
     num_gpus: float = Field(default=0.0, ge=0.0)
+    # Ray restarts a crashed judge actor this often and retries the whole judging call on it.
+    max_restarts: int = Field(default=1, ge=0)
+    rule: RuleJudgeConfig = RuleJudgeConfig()
 
 
 class TrainConfig(_Strict):
-    # sppo (soft, the reference's), sppo_hard, sppo_single, dpo (sigmoid), ipo. See docs/losses.md.
-    loss: Literal["sppo", "sppo_hard", "sppo_single", "dpo", "ipo"] = "sppo"
+    # sppo (soft, the reference's), sppo_hard, sppo_single, dpo (sigmoid), ipo, simpo
+    # (reference-free, length-normalised), wpo (DPO with WPO's pair weights). See docs/losses.md.
+    loss: Literal["sppo", "sppo_hard", "sppo_single", "dpo", "ipo", "simpo", "wpo"] = "sppo"
     eta: float = Field(default=1000.0, gt=0.0, description="beta = 1/eta for every loss")
+    # simpo only: the target reward margin gamma (SimPO's Gemma-2-9B-It recipe: beta 10, gamma 5).
+    simpo_gamma: float = Field(default=0.5, ge=0.0)
     learning_rate: float = Field(default=5e-7, gt=0.0)
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
     # SPPO's targets reach eta/2, so unclipped gradients are huge; 1.0 as the reference trains.
@@ -93,6 +122,9 @@ class TrainConfig(_Strict):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     num_workers: int = Field(default=2, ge=1)
     cpus_per_worker: float = Field(default=1.0, ge=0.0)
+    # Ray Train restarts the worker group this often after a worker dies; the iteration then
+    # retrains from pi_t (no mid-iteration checkpoint: an iteration is short next to a run).
+    max_failures: int = Field(default=1, ge=0)
     use_gpu: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -122,6 +154,10 @@ class TrackingConfig(_Strict):
     tracking_uri: str = "http://127.0.0.1:5000"
     experiment: str = "sppo"
     run_name: str | None = None
+    # Each iteration's checkpoint becomes a new version of this registered model (None: off).
+    register_model: str | None = None
+    # CPU, memory (and GPU) usage sampled into the parent run's system/* metrics.
+    system_metrics: bool = True
 
     @property
     def resolved_uri(self) -> str:
@@ -137,6 +173,15 @@ class TimeoutsConfig(_Strict):
     training_s: float = Field(default=48 * 3600.0, gt=0.0)
 
 
+class EvalConfig(_Strict):
+    # Every iteration, pi_t is judged against pi_0 and pi_{t-1} on the held-out prompts
+    # (prompts.eval_size / prompts.eval_split; none held out: no evaluation), sampling.k
+    # samples per prompt and policy. See sppo/evaluation.py.
+    bootstrap_samples: int = Field(default=1000, ge=1)
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+    seed: int = 0
+
+
 class RunConfig(_Strict):
     iterations: int = Field(default=3, ge=1)
     output_dir: str = "outputs/sppo"
@@ -146,6 +191,7 @@ class RunConfig(_Strict):
     sampling: SamplingConfig = SamplingConfig()
     judge: JudgeConfig = JudgeConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

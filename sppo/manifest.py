@@ -22,18 +22,20 @@ MANIFEST_FILE = "manifest.json"
 
 # Changing any of these makes the iterations already done answer a different question.
 LINEAGE_FIELDS = (
-    "policy.path", "sampling.k", "judge.path", "judge.estimator",
-    "prompts.source", "prompts.split", "prompts.column", "prompts.num_splits", "prompts.seed",
-    "prompts.eval_size", "prompts.eval_split",
+    "policy.path", "sampling.k", "judge.kind", "judge.path", "judge.estimator", "judge.rule.",
+    "prompts.source", "prompts.split", "prompts.column", "prompts.response_column", "prompts.num_splits",
+    "prompts.seed", "prompts.eval_size", "prompts.eval_split",
 )
 # The config fields each stage's output depends on (besides its input files).
 STAGE_FIELDS = {
     "sampling": ("policy.", "prompts.", "sampling.k", "sampling.temperature", "sampling.top_p",
                  "sampling.max_tokens", "sampling.seed", "sampling.max_model_len", "sampling.dtype",
                  "train.max_prompt_length"),
-    "judging": ("judge.path", "judge.estimator", "judge.source_max_length", "judge.candidate_max_length"),
+    "judging": ("judge.kind", "judge.path", "judge.estimator", "judge.source_max_length",
+                "judge.candidate_max_length", "judge.rule.", "prompts.response_column"),
     "pairs": (),
     "training": ("train.",),
+    "evaluation": ("prompts.", "sampling.", "judge.", "eval."),
     "tracking": (),
 }
 
