@@ -1,35 +1,51 @@
 """Preference losses on sequence log-probabilities (pure torch).
 
-Every loss maps per-pair sequence log-probs under the policy and the reference, plus the
-judge's win-probability estimates, to a per-pair loss of shape [B]; `LOSSES` names them
-for `train.loss` (docs/losses.md compares them).
-
-All losses take the same keyword-only arguments, so the trainer calls them uniformly;
-each uses what it needs and ignores the rest:
-
-- policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps [B]:
-  summed response log-probs; a_w = policy_chosen - ref_chosen, a_l likewise.
-- chosen_probs [B]: P[w][l], the judge's probability that chosen beats rejected.
-- chosen_probs_win, chosen_probs_lose [B]: mean_j P[w][j] and mean_j P[l][j], estimates of
-  P(y_w beats pi_t) and P(y_l beats pi_t).
-- beta: 1 / eta.
+Every loss maps a `PairBatch` (per-pair sequence log-probs under the policy and the
+reference, the judge's win-probability estimates, response lengths and, for WPO, the pair
+weights) and `LossParams` (beta, gamma) to a per-pair loss of shape [B]; `LOSSES` names them
+for `train.loss` (docs/losses.md compares them). Each loss uses the fields it needs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
-    """Sum of log p(labels[t] | labels[:t]) over positions where loss_mask[t] is set.
+@dataclass(frozen=True)
+class PairBatch:
+    """The per-pair inputs of a preference loss, each of shape [B]."""
 
-    logits [B, T, V] come from a forward pass over labels [B, T]; position t-1 predicts
-    token t, so the mask of position 0 is never used. Returns float32 [B].
-    """
+    # Summed response log-probs; a_w = policy_chosen - ref_chosen, a_l likewise.
+    policy_chosen_logps: Tensor
+    policy_rejected_logps: Tensor
+    ref_chosen_logps: Tensor
+    ref_rejected_logps: Tensor
+    # P[w][l], the judge's probability that chosen beats rejected.
+    chosen_probs: Tensor
+    # mean_j P[w][j] and mean_j P[l][j], estimates of P(y_w beats pi_t) and P(y_l beats pi_t).
+    chosen_probs_win: Tensor
+    chosen_probs_lose: Tensor
+    # Response tokens |y_w|, |y_l| (SimPO's length normalisation).
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+    # WPO's pair weights under the current policy (`wpo_pair_weights`), detached; only `wpo` needs them.
+    wpo_weights: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LossParams:
+    beta: float  # 1 / train.eta
+    gamma: float = 0.0  # SimPO's target reward margin (train.simpo_gamma)
+
+
+def _token_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """log p(labels[t] | labels[:t]) for t >= 1 as float32 [B, T-1], and the mask of the
+    positions that count (loss_mask[:, 1:]). Position t-1's logits predict token t."""
     if logits.shape[:2] != labels.shape or labels.shape != loss_mask.shape:
         raise ValueError(
             f"shape mismatch: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, "
@@ -40,52 +56,63 @@ def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
     mask = loss_mask[:, 1:].bool()
     # Masked positions may hold pad ids or -100; any valid index works since they are zeroed.
     safe_targets = torch.where(mask, targets, torch.zeros_like(targets)).unsqueeze(-1)
-    token_logps = logits.gather(-1, safe_targets).squeeze(-1) - logits.logsumexp(-1)
+    return logits.gather(-1, safe_targets).squeeze(-1) - logits.logsumexp(-1), mask
+
+
+def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
+    """Sum of log p(labels[t] | labels[:t]) over positions where loss_mask[t] is set.
+
+    logits [B, T, V] come from a forward pass over labels [B, T]; position t-1 predicts
+    token t, so the mask of position 0 is never used. Returns float32 [B].
+    """
+    token_logps, mask = _token_logps(logits, labels, loss_mask)
     return (token_logps * mask).sum(-1)
 
 
-def _logratios(
-    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor
-) -> tuple[Tensor, Tensor]:
+def response_lengths(loss_mask: Tensor) -> Tensor:
+    """Tokens that `sequence_logps` sums over, per sequence, as float32 [B]."""
+    return loss_mask[:, 1:].bool().sum(-1).float()
+
+
+@torch.no_grad()
+def sequence_wpo_logweights(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
+    """WPO's log-weight of each sequence under the current policy, float32 [B], no gradient.
+
+    (1/|y|) sum_t [log p(y_t | x, y_<t) - log sum_v p(v | x, y_<t)^2]: the length-normalised
+    log-probability with WPO's sampled alignment, which divides each token's probability by
+    its expected value under the policy, sum_v p(v)^2. An on-policy sample thus scores 0
+    in expectation, and off-policy text that the policy finds unlikely scores below 0.
+    """
+    token_logps, mask = _token_logps(logits, labels, loss_mask)
+    log_probs = logits[:, :-1].float().log_softmax(-1)
+    log_expected = (2.0 * log_probs).logsumexp(-1)  # log sum_v p(v)^2
+    return ((token_logps - log_expected) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def wpo_pair_weights(chosen_logweights: Tensor, rejected_logweights: Tensor) -> Tensor:
+    """WPO's pair weight w(x, y_w) w(x, y_l) = exp(sum of the log-weights), capped at 1 as the
+    WPO authors' code caps it, so no pair weighs more than in DPO."""
+    return torch.exp(chosen_logweights + rejected_logweights).clamp(max=1.0).detach()
+
+
+def _logratios(b: PairBatch) -> tuple[Tensor, Tensor]:
     """(a_w, a_l): log pi_theta(y|x) - log pi_ref(y|x) of the chosen and the rejected response."""
-    return policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
+    return b.policy_chosen_logps - b.ref_chosen_logps, b.policy_rejected_logps - b.ref_rejected_logps
 
 
-def sppo_loss(
-    *,
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    chosen_probs: Tensor,
-    chosen_probs_win: Tensor,
-    chosen_probs_lose: Tensor,
-    beta: float,
-) -> Tensor:
+def sppo_loss(b: PairBatch, params: LossParams) -> Tensor:
     """SPPO (soft probabilities), the reference pipeline's loss.
 
     1/2 [ (a_w - (1/beta)(chosen_probs_win - 1/2))^2 + (a_l - (1/beta)(chosen_probs_lose - 1/2))^2 ]:
     each log-ratio regresses on (1/beta)(P(y beats pi_t) - 1/2). chosen_probs is unused.
     """
-    chosen_logratio, rejected_logratio = _logratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    chosen_target = (chosen_probs_win - 0.5) / beta
-    rejected_target = (chosen_probs_lose - 0.5) / beta
+    chosen_logratio, rejected_logratio = _logratios(b)
+    chosen_target = (b.chosen_probs_win - 0.5) / params.beta
+    rejected_target = (b.chosen_probs_lose - 0.5) / params.beta
     return 0.5 * ((chosen_logratio - chosen_target) ** 2 + (rejected_logratio - rejected_target) ** 2)
 
 
-def sppo_hard_loss(
-    *,
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    chosen_probs: Tensor,
-    chosen_probs_win: Tensor,
-    chosen_probs_lose: Tensor,
-    beta: float,
-) -> Tensor:
+def sppo_hard_loss(b: PairBatch, params: LossParams) -> Tensor:
     """SPPO with hard labels (TRL's `sppo_hard`): P = 1 for the winner, 0 for the loser.
 
     (a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2, written as TRL and the reference notes write
@@ -93,88 +120,71 @@ def sppo_hard_loss(
     chosen_probs_win = 1, chosen_probs_lose = 0 (same minimiser, twice the gradient).
     No judge probability is used.
     """
-    chosen_logratio, rejected_logratio = _logratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    target = 0.5 / beta
+    chosen_logratio, rejected_logratio = _logratios(b)
+    target = 0.5 / params.beta
     return (chosen_logratio - target) ** 2 + (rejected_logratio + target) ** 2
 
 
-def sppo_single_loss(
-    *,
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    chosen_probs: Tensor,
-    chosen_probs_win: Tensor,
-    chosen_probs_lose: Tensor,
-    beta: float,
-) -> Tensor:
+def sppo_single_loss(b: PairBatch, params: LossParams) -> Tensor:
     """SPPO on the single pairwise probability p = P[w][l] (the reference's `sppo_single`).
 
     1/2 [ (a_w - (1/beta)(p - 1/2))^2 + (a_l + (1/beta)(p - 1/2))^2 ], the same 1/2 [ ... ]
     form as `sppo`: it equals `sppo` with chosen_probs_win = p and chosen_probs_lose = 1 - p
     (each response's win probability against the other one alone).
     """
-    chosen_logratio, rejected_logratio = _logratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    target = (chosen_probs - 0.5) / beta
+    chosen_logratio, rejected_logratio = _logratios(b)
+    target = (b.chosen_probs - 0.5) / params.beta
     return 0.5 * ((chosen_logratio - target) ** 2 + (rejected_logratio + target) ** 2)
 
 
-def dpo_loss(
-    *,
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    chosen_probs: Tensor,
-    chosen_probs_win: Tensor,
-    chosen_probs_lose: Tensor,
-    beta: float,
-) -> Tensor:
+def dpo_loss(b: PairBatch, params: LossParams) -> Tensor:
     """DPO, sigmoid form: -log sigmoid(beta (a_w - a_l)). Uses no judge probability.
 
     logsigmoid is stable for margins of any size and sign (no exp overflow).
     """
-    chosen_logratio, rejected_logratio = _logratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    return -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
+    chosen_logratio, rejected_logratio = _logratios(b)
+    return -F.logsigmoid(params.beta * (chosen_logratio - rejected_logratio))
 
 
-def ipo_loss(
-    *,
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    chosen_probs: Tensor,
-    chosen_probs_win: Tensor,
-    chosen_probs_lose: Tensor,
-    beta: float,
-) -> Tensor:
+def ipo_loss(b: PairBatch, params: LossParams) -> Tensor:
     """IPO: (a_w - a_l - 1/(2 beta))^2, beta being IPO's regulariser tau. Uses no judge probability.
 
     On summed response log-probs, like every loss here (TRL's `ipo` averages them per token).
     """
-    chosen_logratio, rejected_logratio = _logratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    return (chosen_logratio - rejected_logratio - 0.5 / beta) ** 2
+    chosen_logratio, rejected_logratio = _logratios(b)
+    return (chosen_logratio - rejected_logratio - 0.5 / params.beta) ** 2
 
 
-PairLoss = Callable[..., Tensor]
+def simpo_loss(b: PairBatch, params: LossParams) -> Tensor:
+    """SimPO: -log sigmoid(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma).
 
-# train.loss -> loss; every entry takes the same keyword-only arguments (see the module docstring).
+    Reference-free (the reward is the policy's own length-normalised log-probability, so the
+    reference log-probs are unused), with a target margin gamma. Uses no judge probability.
+    """
+    chosen_reward = params.beta * b.policy_chosen_logps / b.chosen_lengths
+    rejected_reward = params.beta * b.policy_rejected_logps / b.rejected_lengths
+    return -F.logsigmoid(chosen_reward - rejected_reward - params.gamma)
+
+
+def wpo_loss(b: PairBatch, params: LossParams) -> Tensor:
+    """WPO on DPO: the `dpo` loss of each pair times its weight under the current policy
+    (`wpo_pair_weights`, detached). Uses no judge probability."""
+    if b.wpo_weights is None:
+        raise ValueError("train.loss 'wpo': the pair batch carries no wpo_weights (see wpo_pair_weights)")
+    return b.wpo_weights * dpo_loss(b, params)
+
+
+PairLoss = Callable[[PairBatch, LossParams], Tensor]
+
+# train.loss -> loss.
 LOSSES: dict[str, PairLoss] = {
     "sppo": sppo_loss,
     "sppo_hard": sppo_hard_loss,
     "sppo_single": sppo_single_loss,
     "dpo": dpo_loss,
     "ipo": ipo_loss,
+    "simpo": simpo_loss,
+    "wpo": wpo_loss,
 }
 
 

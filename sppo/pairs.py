@@ -3,6 +3,11 @@
 P[i][j] estimates P(candidate i beats candidate j), with 0.5 on the diagonal.
 mean_j P[i][j] (diagonal included, as the reference computes it) estimates
 P(y_i beats pi_t): candidate i against a fresh sample from the current policy.
+
+The pair is the highest- and the lowest-mean candidate. For a reward-model judge,
+P[i][j] = sigmoid(r_i - r_j) and the row mean rises with r_i, so this is the max- vs
+min-reward pair of the DPO-style recipes. Hybrid candidates (the dataset's own responses,
+`hybrid_candidates`) are marked off-policy, and so are the chosen and rejected they become.
 """
 
 from __future__ import annotations
@@ -44,17 +49,43 @@ def select_pair(win_matrix: np.ndarray) -> Pair:
     )
 
 
+def hybrid_candidates(
+    sampled: list[list[str]], dataset: list[list[str]]
+) -> tuple[list[list[str]], list[list[bool]]]:
+    """Each prompt's sampled candidates followed by its dataset responses, and per candidate
+    whether it is off-policy. A dataset response that is already a sampled candidate (or
+    repeats another one) is left out, so no text is judged twice."""
+    if len(sampled) != len(dataset):
+        raise ValueError(f"length mismatch: {len(sampled)} sampled lists, {len(dataset)} dataset response lists")
+    candidates, off_policy = [], []
+    for own, offline in zip(sampled, dataset):
+        extra = [r for n, r in enumerate(offline) if r not in own and r not in offline[:n]]
+        candidates.append(list(own) + extra)
+        off_policy.append([False] * len(own) + [True] * len(extra))
+    return candidates, off_policy
+
+
 def training_rows(
-    prompts: list[str], candidates: list[list[str]], win_matrices: list[np.ndarray]
+    prompts: list[str],
+    candidates: list[list[str]],
+    win_matrices: list[np.ndarray],
+    off_policy: list[list[bool]] | None = None,
 ) -> list[dict]:
-    """One row per prompt in the columns the trainer reads (pairs.parquet)."""
-    if not len(prompts) == len(candidates) == len(win_matrices):
+    """One row per prompt in the columns the trainer reads (pairs.parquet), plus whether the
+    chosen and the rejected response are off-policy (None: every candidate was sampled)."""
+    off_policy = off_policy if off_policy is not None else [[False] * len(c) for c in candidates]
+    if not len(prompts) == len(candidates) == len(win_matrices) == len(off_policy):
         raise ValueError(
             f"length mismatch: {len(prompts)} prompts, {len(candidates)} candidate lists, "
-            f"{len(win_matrices)} win matrices"
+            f"{len(win_matrices)} win matrices, {len(off_policy)} off-policy flag lists"
         )
     rows = []
-    for prompt, cands, matrix in zip(prompts, candidates, win_matrices):
+    for prompt, cands, matrix, flags in zip(prompts, candidates, win_matrices, off_policy):
+        if not len(cands) == len(matrix) == len(flags):
+            raise ValueError(
+                f"prompt {prompt[:60]!r}: {len(cands)} candidates, a {len(matrix)} x {len(matrix)} win "
+                f"matrix and {len(flags)} off-policy flags"
+            )
         pair = select_pair(matrix)
         rows.append(
             {
@@ -64,6 +95,8 @@ def training_rows(
                 "chosen_probs": pair.chosen_probs,
                 "chosen_probs_win": pair.chosen_probs_win,
                 "chosen_probs_lose": pair.chosen_probs_lose,
+                "chosen_off_policy": bool(flags[pair.chosen]),
+                "rejected_off_policy": bool(flags[pair.rejected]),
             }
         )
     return rows

@@ -65,11 +65,40 @@ def _load(cfg: PromptsConfig, iteration: int | None = None, split: str | None = 
     return PromptSelection(prompts, counts)
 
 
-def _read_column(source: str, split: str, column: str) -> list:
+def dataset_responses(cfg: PromptsConfig, iteration: int) -> dict[str, list[str]]:
+    """prompt -> the source's own responses to it (prompts.response_column), for hybrid
+    candidates; {} when no response column is configured. Each cell holds a string, a list of
+    strings, or a list of records with a "response" (UltraFeedback's `completions`); empty
+    responses are dropped."""
+    if cfg.response_column is None:
+        return {}
+    source = cfg.source.replace(ITERATION_MARK, str(iteration))
+    split = cfg.split.replace(ITERATION_MARK, str(iteration))
+    if source.startswith(BUILTIN_PREFIX):
+        raise PromptSourceError(f"prompts.response_column: the built-in prompt set {source!r} holds no responses")
+    prompts = _read_column(source, split, cfg.column)
+    cells = _read_column(source, split, cfg.response_column, "prompts.response_column")
+    found: dict[str, list[str]] = {}
+    for row, (prompt, cell) in enumerate(zip(prompts, cells)):
+        texts = [] if cell is None else [cell] if isinstance(cell, str) else cell
+        if isinstance(texts, list):  # UltraFeedback's completions: {"model": ..., "response": ...} records
+            texts = [t["response"] if isinstance(t, dict) and "response" in t else t for t in texts]
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise PromptSourceError(
+                f"prompts.source {source}: column {cfg.response_column!r} (prompts.response_column), "
+                f"row {row}: expected a string, a list of strings or of records with a 'response', "
+                f"got {type(cell).__name__}"
+            )
+        if isinstance(prompt, str):
+            found.setdefault(prompt, []).extend(t for t in texts if t.strip())
+    return found
+
+
+def _read_column(source: str, split: str, column: str, setting: str = "prompts.column") -> list:
     if source.startswith(HUB_PREFIX):
         import datasets
 
-        return _dataset_column(datasets.load_dataset(source[len(HUB_PREFIX):], split=split), source, column)
+        return _dataset_column(datasets.load_dataset(source[len(HUB_PREFIX):], split=split), source, column, setting)
     path = Path(source)
     if not path.exists():
         raise PromptSourceError(f"prompts.source: {path} does not exist")
@@ -83,28 +112,28 @@ def _read_column(source: str, split: str, column: str) -> list:
                     f"prompts.source {path}: no split {split!r} (prompts.split); it has {sorted(loaded)}"
                 )
             loaded = loaded[split]
-        return _dataset_column(loaded, source, column)
+        return _dataset_column(loaded, source, column, setting)
     if path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if rows and column not in rows[0]:
-            raise PromptSourceError(f"prompts.source {path}: no column {column!r} (prompts.column)")
+            raise PromptSourceError(f"prompts.source {path}: no column {column!r} ({setting})")
         return [row.get(column) for row in rows]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
         if column not in table.column_names:
-            raise PromptSourceError(f"prompts.source {path}: no column {column!r} (prompts.column)")
+            raise PromptSourceError(f"prompts.source {path}: no column {column!r} ({setting})")
         return table.column(column).to_pylist()
     raise PromptSourceError(
         f"prompts.source {path}: unsupported (use .jsonl, .parquet, a saved-dataset directory or hf:<repo>)"
     )
 
 
-def _dataset_column(dataset, source: str, column: str) -> list:
+def _dataset_column(dataset, source: str, column: str, setting: str) -> list:
     if column not in dataset.column_names:
         raise PromptSourceError(
-            f"prompts.source {source}: no column {column!r} (prompts.column); it has {dataset.column_names}"
+            f"prompts.source {source}: no column {column!r} ({setting}); it has {dataset.column_names}"
         )
     return dataset[column]
 

@@ -90,3 +90,33 @@ def test_production_configs_carry_the_reference_values(name):
     assert cfg.train.bf16 and cfg.train.use_gpu and cfg.train.gradient_checkpointing
     assert cfg.judge.path == "llm-blender/PairRM"
     assert "{t}" in cfg.prompts.source + cfg.prompts.split
+
+
+# The published Gemma-2-9B-It recipes of the preference-optimisation family (docs/objectives.md):
+# (loss, beta, gamma, learning rate, epochs, global batch, hybrid candidates).
+RECIPES = {
+    "gemma-2-9b-it-dpo.yaml": ("dpo", 0.01, None, 5e-7, 1, 128, False),
+    "gemma-2-9b-it-simpo.yaml": ("simpo", 10.0, 5.0, 8e-7, 1, 128, False),
+    "gemma-2-9b-it-wpo-hb.yaml": ("wpo", 0.01, None, 1e-6, 2, 128, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_gemma_recipes_carry_the_published_values(name):
+    loss, beta, gamma, lr, epochs, batch, hybrid = RECIPES[name]
+    cfg = load_config(CONFIGS / name)
+    t = cfg.train
+    assert (t.loss, t.learning_rate, t.epochs, t.global_batch_size) == (loss, lr, epochs, batch)
+    assert t.beta == pytest.approx(beta)
+    if gamma is not None:
+        assert t.simpo_gamma == gamma
+    assert (cfg.judge.kind, cfg.judge.path) == ("reward_model", "RLHFlow/ArmoRM-Llama3-8B-v0.1")
+    assert (cfg.prompts.response_column is not None) == hybrid
+    assert cfg.policy.path == "google/gemma-2-9b-it"
+
+
+def test_tiny_configs_cover_every_new_objective():
+    for loss in ("dpo", "ipo", "simpo", "wpo"):
+        cfg = load_config(CONFIGS / f"tiny-{loss}.yaml")
+        assert cfg.train.loss == loss and cfg.iterations == 1 and not cfg.train.use_gpu
+    assert load_config(CONFIGS / "tiny-wpo.yaml").prompts.response_column == "response"

@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from sppo.config import JudgeConfig
+from sppo.judging.actor import check_inputs, judge_in_actor
 from sppo.judging.llm_blender_compat import import_llm_blender
+from sppo.progress import progress
 
 log = logging.getLogger("sppo.judging")
 
@@ -82,14 +84,6 @@ def estimate_win_matrix(logits: np.ndarray, estimator: str) -> np.ndarray:
     if estimator == "pairwise":
         return pairwise_win_matrix(logits)
     raise ValueError(f"judge.estimator: unknown estimator {estimator!r} (reference, pairwise)")
-
-
-def _check_inputs(prompts: list[str], candidates: list[list[str]]) -> None:
-    if len(prompts) != len(candidates):
-        raise ValueError(f"judging: {len(prompts)} prompts but {len(candidates)} candidate lists")
-    for n, cands in enumerate(candidates):
-        if len(cands) < 2:
-            raise ValueError(f"judging: prompt {n} has {len(cands)} candidates; PairRM compares at least 2")
 
 
 class PairRMJudge:
@@ -154,7 +148,7 @@ class PairRMJudge:
         """One K x K matrix of ordered-pair logits c_ij per prompt (diagonal 0, as llm-blender's)."""
         import torch
 
-        _check_inputs(prompts, candidates)
+        check_inputs(prompts, candidates)
         encoded = [self._encode(p, c) for p, c in zip(prompts, candidates)]
         jobs = [(n, i, j) for n, cands in enumerate(candidates) for i, j in ordered_pairs(len(cands))]
 
@@ -181,7 +175,7 @@ class PairRMJudge:
                 matrices[n][i, j] = value
             done, now = first + len(batch), time.monotonic()
             if now - last_report >= PROGRESS_EVERY_S or done == len(jobs):
-                log.info("judged %d/%d pairs (%.1f pairs/s)", done, len(jobs), done / max(now - start, 1e-9))
+                log.info("judging: %s", progress(done, len(jobs), now - start, "pairs"))
                 last_report = now
         return matrices
 
@@ -206,30 +200,8 @@ def judge_candidates(
     cfg: JudgeConfig,
     timeout_s: float | None = None,
 ) -> list[np.ndarray]:
-    """Win matrices for every prompt from one PairRM judge actor, killed afterwards.
-
-    The actor holds cfg.num_cpus / cfg.num_gpus only while it judges, so training can have them.
-    """
-    import ray
-
-    _check_inputs(prompts, candidates)
-    total = sum(len(c) * (len(c) - 1) for c in candidates)
-    log.info("judging %d prompts (%d ordered pairs) with PairRM %s", len(prompts), total, model_dir)
-    start = time.monotonic()
-    actor = ray.remote(PairRMJudgeActor).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
-    judge = actor.remote(model_dir, cfg)
-    try:
-        matrices = ray.get(judge.win_matrices.remote(prompts, candidates), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError as err:
-        raise TimeoutError(
-            f"stage 'judging': the PairRM judge (num_cpus={cfg.num_cpus}, num_gpus={cfg.num_gpus}) "
-            f"was not scheduled, loaded and done with {total} pairs within {timeout_s} s"
-        ) from err
-    except ray.exceptions.RayActorError as err:
-        raise RuntimeError(f"stage 'judging': the PairRM judge actor died: {err}") from err
-    finally:
-        ray.kill(judge)
-    elapsed = time.monotonic() - start
-    log.info("judged %d pairs in %.1f s (%.1f pairs/s, actor start included)", total, elapsed, total / elapsed)
-    # ray.get may hand back read-only views of the object store; callers own their matrices.
-    return [np.array(m) for m in matrices]
+    """Win matrices for every prompt from one PairRM judge actor, killed afterwards."""
+    check_inputs(prompts, candidates)
+    pairs = sum(len(c) * (len(c) - 1) for c in candidates)
+    return judge_in_actor(PairRMJudgeActor, "PairRM", model_dir, prompts, candidates, cfg, timeout_s,
+                          f"{pairs} ordered pairs")

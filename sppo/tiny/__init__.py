@@ -2,7 +2,8 @@
 
 No weights live in git and no hub is needed. `resolve_model("tiny:policy")` returns the
 directory of a tiny Llama policy (byte-level BPE tokenizer with a chat template);
-`resolve_model("tiny:pairrm")` that of a tiny PairRM. Any other string is returned as is
+`resolve_model("tiny:pairrm")` that of a tiny PairRM; `resolve_model("tiny:reward")` that of a
+tiny scalar reward model. Any other string is returned as is
 (a local directory or a hub id).
 """
 
@@ -24,7 +25,7 @@ def cache_root() -> Path:
 
 # name -> module with BUILD_VERSION and build(out_dir); imported lazily because building
 # needs torch/transformers while resolving a real path does not.
-_BUILDERS = {"policy": "sppo.tiny.policy", "pairrm": "sppo.tiny.pairrm"}
+_BUILDERS = {"policy": "sppo.tiny.policy", "pairrm": "sppo.tiny.pairrm", "reward": "sppo.tiny.reward"}
 
 
 def _builder(name: str) -> tuple[str, Callable[[Path], None]]:

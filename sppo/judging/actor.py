@@ -1,0 +1,51 @@
+"""What every judge shares: the input check, and the Ray shell of the model-based judges (one
+actor per judging call, killed afterwards so that training can have its CPUs/GPUs)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from sppo.config import JudgeConfig
+
+log = logging.getLogger("sppo.judging")
+
+
+def check_inputs(prompts: list[str], candidates: list[list[str]]) -> None:
+    if len(prompts) != len(candidates):
+        raise ValueError(f"judging: {len(prompts)} prompts but {len(candidates)} candidate lists")
+    for n, cands in enumerate(candidates):
+        if len(cands) < 2:
+            raise ValueError(f"judging: prompt {n} has {len(cands)} candidates; a win matrix needs at least 2")
+
+
+def judge_in_actor(judge_cls: type, role: str, model_dir: str, prompts: list[str], candidates: list[list[str]],
+                   cfg: JudgeConfig, timeout_s: float | None, work: str) -> list[np.ndarray]:
+    """`judge_cls(model_dir, cfg).win_matrices(prompts, candidates)` in a Ray actor.
+
+    role names the judge in errors ("PairRM"); work is what it judges, for messages ("120 pairs").
+    """
+    import ray
+
+    log.info("judging %d prompts (%s) with %s %s", len(prompts), work, role, model_dir)
+    start = time.monotonic()
+    # A crashed judge is restarted and the judging call retried on it: results replace, never add.
+    actor = ray.remote(judge_cls).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                                          max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts)
+    judge = actor.remote(model_dir, cfg)
+    try:
+        matrices = ray.get(judge.win_matrices.remote(prompts, candidates), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as err:
+        raise TimeoutError(
+            f"stage 'judging': the {role} judge (num_cpus={cfg.num_cpus}, num_gpus={cfg.num_gpus}) "
+            f"was not scheduled, loaded and done with {work} within {timeout_s} s"
+        ) from err
+    except ray.exceptions.RayActorError as err:
+        raise RuntimeError(f"stage 'judging': the {role} judge actor died: {err}") from err
+    finally:
+        ray.kill(judge)
+    log.info("judged %s in %.1f s (actor start included)", work, time.monotonic() - start)
+    # ray.get may hand back read-only views of the object store; callers own their matrices.
+    return [np.array(m) for m in matrices]
