@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_AUTH_MODE := token
 
-.PHONY: install demo test stop status
+.PHONY: install demo test bench stop status
 
 install: $(STAMP)
 
@@ -42,6 +42,8 @@ demo: install
 	  --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "$(MLFLOW)", "HF_HUB_OFFLINE": "$(HF_HUB_OFFLINE)"}}' \
 	  -- python -m sppo.run --config configs/tiny.yaml --iters $(ITERS) --output-dir $(OUTPUT_DIR)
 	@echo
+	@$(PY) -m sppo.report --output-dir $(OUTPUT_DIR)
+	@echo
 	@echo "MLflow UI:        $(MLFLOW)   (experiment 'sppo-tiny')"
 	@echo "Ray dashboard:    $(DASHBOARD)"
 	@echo "Output directory: $(OUTPUT_DIR)"
@@ -50,6 +52,12 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Speed and memory against the baselines, measured side by side (docs/performance.md), into
+# bench/results/latest.json. Not part of `make test`. TRL is a baseline only: installed here, not in the lock.
+bench: install
+	$(PY) -m pip install -q --no-deps "trl==1.16.0"
+	$(PY) -m bench
 
 stop:
 	@test -x $(PY) && $(PY) -m sppo.localstack stop --state-dir $(STATE_DIR) || true

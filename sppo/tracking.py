@@ -45,6 +45,19 @@ def redact(key: str, value: Any) -> str:
     return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", str(value))
 
 
+def sample_table(judged: list[Mapping[str, Any]], pairs: list[Mapping[str, Any]]) -> dict[str, list]:
+    """An iteration's samples as a table for `MlflowClient.log_table`: per prompt its candidates,
+    win matrix (2 decimals), chosen and rejected response (from the pairs row of the same prompt)."""
+    pair_of = {row["prompt"]: row for row in pairs}
+    return {
+        "prompt": [row["prompt"] for row in judged],
+        "candidates": [json.dumps(list(row["candidates"])) for row in judged],
+        "win_matrix": [json.dumps([[round(p, 2) for p in r] for r in row["win_matrix"]]) for row in judged],
+        "chosen": [pair_of.get(row["prompt"], {}).get("chosen") for row in judged],
+        "rejected": [pair_of.get(row["prompt"], {}).get("rejected") for row in judged],
+    }
+
+
 def iteration_run_name(iteration: int) -> str:
     return f"iter-{iteration}"
 
@@ -69,7 +82,7 @@ def check_reachable(uri: str, attempts: int = 3, timeout_s: float = 5.0) -> None
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str, output_dir: Path):
+    def __init__(self, uri: str, experiment: str, output_dir: Path, system_metrics: bool = False):
         check_reachable(uri)
         self.uri = uri
         self.client = MlflowClient(uri)
@@ -77,6 +90,8 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.parent_id: str | None = None
+        self.system_metrics = system_metrics
+        self._monitors: dict[str, Any] = {}  # run id -> its SystemMetricsMonitor
 
     # -- parent run ---------------------------------------------------------------------
     def start_parent(self, run_name: str, params: Mapping[str, Any]) -> str:
@@ -141,6 +156,11 @@ class Tracker:
             self.client.delete_run(old_id)
             self.client.set_tag(run_id, "sppo.replaces", old_id)
         self.log_params(run_id, params)
+        if self.system_metrics:  # the driver machine's CPU, memory, disk, network (and GPU) as system/*
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitors[run_id] = SystemMetricsMonitor(run_id, tracking_uri=self.uri)
+            self._monitors[run_id].start()
         return run_id
 
     # -- logging helpers -----------------------------------------------------------------
@@ -170,5 +190,22 @@ class Tracker:
     def log_artifact(self, run_id: str, local_file: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(local_file), artifact_path)
 
+    def log_table(self, run_id: str, data: Mapping[str, list], artifact_file: str) -> None:
+        self.client.log_table(run_id, dict(data), artifact_file)
+
+    def register_checkpoint(self, run_id: str, model_name: str, artifact_path: str) -> str:
+        """A new version of registered model `model_name` (created if missing) from a logged
+        checkpoint; returns the version number."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(model_name)
+        except MlflowException:
+            self.client.create_registered_model(model_name)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        return self.client.create_model_version(model_name, source, run_id=run_id).version
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        if (monitor := self._monitors.pop(run_id, None)) is not None:
+            monitor.finish()
         self.client.set_terminated(run_id, status=status)
