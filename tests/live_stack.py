@@ -27,20 +27,24 @@ SECRETS = {
 }
 
 
-def submit_command(stack: LocalStack, output_dir: Path, *args: str) -> tuple[list[str], dict[str, str]]:
-    """`ray job submit` of the tiny config, as `make demo` does, and the environment to run it in."""
+def submit_command(stack: LocalStack, output_dir: Path, *args: str, config: str = "configs/tiny.yaml",
+                   job_env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """`ray job submit` of the tiny config, as `make demo` does, and the environment to run it in.
+    job_env: extra variables for the job's driver and actors."""
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": stack.mlflow_url, "HF_HUB_OFFLINE": "1", **SECRETS}}
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": stack.mlflow_url, "HF_HUB_OFFLINE": "1", **SECRETS,
+                                **(job_env or {})}}
     cmd = [
         str(VENV_BIN / "ray"), "job", "submit", "--address", stack.dashboard_url, "--working-dir", str(REPO),
         "--runtime-env-json", json.dumps(runtime_env), "--",
-        "python", "-m", "sppo.run", "--config", "configs/tiny.yaml", "--output-dir", str(output_dir), *args,
+        "python", "-m", "sppo.run", "--config", config, "--output-dir", str(output_dir), *args,
     ]
     return cmd, env
 
 
-def submit(stack: LocalStack, output_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd, env = submit_command(stack, output_dir, *args)
+def submit(stack: LocalStack, output_dir: Path, *args: str, config: str = "configs/tiny.yaml",
+           job_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd, env = submit_command(stack, output_dir, *args, config=config, job_env=job_env)
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, f"job failed:\n{done.stdout[-8000:]}\n{done.stderr[-4000:]}"
     return done

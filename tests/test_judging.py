@@ -291,3 +291,31 @@ def test_pairwise_estimate_ignores_the_other_candidates(judge):
     assert pairwise[0] == pytest.approx(pairwise[1], abs=1e-6)
     # The reference estimator's P_01 moves with candidate 2, the open issue the pairwise one avoids.
     assert abs(reference[0] - reference[1]) > 1e-4
+
+
+@pytest.mark.slow
+def test_a_killed_judge_is_restarted_and_the_call_retried(ray_cluster, tiny_pairrm_dir, judge):
+    """SIGKILL the judge actor mid-judging: Ray restarts it (judge.max_restarts) and retries the
+    call, so every prompt still gets exactly its own matrix."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.processes import wait_for_titled, wait_gone
+
+    free = ray_cluster.available_resources().get("CPU", 0.0)
+    repeats = 60  # ~7,000 ordered pairs at batch size 1: seconds of judging to land the kill in
+    prompts, candidates = PROMPTS * repeats, CANDIDATES * repeats
+    with ThreadPoolExecutor(1) as pool:
+        judging = pool.submit(judge_candidates, tiny_pairrm_dir, prompts, candidates, SMALL, timeout_s=600)
+        try:
+            victim = wait_for_titled([os.getpid()], "ray::PairRMJudgeActor.win_matrices",
+                                     still_running=lambda: not judging.done())
+        except AssertionError as err:
+            raise AssertionError(f"{err}; judging ended with {judging.exception()!r}") from err
+        victim.kill()
+        assert not wait_gone([victim], timeout_s=30)
+        matrices = judging.result(timeout=600)
+    assert len(matrices) == len(prompts)
+    for got, expected in zip(matrices, judge.win_matrices(PROMPTS, CANDIDATES) * repeats, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    _wait_for_free_cpus(ray_cluster, free)

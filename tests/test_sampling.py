@@ -258,3 +258,28 @@ def test_engine_failure_names_the_engine_and_model(ray_cluster, tmp_path, prompt
     with pytest.raises(RuntimeError, match=r"sampling: vLLM engine 0 .*no-such-policy.* failed"):
         sample_candidates(missing, prompts[:2], cfg, seed=0, timeout_s=600)
     assert _wait_for_cpus(ray_cluster, total_cpus) == total_cpus
+
+
+@pytest.mark.slow
+def test_a_killed_engine_is_restarted_and_its_shard_retried(ray_cluster, tiny_policy_dir, tokenizer):
+    """SIGKILL an engine actor while it generates: Ray restarts it (sampling.max_restarts, same
+    seed) and retries its shard, so every prompt gets exactly its own K candidates."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sppo.tiny.policy import bundled_prompts
+    from tests.processes import wait_for_titled, wait_gone
+
+    total_cpus = ray_cluster.cluster_resources()["CPU"]
+    prompts = bundled_prompts()[:64]  # a few seconds of generation to land the kill in
+    cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1, "max_tokens": 32})
+    with ThreadPoolExecutor(1) as pool:
+        sampling = pool.submit(sample_candidates, tiny_policy_dir, prompts, cfg, seed=0, timeout_s=900)
+        victim = wait_for_titled([os.getpid()], "ray::VLLMEngine.generate",
+                                 still_running=lambda: not sampling.done())
+        victim.kill()
+        assert not wait_gone([victim], timeout_s=30)
+        samples = sampling.result(timeout=900)
+    assert len(samples.candidates) == len(prompts)
+    assert all(len(c) == cfg.k for c in samples.candidates)
+    assert samples.prompt_token_ids == render_prompt_ids(tokenizer, prompts)  # none missing, none twice
+    assert _wait_for_cpus(ray_cluster, total_cpus) == total_cpus

@@ -272,3 +272,71 @@ def test_non_finite_loss_fails_without_checkpoint(ray_cluster, tiny_policy_dir, 
         checkpoint_dir = str(tmp_path / "ckpt" / "iter1")
         train_policy(str(pairs_path), tiny_policy_dir, checkpoint_dir, cfg, storage_dir=str(tmp_path / "ray"))
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_the_group_and_retrains(ray_cluster, tiny_policy_dir, tmp_path):
+    """SIGKILL a training worker after its first optimizer step: Ray Train restarts the worker
+    group (train.max_failures) and the iteration retrains from pi_t to a complete checkpoint."""
+    import os
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlflow
+
+    from tests.processes import descendants_titled, wait_gone
+
+    pairs_path = tmp_path / "pairs.parquet"
+    pd.DataFrame(make_rows(NUM_ROWS)).to_parquet(pairs_path)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("kill", artifact_location=str(tmp_path / "a"))).info.run_id
+    cfg = TrainConfig(**{**TRAIN_CFG, "max_failures": 1})
+    checkpoint = tmp_path / "ckpt" / "iter1"
+    with ThreadPoolExecutor(1) as pool:
+        training = pool.submit(train_policy, str(pairs_path), tiny_policy_dir, str(checkpoint), cfg,
+                               storage_dir=str(tmp_path / "ray"), mlflow_tracking_uri=tracking_uri,
+                               mlflow_run_id=run_id, timeout_s=1200)
+        # Step 1 logged: the workers are in the training loop, past Ray Train's start-up.
+        while not client.get_metric_history(run_id, "train/loss"):
+            assert not training.done(), f"training ended before its first step: {training.exception()}"
+            time.sleep(0.1)
+        victim = descendants_titled([os.getpid()], "ray::RayTrainWorker")[-1]
+        victim.kill()
+        assert not wait_gone([victim], timeout_s=30)
+        result = training.result(timeout=1200)
+    assert [m["step"] for m in result.history] == list(range(1, EXPECTED_STEPS + 1))
+    assert (checkpoint / "model.safetensors").exists()
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["iter1"], "a staging directory was left behind"
+    # The restarted group began again at step 1: the killed attempt's steps were logged twice.
+    assert len(client.get_metric_history(run_id, "train/loss")) > EXPECTED_STEPS
+
+
+@pytest.mark.slow
+def test_full_disk_at_checkpoint_save_keeps_the_published_checkpoint(ray_cluster, tiny_policy_dir, tmp_path):
+    """A checkpoint that does not fit on its filesystem fails training with the disk error, at
+    once (not retried); what was published at that path stays whole and nothing is left beside it."""
+    import subprocess
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        published = disk / "iter1"  # an earlier attempt's complete checkpoint
+        published.mkdir()
+        (published / "config.json").write_text('{"published": true}')
+        pairs_path = tmp_path / "pairs.parquet"
+        pd.DataFrame(make_rows(8)).to_parquet(pairs_path)
+        cfg = TrainConfig(**{**TRAIN_CFG, "gradient_accumulation_steps": 1, "epochs": 1, "max_failures": 1})
+        with pytest.raises(TrainingError, match=r"No space left on device|StorageFull") as failure:
+            train_policy(str(pairs_path), tiny_policy_dir, str(published), cfg,
+                         storage_dir=str(tmp_path / "ray"), timeout_s=900)
+        assert str(published) in str(failure.value)
+        assert [p.name for p in disk.iterdir()] == ["iter1"], "a staging directory was left behind"
+        assert [p.name for p in published.iterdir()] == ["config.json"]
+        assert (published / "config.json").read_text() == '{"published": true}'
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
