@@ -137,6 +137,34 @@ class LocalStack:
         _wait_until(lambda: _listening(agent_port), "Ray job agent", 120, log)
         print(f"Ray: started head (token auth on), dashboard {self.dashboard_url}")
 
+    def add_worker_node(self, num_cpus: int) -> Path:
+        """Start one more Ray node on this machine that joins the head (`ray start --address`),
+        with its own temp dir, on loopback, token auth on. Its daemons are recorded like the
+        head's, so `stop` ends them too. Returns the node's temp dir."""
+        index = 1 + sum(name.startswith("ray-worker-") for name in self.pids)
+        # Not a prefix of the head's temp dir, so the head's PID marks never match this node.
+        tag = self.ray_temp_dir.name.removeprefix("sppo-ray-")
+        temp_dir = Path(f"/tmp/sppo-rayw{index}-{tag}")
+        log = self.state_dir / f"ray-worker-{index}.log"
+        agent_port = free_port()
+        cmd = [
+            str(Path(sys.executable).parent / "ray"), "start", f"--address=127.0.0.1:{self.ray_port}",
+            f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+            f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={agent_port}",
+        ]
+        with open(log, "w") as fh:
+            done = subprocess.run(cmd, env=_venv_env(), stdout=fh, stderr=subprocess.STDOUT)
+        recorded = {pid for pids in self.pids.values() for pid in pids}
+        self.pids[f"ray-worker-{index}"] = [p.pid for p in psutil.process_iter(["cmdline"])
+                                            if str(temp_dir) in " ".join(p.info["cmdline"] or [])
+                                            and p.pid not in recorded]
+        self._save()
+        if done.returncode != 0:
+            raise RuntimeError(f"`ray start` of worker node {index} failed (exit {done.returncode}); see {log}")
+        _wait_until(lambda: _listening(agent_port), f"Ray worker node {index}'s agent", 120, log)
+        print(f"Ray: started worker node {index} ({num_cpus} CPUs) joined to 127.0.0.1:{self.ray_port}")
+        return temp_dir
+
     def _start_mlflow(self) -> None:
         root = (self.state_dir / "mlflow").resolve()
         root.mkdir(parents=True, exist_ok=True)

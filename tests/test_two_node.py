@@ -1,0 +1,131 @@
+"""Two Ray nodes on this machine: a real 1-iteration tiny run spreads its vLLM engines and its
+training workers over both, and finishes.
+
+Two `ray start` processes (sppo.localstack): a head and a worker node that joins it, each with
+its own temp dir, declaring 2 CPUs, with Ray's token authentication on; an MLflow server beside
+them. The job, submitted with `ray job submit`, asks for 2 vLLM engines and 2 ZeRO-3 workers of
+2 CPUs each, so no node can hold two of either: Ray must place one on each node. Where each
+actor ran comes from Ray's state API (`ray list actors`, with the cluster's token), after the job.
+
+Both nodes share this machine's local disk, so the output directory (and Ray Train's storage
+path) is visible to both as it is. A real cluster needs shared storage there (NFS, or a volume
+mounted on every node): see docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import Counter
+
+import psutil
+import pytest
+
+from sppo.localstack import LocalStack, free_port
+from sppo.manifest import STAGE_FIELDS
+from tests.live_stack import REPO, VENV_BIN, nested_runs, rest, submit
+from tests.processes import wait_gone
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+NODE_CPUS = 2
+# One iteration, few prompts, short answers, no held-out evaluation; each engine and worker
+# needs a whole node's CPUs.
+RUN_ARGS = (
+    "--iters", "1",
+    "--set", "prompts.per_iteration=16", "--set", "sampling.max_tokens=16", "--set", "prompts.eval_size=0",
+    "--set", "sampling.num_engines=2", "--set", f"sampling.cpus_per_engine={NODE_CPUS}",
+    "--set", "train.num_workers=2", "--set", f"train.cpus_per_worker={NODE_CPUS}",
+)
+# Ray starts its workers at nice 15. Both nodes share this machine's 2 cores with the test
+# session, and here both engines' vLLM workers bind to the same core (vLLM keeps the other for
+# itself): at nice 15 behind any other busy process they starved past the 900 s sampling timeout.
+JOB_ENV = {"RAY_worker_niceness": "0"}
+
+
+@pytest.fixture
+def two_node_stack(tmp_path_factory):
+    """A Ray head and one worker node (NODE_CPUS each, token auth) and an MLflow server.
+    Afterwards, pass or fail, every process they started, and every child of those, is gone."""
+    stack = LocalStack(tmp_path_factory.mktemp("two-node"), ray_port=free_port(), dashboard_port=free_port(),
+                       mlflow_port=free_port(), num_cpus=NODE_CPUS)
+    temp_dirs = [str(stack.ray_temp_dir)]
+    started: list[psutil.Process] = []
+    try:
+        stack.start()
+        temp_dirs.append(str(stack.add_worker_node(num_cpus=NODE_CPUS)))
+        yield stack
+    finally:
+        for pid in {pid for pids in stack.pids.values() for pid in pids}:
+            try:
+                root = psutil.Process(pid)
+                started += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        stack.stop()
+    assert started and not wait_gone(started, timeout_s=30)
+    strays = [p.pid for p in psutil.process_iter(["cmdline"])
+              if any(d in " ".join(p.info["cmdline"] or []) for d in temp_dirs)]
+    assert not strays, f"processes of this test's Ray nodes outlived `stop`: {strays}"
+
+
+def _ray_state(stack: LocalStack, resource: str, *filters: str,
+               auth_mode: str = "token") -> subprocess.CompletedProcess:
+    """`ray list <resource>` against the stack's dashboard, as an operator would run it."""
+    cmd = [str(VENV_BIN / "ray"), "list", resource, "--address", stack.dashboard_url, "--detail",
+           "--format", "json", "--limit", "1000"]
+    for spec in filters:
+        cmd += ["--filter", spec]
+    env = {**os.environ, "RAY_AUTH_MODE": auth_mode}
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _listed(stack: LocalStack, resource: str, *filters: str) -> list[dict]:
+    done = _ray_state(stack, resource, *filters)
+    assert done.returncode == 0, f"ray list {resource} failed:\n{done.stderr[-4000:]}"
+    return json.loads(done.stdout)
+
+
+def test_one_iteration_spreads_engines_and_training_workers_over_two_nodes(two_node_stack, tmp_path):
+    stack = two_node_stack
+    nodes = [n for n in _listed(stack, "nodes") if n["state"] == "ALIVE"]
+    assert len(nodes) == 2 and sorted(n["is_head_node"] for n in nodes) == [False, True]
+    assert all(n["resources_total"]["CPU"] == NODE_CPUS for n in nodes)
+    node_ids = {n["node_id"] for n in nodes}
+    # The state API is behind the cluster's token: without it the same query is refused.
+    refused = _ray_state(stack, "nodes", auth_mode="disabled")
+    assert refused.returncode != 0, "the dashboard answered a state query without the token"
+
+    # `--plan` sees both nodes and finds that each stage fits only when spread over them.
+    plan = subprocess.run(
+        [str(VENV_BIN / "python"), "-m", "sppo.run", "--plan", "--config", "configs/tiny.yaml", *RUN_ARGS],
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"127.0.0.1:{stack.ray_port}"},
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert f"Cluster: 2 node(s), {2 * NODE_CPUS} CPU" in plan.stdout
+
+    output_dir = tmp_path / "run"
+    job = submit(stack, output_dir, *RUN_ARGS, job_env=JOB_ENV)
+    assert "SPPO finished" in job.stdout
+
+    # Where each actor of the job ran (dead actors keep their node id).
+    [submitted] = [j for j in _listed(stack, "jobs") if j["type"] == "SUBMISSION"]
+    assert submitted["status"] == "SUCCEEDED" and str(output_dir) in submitted["entrypoint"]
+    actors = _listed(stack, "actors", f"job_id={submitted['job_id']}")
+    placed: dict[str, Counter] = {}
+    for actor in actors:
+        placed.setdefault(actor["class_name"], Counter())[actor["node_id"]] += 1
+    assert placed.get("VLLMEngine") == Counter(dict.fromkeys(node_ids, 1)), placed
+    assert placed.get("RayTrainWorker") == Counter(dict.fromkeys(node_ids, 1)), placed
+
+    # The run finished: every stage of iteration 1 is done, its MLflow runs are FINISHED.
+    manifest = json.loads((output_dir / "manifest.json").read_text())
+    stages = manifest["iterations"]["1"]["stages"]
+    assert set(stages) == set(STAGE_FIELDS) - {"evaluation"} and all(s["status"] == "done" for s in stages.values()), stages
+    assert (output_dir / "iter-1" / "checkpoint" / "config.json").is_file()
+    record = json.loads((output_dir / "run.json").read_text())
+    assert rest(stack, "runs/get", {"run_id": record["parent_run_id"]})["run"]["info"]["status"] == "FINISHED"
+    runs = nested_runs(stack, record["experiment_id"], record["parent_run_id"])
+    assert list(runs) == ["iter-1"] and runs["iter-1"]["info"]["status"] == "FINISHED"
