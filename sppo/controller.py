@@ -24,14 +24,16 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from sppo.config import RunConfig
-from sppo.judging.pairrm import judge_candidates
+from sppo.evaluation import eval_judgments_path, evaluate
+from sppo.faults import kill_point
+from sppo.judging import JUDGES
 from sppo.manifest import RunManifest
-from sppo.pairs import training_rows
-from sppo.prompts import iteration_prompts, prompt_length_filter
+from sppo.pairs import hybrid_candidates, training_rows
+from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
 from sppo.sampling import sample_candidates
 from sppo.storage import IterationDir, atomic_write_parquet, atomic_write_text, read_parquet
 from sppo.tiny import resolve_model
-from sppo.tracking import Tracker
+from sppo.tracking import Tracker, sample_table
 from sppo.training import train_policy
 
 log = logging.getLogger("sppo")
@@ -50,17 +52,26 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: st
             samples = sample_candidates(policy, prompts, cfg.sampling, seed=cfg.sampling.seed + 1000 * t,
                                         timeout_s=cfg.timeouts.sampling_s, trust_remote_code=remote_code)
             rec.publish(it.samples, [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)],
-                        sampling_metrics(samples.candidates, samples.num_generated_tokens))
+                        {**sampling_metrics(samples.candidates, samples.num_generated_tokens),
+                         "time/engine_start_s": samples.engine_start_s})
     if not it.judgments.exists():
-        prompts, candidates = _columns(read_parquet(it.samples), "prompt", "candidates")
+        prompts, sampled = _columns(read_parquet(it.samples), "prompt", "candidates")
+        # Hybrid candidates: the dataset's own responses (prompts.response_column) join the sampled ones.
+        offline = dataset_responses(cfg.prompts, t)
+        candidates, off_policy = hybrid_candidates(sampled, [offline.get(p, []) for p in prompts])
         with rec.stage("judging", judgments=it.judgments):
-            matrices = judge_candidates(judge, prompts, candidates, cfg.judge, timeout_s=cfg.timeouts.judging_s)
-            rec.publish(it.judgments, [{"prompt": p, "candidates": c, "win_matrix": m.tolist()}
-                                       for p, c, m in zip(prompts, candidates, matrices)], {})
+            matrices = JUDGES[cfg.judge.kind](judge, prompts, candidates, cfg.judge, timeout_s=cfg.timeouts.judging_s)
+            rec.publish(it.judgments, [{"prompt": p, "candidates": c, "off_policy": f, "win_matrix": m.tolist()}
+                                       for p, c, f, m in zip(prompts, candidates, off_policy, matrices)],
+                        {"judging/off_policy_candidates": sum(map(sum, off_policy))})
     if not it.pairs.exists():
-        prompts, candidates, matrices = _columns(read_parquet(it.judgments), "prompt", "candidates", "win_matrix")
+        judged = read_parquet(it.judgments)
+        prompts, candidates, matrices = _columns(judged, "prompt", "candidates", "win_matrix")
+        # Judgments written before hybrid candidates existed have no off_policy column: all sampled.
+        off_policy = [row.get("off_policy") or [False] * len(row["candidates"]) for row in judged]
         with rec.stage("pairs", pairs=it.pairs):
-            rows = training_rows(prompts, candidates, [np.asarray(m) for m in matrices])
+            rows = training_rows(prompts, candidates, [np.asarray(m) for m in matrices], off_policy)
+            kill_point("pairs")  # fault-injection tests only: rows built, not yet published
             rec.publish(it.pairs, rows, pair_metrics(rows))
     if not it.trained:
         with rec.stage("training", checkpoint=it.checkpoint, train_history=it.train_history):
@@ -69,9 +80,16 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: st
                                   mlflow_run_id=rec.run_id, timeout_s=cfg.timeouts.training_s,
                                   trust_remote_code=remote_code)
             atomic_write_text(it.train_history, json.dumps(result.history))
-        rec.record({"train/final_loss": result.metrics["train/loss"]})
+        # Inside time/training_s: setup, reference log-probs, optimizer steps, checkpoint save.
+        rec.record({"train/final_loss": result.metrics["train/loss"],
+                    **{f"time/training/{phase}_s": s for phase, s in result.timings.items()}})
     else:  # trained by an earlier attempt: its per-step curve goes into this run too
         rec.tracker.log_history(rec.run_id, json.loads(it.train_history.read_text()))
+    if (heldout := heldout_prompts(cfg.prompts)) and not eval_judgments_path(it.root, t).exists():
+        # pi_t against pi_{t-1} (this iteration's input) and pi_0 on prompts never trained on.
+        policies = {0: resolve_model(cfg.policy.path), t - 1: policy, t: str(it.checkpoint)}
+        with rec.stage("evaluation", eval_judgments=eval_judgments_path(it.root, t)):
+            rec.publish(eval_judgments_path(it.root, t), *evaluate(cfg, it.root, t, policies, judge, heldout))
     with rec.stage("tracking"):
         rec.log_outputs()
     return str(it.checkpoint)
@@ -82,7 +100,8 @@ def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = Fals
     a writable output directory and an unchanged lineage (recorded on first use)."""
     out = Path(cfg.output_dir).resolve()
     for field, spec in (("policy.path", cfg.policy.path), ("judge.path", cfg.judge.path)):
-        check_model_dir(field, spec)
+        if field != "judge.path" or cfg.judge.kind != "rule":  # the rule judge has no model
+            check_model_dir(field, spec)
     if resume_from is not None:
         check_resume(out, resume_from, cfg.iterations)
     check_writable(out)
@@ -95,7 +114,7 @@ def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False
     """Run iterations until cfg.iterations; returns every iteration's checkpoint directory."""
     out = Path(cfg.output_dir).resolve()
     manifest = preflight(cfg, resume_from, force)
-    tracker = Tracker(cfg.tracking.resolved_uri, cfg.tracking.experiment, out)
+    tracker = Tracker(cfg.tracking.resolved_uri, cfg.tracking.experiment, out, cfg.tracking.system_metrics)
     tracker.start_parent(cfg.tracking.run_name or out.name, cfg.flat())
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     first = resume_from or first_unfinished_iteration(out, tracker, cfg.iterations)
@@ -105,7 +124,7 @@ def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False
                 manifest.forget(t)
                 log.info("iteration %d: earlier outputs moved to %s", t, moved)
     policy = resolve_model(cfg.policy.path) if first == 1 else str(IterationDir(out, first - 1).checkpoint)
-    judge = resolve_model(cfg.judge.path)
+    judge = "" if cfg.judge.kind == "rule" else resolve_model(cfg.judge.path)
     status = "FAILED"
     try:
         for t in range(first, cfg.iterations + 1):
@@ -179,6 +198,8 @@ def pair_metrics(rows: list[dict]) -> dict[str, float]:
         "pairs/mean_chosen_win_prob": float(np.mean([r["chosen_probs_win"] for r in rows])),
         "pairs/mean_rejected_win_prob": float(np.mean([r["chosen_probs_lose"] for r in rows])),
         "pairs/mean_chosen_over_rejected_prob": float(np.mean([r["chosen_probs"] for r in rows])),
+        "pairs/chosen_off_policy_share": float(np.mean([r["chosen_off_policy"] for r in rows])),
+        "pairs/rejected_off_policy_share": float(np.mean([r["rejected_off_policy"] for r in rows])),
     }
 
 
@@ -228,11 +249,23 @@ class IterationRecord:
     def log_outputs(self) -> None:
         for data in (self.it.samples, self.it.judgments, self.it.pairs, self.it.train_history):
             self.tracker.log_artifact(self.run_id, data, "data")
+        if (judged := eval_judgments_path(self.it.root, self.it.iteration)).exists():
+            self.tracker.log_artifact(self.run_id, judged, "data")
+        self.tracker.log_table(self.run_id, sample_table(read_parquet(self.it.judgments), read_parquet(self.it.pairs)),
+                               "samples.json")
+        kill_point("tracking")  # fault-injection tests only: data logged, checkpoint not yet
         self.tracker.log_artifacts(self.run_id, self.it.checkpoint, "checkpoint")
+        if self.cfg.tracking.register_model:
+            version = self.tracker.register_checkpoint(self.run_id, self.cfg.tracking.register_model, "checkpoint")
+            self.record({"registry/model_version": float(version)})
+        # The parent run's per-iteration curves: step = iteration.
+        curves = {k: v for k, v in self.it.read_metrics().items() if k.startswith("eval/") or k == "train/final_loss"}
+        self.tracker.log_metrics(self.tracker.parent_id, curves, step=self.it.iteration)
 
     def summary(self) -> str:
         m = self.it.read_metrics()
-        keys = ["pairs/rows", "pairs/mean_chosen_win_prob", "pairs/mean_rejected_win_prob", "train/final_loss"]
+        keys = ["pairs/rows", "pairs/mean_chosen_win_prob", "pairs/mean_rejected_win_prob", "train/final_loss",
+                "eval/win_rate_vs_base", "eval/win_rate_vs_prev", "eval/mean_response_chars"]
         parts = [f"{k}={m[k]:.4g}" for k in keys if k in m]
         parts += [f"{k[5:-2]}={v:.1f}s" for k, v in m.items() if k.startswith("time/")]
         return ", ".join(parts) + f"; checkpoint {self.it.checkpoint}"

@@ -49,6 +49,8 @@ class Samples:
     candidates: list[list[str]]
     prompt_token_ids: list[list[int]]
     num_generated_tokens: int
+    # Seconds the slowest engine took to load its model and start (they start in parallel).
+    engine_start_s: float = 0.0
 
     @classmethod
     def concat(cls, parts: Sequence[Samples]) -> Samples:
@@ -57,6 +59,7 @@ class Samples:
             candidates=[c for part in parts for c in part.candidates],
             prompt_token_ids=[ids for part in parts for ids in part.prompt_token_ids],
             num_generated_tokens=sum(part.num_generated_tokens for part in parts),
+            engine_start_s=max((part.engine_start_s for part in parts), default=0.0),
         )
 
 
@@ -123,7 +126,9 @@ class VLLMEngine:
         self._params = SamplingParams(**sampling_params_kwargs(cfg))
         # The same tokenizer class the trainer loads, so prompt ids match token for token.
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        started = time.monotonic()
         self._llm = LLM(**engine_kwargs(model_dir, cfg, seed, trust_remote_code))
+        self._start_s = time.monotonic() - started
 
     def generate(self, prompts: list[str]) -> Samples:
         """K completions per prompt, in input order, from one n=K request per prompt."""
@@ -131,11 +136,13 @@ class VLLMEngine:
 
         prompt_ids = render_prompt_ids(self._tokenizer, prompts)
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
-        outputs = self._llm.generate(requests, self._params, use_tqdm=False)  # in request order
+        # vLLM's own progress line (done/total prompts, rate, ETA) goes to the job log.
+        outputs = self._llm.generate(requests, self._params, use_tqdm=True)  # in request order
         return Samples(
             candidates=[[c.text for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs],
             prompt_token_ids=[list(out.prompt_token_ids) for out in outputs],
             num_generated_tokens=sum(len(c.token_ids) for out in outputs for c in out.outputs),
+            engine_start_s=self._start_s,
         )
 
     def close(self) -> None:
@@ -168,6 +175,9 @@ def sample_candidates(
         num_cpus=cfg.cpus_per_engine,
         num_gpus=cfg.gpus_per_engine,
         runtime_env={"env_vars": engine_env(cfg)},
+        # A crashed engine is restarted (same seed) and its in-flight shard retried on it.
+        max_restarts=cfg.max_restarts,
+        max_task_retries=cfg.max_restarts,
     )(VLLMEngine)
 
     started = time.monotonic()

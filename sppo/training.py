@@ -24,7 +24,16 @@ import torch
 
 from sppo.chat import render_prompt_ids
 from sppo.config import TrainConfig
-from sppo.losses import get_loss, sequence_logps
+from sppo.losses import (
+    LossParams,
+    PairBatch,
+    get_loss,
+    response_lengths,
+    sequence_logps,
+    sequence_wpo_logweights,
+    wpo_pair_weights,
+)
+from sppo.progress import progress
 
 logger = logging.getLogger("sppo.training")
 
@@ -50,6 +59,8 @@ class TrainResult:
     # Evidence that ZeRO-3 sharded the weights: the largest parameter's full size, rank 0's
     # shard of it and what rank 0 still holds of it between forward passes.
     zero3_partition: dict[str, int]
+    # Rank 0's seconds per phase: setup (tokenize, load), reference_logps, train_steps, checkpoint_save.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- pure core: data
@@ -163,13 +174,20 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad_token_id: int) -> dict[str, 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs (chosen [B], rejected [B]) from one forward pass."""
+def pair_logps(
+    model, batch: dict[str, torch.Tensor], *, wpo_weights: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Summed response log-probs (chosen [B], rejected [B]) from one forward pass, and with
+    wpo_weights WPO's pair weights [B] under this model from the same logits (else None)."""
     input_ids = batch["input_ids"]
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).logits
     logps = sequence_logps(logits, input_ids, batch["loss_mask"])
     half = logps.shape[0] // 2
-    return logps[:half], logps[half:]
+    weights = None
+    if wpo_weights:
+        logweights = sequence_wpo_logweights(logits, input_ids, batch["loss_mask"])
+        weights = wpo_pair_weights(logweights[:half], logweights[half:])
+    return logps[:half], logps[half:], weights
 
 
 @torch.no_grad()
@@ -182,7 +200,7 @@ def reference_logps(
         batch = collate_pairs(pairs[start : start + batch_size], pad_token_id)
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
-        chosen, rejected = pair_logps(model, batch)
+        chosen, rejected, _ = pair_logps(model, batch)
         out.append(torch.stack([chosen, rejected], dim=1).float().cpu())
     return torch.cat(out)
 
@@ -227,6 +245,11 @@ def reference_chunk(num_rows: int, *, rank: int, world_size: int) -> list[int]:
     return rows + [0] * (size - len(rows))
 
 
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What each Ray Train worker holds: train.cpus_per_worker CPUs, and one GPU with train.use_gpu."""
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if cfg.use_gpu else {})}
+
+
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": cfg.per_device_batch_size,
@@ -250,6 +273,15 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train restarts the worker group on any exception (train.max_failures), which is right
+    for a dead worker or node; a failure that would recur identically is returned instead."""
+    try:
+        return _train_worker(config)
+    except (FloatingPointError, TimeoutError, OSError) as err:  # non-finite loss, deadline, disk
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     import deepspeed
     import ray.train
     import torch.distributed as dist
@@ -278,6 +310,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     engine, hf_ds_config = _load_engine(policy_dir, cfg, total_steps, remote_code)
     # The checkpoint is saved in the dtype the policy came in, whatever the training dtype.
     save_dtype = AutoConfig.from_pretrained(policy_dir, trust_remote_code=remote_code).dtype or torch.float32
+    loaded = time.monotonic()
 
     # pi_ref = the weights as loaded: every row's reference log-probs, before any step.
     engine.eval()
@@ -293,8 +326,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     }
     if rank == 0:
         logger.info("reference log-probs of %d pairs in %.1fs", len(pairs), time.monotonic() - started)
+    referenced = time.monotonic()
 
-    loss_fn = get_loss(cfg.loss)
+    loss_fn, loss_params = get_loss(cfg.loss), LossParams(beta=cfg.beta, gamma=cfg.simpo_gamma)
     tracker = _MlflowTracker(config["mlflow_tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
     history: list[dict[str, float]] = []
     rows_per_rank = per_epoch * cfg.per_device_batch_size * cfg.gradient_accumulation_steps
@@ -309,9 +343,10 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                                    f"(at step {step}/{total_steps})")
             index = order[start : start + cfg.per_device_batch_size]
             batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in index], pad_id).items()}
-            policy_chosen, policy_rejected = pair_logps(engine, batch)
+            policy_chosen, policy_rejected, wpo_weights = pair_logps(engine, batch, wpo_weights=cfg.loss == "wpo")
             ref_rows, prob_rows = ref[index].to(device), probs[index].to(device)
-            losses = loss_fn(
+            lengths = response_lengths(batch["loss_mask"])
+            losses = loss_fn(PairBatch(
                 policy_chosen_logps=policy_chosen,
                 policy_rejected_logps=policy_rejected,
                 ref_chosen_logps=ref_rows[:, 0],
@@ -319,8 +354,10 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 chosen_probs_win=prob_rows[:, 0],
                 chosen_probs_lose=prob_rows[:, 1],
                 chosen_probs=prob_rows[:, 2],
-                beta=cfg.beta,
-            )
+                chosen_lengths=lengths[: len(index)],
+                rejected_lengths=lengths[len(index):],
+                wpo_weights=wpo_weights,
+            ), loss_params)
             # Summed over all ranks before backward, so every rank sees a bad loss at once.
             micro = torch.stack([
                 losses.sum(),
@@ -356,18 +393,19 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             history.append(metrics)
             if tracker is not None:
                 tracker.log(metrics, step)
-                logger.info(
-                    "step %d/%d loss %.4g lr %.3g elapsed %.1fs",
-                    step, total_steps, loss, learning_rate, time.monotonic() - started,
-                )
+                logger.info("training: %s, loss %.4g, lr %.3g", progress(step, total_steps,
+                            time.monotonic() - referenced, "steps"), loss, learning_rate)
 
+    trained = time.monotonic()
     _publish_checkpoint(engine, rank, policy_dir, config["checkpoint_dir"], save_dtype)
+    timings = {"setup": loaded - started, "reference_logps": referenced - loaded, "train_steps": trained - referenced,
+               "checkpoint_save": time.monotonic() - trained}
     engine.destroy()
     del hf_ds_config
     if rank == 0:
         logger.info("published %s after %d steps in %.1fs",
                     config["checkpoint_dir"], len(history), time.monotonic() - started)
-    return {"history": history, "reference_logps": ref.tolist(), "zero3_partition": partition}
+    return {"history": history, "reference_logps": ref.tolist(), "zero3_partition": partition, "timings": timings}
 
 
 def _load_engine(policy_dir: str, cfg: TrainConfig, total_steps: int, trust_remote_code: bool):
@@ -456,18 +494,21 @@ def _publish_checkpoint(engine, rank: int, policy_dir: str, checkpoint_dir: str,
     replaced = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
     try:
         engine.module.config.dtype = dtype
-        engine.module.save_pretrained(staging, state_dict=state_dict)
-        for source in Path(policy_dir).iterdir():
-            written_here = source.name in _MODEL_FILES or source.name.endswith(_WEIGHT_SUFFIXES)
-            if source.is_file() and not written_here:
-                shutil.copy2(source, staging / source.name)
+        try:
+            engine.module.save_pretrained(staging, state_dict=state_dict)
+            for source in Path(policy_dir).iterdir():
+                written_here = source.name in _MODEL_FILES or source.name.endswith(_WEIGHT_SUFFIXES)
+                if source.is_file() and not written_here:
+                    shutil.copy2(source, staging / source.name)
+        except Exception as err:  # safetensors reports a full disk as its own error type
+            raise OSError(f"writing the checkpoint for {target} failed: {err}") from err
         staging.chmod(0o755)  # mkdtemp makes it 0700
         if target.exists():  # an earlier attempt's checkpoint: set aside, never merged with
             target.rename(replaced)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(replaced, ignore_errors=True)
+    shutil.rmtree(replaced, ignore_errors=True)  # only once the new checkpoint is in place
 
 
 # ---------------------------------------------------------------- driver
@@ -502,15 +543,17 @@ def train_policy(
     num_steps = steps_per_epoch(len(rows), cfg) * cfg.epochs
     get_loss(cfg.loss)
 
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    resources = worker_resources(cfg)
     backend = "nccl" if cfg.use_gpu else "gloo"
-    torch_config, failure_config = TorchConfig(backend=backend), FailureConfig(max_failures=0)
+    # A dead worker restarts the whole group, which retrains from pi_t: the checkpoint is
+    # published only at the end, so a restart never resumes from a half-trained state.
+    torch_config, failure_config = TorchConfig(backend=backend), FailureConfig(max_failures=cfg.max_failures)
     if timeout_s is not None:
         torch_config = TorchConfig(backend=backend, timeout_s=max(1, math.ceil(timeout_s)))
         # Ray Train retries placing the workers every WORKER_GROUP_START_TIMEOUT_S (60 s),
         # forever by default: this bounds the retries to about timeout_s.
         failure_config = FailureConfig(
-            max_failures=0, controller_failure_limit=max(0, math.ceil(timeout_s / 60) - 1)
+            max_failures=cfg.max_failures, controller_failure_limit=max(0, math.ceil(timeout_s / 60) - 1)
         )
     trainer = TorchTrainer(
         _train_loop_per_worker,
@@ -544,6 +587,8 @@ def train_policy(
     except TrainingFailedError as err:
         raise TrainingError(f"training on {pairs_path} failed: {err}") from err
     output = result.return_value
+    if output is not None and "error" in output:
+        raise TrainingError(f"training on {pairs_path} failed: {output['error']}")
     if output is None or len(output["history"]) != num_steps:
         raise TrainingError(f"training on {pairs_path} returned no result for {num_steps} steps from rank 0")
     history = output["history"]
@@ -554,4 +599,5 @@ def train_policy(
         history=history,
         reference_logps=output["reference_logps"],
         zero3_partition=output["zero3_partition"],
+        timings=output["timings"],
     )
