@@ -110,8 +110,14 @@ def engine_kwargs(model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_c
 
 def engine_env(cfg: SamplingConfig) -> dict[str, str]:
     """Environment of an engine actor. VLLM_CPU_KVCACHE_SPACE (GiB) bounds the KV cache on
-    CPU and is ignored on GPUs."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.cpu_kvcache_gib)}
+    CPU and is ignored on GPUs.
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the engine core in the actor's own process. It then
+    takes every request of a `generate` call before its first step, so a seeded engine draws
+    the same candidates every time: a re-sampled stage (after a crash) equals the first
+    attempt. A core in its own process starts on whichever requests have arrived, and the
+    same seed gave different candidates (measured on vllm-cpu 0.32.0)."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.cpu_kvcache_gib), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     env.update({name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ})
     return env
 

@@ -81,8 +81,10 @@ def test_engine_kwargs_map_the_config_and_seed():
     assert engine_kwargs("/models/pi_1", cfg, seed=7, trust_remote_code=True)["trust_remote_code"] is True
 
 
-def test_engine_env_bounds_the_cpu_kv_cache():
-    assert engine_env(SamplingConfig(cpu_kvcache_gib=3))["VLLM_CPU_KVCACHE_SPACE"] == "3"
+def test_engine_env_bounds_the_cpu_kv_cache_and_keeps_the_engine_core_in_process():
+    env = engine_env(SamplingConfig(cpu_kvcache_gib=3))
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # deterministic re-sampling
 
 
 def test_samples_concat_keeps_shard_order_and_sums_tokens():
