@@ -63,7 +63,8 @@ def test_preflight_rejects_missing_models_and_unwritable_output(tmp_path):
         preflight(tiny(tmp_path, **{"policy.path": str(tmp_path / "nope")}))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"judge.path: .*empty is not a readable model directory"):
-        preflight(tiny(tmp_path, **{"judge.path": str(tmp_path / "empty")}))
+        preflight(tiny(tmp_path, **{"judge.kind": "pairrm", "judge.path": str(tmp_path / "empty")}))
+    preflight(tiny(tmp_path / "rule", **{"judge.path": str(tmp_path / "empty")}))  # the rule judge has no model
     # /proc refuses new entries even to root, who passes permission-bit checks.
     with pytest.raises(ValueError, match="output_dir: /proc/sppo-out is not writable"):
         preflight(tiny(tmp_path, output_dir="/proc/sppo-out"))
