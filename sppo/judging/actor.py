@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -49,3 +50,15 @@ def judge_in_actor(judge_cls: type, role: str, model_dir: str, prompts: list[str
     log.info("judged %s in %.1f s (actor start included)", work, time.monotonic() - start)
     # ray.get may hand back read-only views of the object store; callers own their matrices.
     return [np.array(m) for m in matrices]
+
+
+def actor_judge(judge_cls: type, role: str, work: Callable[[list[list[str]]], str]) -> Callable[..., list[np.ndarray]]:
+    """The judging stage's function (`sppo.judging.JUDGES`) for a model judge run in an actor;
+    `work(candidates)` describes the job for messages, e.g. "120 ordered pairs"."""
+
+    def judge_candidates(model_dir: str, prompts: list[str], candidates: list[list[str]], cfg: JudgeConfig,
+                         timeout_s: float | None = None) -> list[np.ndarray]:
+        check_inputs(prompts, candidates)
+        return judge_in_actor(judge_cls, role, model_dir, prompts, candidates, cfg, timeout_s, work(candidates))
+
+    return judge_candidates

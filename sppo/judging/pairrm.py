@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sppo.config import JudgeConfig
-from sppo.judging.actor import check_inputs, judge_in_actor
+from sppo.judging.actor import actor_judge, check_inputs
 from sppo.judging.llm_blender_compat import import_llm_blender
 from sppo.progress import progress
 
@@ -193,15 +193,6 @@ class PairRMJudgeActor(PairRMJudge):
         super().__init__(model_dir, cfg)
 
 
-def judge_candidates(
-    model_dir: str,
-    prompts: list[str],
-    candidates: list[list[str]],
-    cfg: JudgeConfig,
-    timeout_s: float | None = None,
-) -> list[np.ndarray]:
-    """Win matrices for every prompt from one PairRM judge actor, killed afterwards."""
-    check_inputs(prompts, candidates)
-    pairs = sum(len(c) * (len(c) - 1) for c in candidates)
-    return judge_in_actor(PairRMJudgeActor, "PairRM", model_dir, prompts, candidates, cfg, timeout_s,
-                          f"{pairs} ordered pairs")
+# Win matrices for every prompt from one PairRM judge actor, killed afterwards.
+judge_candidates = actor_judge(PairRMJudgeActor, "PairRM",
+                               lambda candidates: f"{sum(len(c) * (len(c) - 1) for c in candidates)} ordered pairs")

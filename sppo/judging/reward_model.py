@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sppo.config import JudgeConfig
-from sppo.judging.actor import check_inputs, judge_in_actor
+from sppo.judging.actor import actor_judge, check_inputs
 from sppo.judging.pairrm import win_matrix
 
 log = logging.getLogger("sppo.judging")
@@ -131,14 +131,6 @@ class RewardModelJudgeActor(RewardModelJudge):
         super().__init__(model_dir, cfg)
 
 
-def judge_candidates(
-    model_dir: str,
-    prompts: list[str],
-    candidates: list[list[str]],
-    cfg: JudgeConfig,
-    timeout_s: float | None = None,
-) -> list[np.ndarray]:
-    """Bradley-Terry win matrices for every prompt from one reward-model actor, killed afterwards."""
-    check_inputs(prompts, candidates)
-    return judge_in_actor(RewardModelJudgeActor, "reward-model", model_dir, prompts, candidates, cfg, timeout_s,
-                          f"{sum(map(len, candidates))} candidates")
+# Bradley-Terry win matrices for every prompt from one reward-model actor, killed afterwards.
+judge_candidates = actor_judge(RewardModelJudgeActor, "reward-model",
+                               lambda candidates: f"{sum(map(len, candidates))} candidates")
