@@ -105,6 +105,11 @@ class JudgeConfig(_Strict):
     max_restarts: int = Field(default=1, ge=0)
     rule: RuleJudgeConfig = RuleJudgeConfig()
 
+    @property
+    def model_path(self) -> str | None:
+        """The judge model to load, or None for the rule judge, which has none (path unused)."""
+        return None if self.kind == "rule" else self.path
+
 
 class TrainConfig(_Strict):
     # sppo (soft, the reference's), sppo_hard, sppo_single, dpo (sigmoid), ipo, simpo

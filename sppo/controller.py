@@ -99,8 +99,8 @@ def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = Fals
     """Checks that need no cluster: readable local models, a --resume-from that can be honoured,
     a writable output directory and an unchanged lineage (recorded on first use)."""
     out = Path(cfg.output_dir).resolve()
-    for field, spec in (("policy.path", cfg.policy.path), ("judge.path", cfg.judge.path)):
-        if field != "judge.path" or cfg.judge.kind != "rule":  # the rule judge has no model
+    for field, spec in (("policy.path", cfg.policy.path), ("judge.path", cfg.judge.model_path)):
+        if spec is not None:
             check_model_dir(field, spec)
     if resume_from is not None:
         check_resume(out, resume_from, cfg.iterations)
@@ -124,7 +124,7 @@ def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False
                 manifest.forget(t)
                 log.info("iteration %d: earlier outputs moved to %s", t, moved)
     policy = resolve_model(cfg.policy.path) if first == 1 else str(IterationDir(out, first - 1).checkpoint)
-    judge = "" if cfg.judge.kind == "rule" else resolve_model(cfg.judge.path)
+    judge = resolve_model(cfg.judge.model_path) if cfg.judge.model_path else ""
     status = "FAILED"
     try:
         for t in range(first, cfg.iterations + 1):
