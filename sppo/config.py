@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -190,6 +190,10 @@ class EvalConfig(_Strict):
 class RunConfig(_Strict):
     iterations: int = Field(default=3, ge=1)
     output_dir: str = "outputs/sppo"
+    # Where the run's outputs live for every node: a shared path (NFS) or a pyarrow.fs URI
+    # (s3://bucket/run, gs://...; credentials and endpoints from the usual environment variables).
+    # Unset: output_dir, which every node must then see. Set: output_dir is the driver's copy.
+    storage_uri: str | None = None
     timeouts: TimeoutsConfig = TimeoutsConfig()
     policy: PolicyConfig = PolicyConfig()
     prompts: PromptsConfig = PromptsConfig()
@@ -198,6 +202,14 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("storage_uri")
+    @classmethod
+    def _plain_uri(cls, uri: str | None) -> str | None:
+        if uri is not None and ("?" in uri or not uri.strip("/")):
+            raise ValueError(f"storage_uri {uri!r}: give a path or scheme://bucket/path without a query "
+                             "(endpoints and credentials come from the environment, e.g. AWS_ENDPOINT_URL)")
+        return uri
 
     @model_validator(mode="after")
     def _enough_splits(self) -> "RunConfig":

@@ -31,8 +31,8 @@ from sppo.manifest import RunManifest
 from sppo.pairs import hybrid_candidates, training_rows
 from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
 from sppo.sampling import sample_candidates
-from sppo.storage import IterationDir, atomic_write_parquet, atomic_write_text, read_parquet
-from sppo.tiny import resolve_model
+from sppo.storage import (IterationDir, SharedStorage, StorageError, atomic_write_parquet, atomic_write_text,
+                          local_model, read_parquet)
 from sppo.tracking import Tracker, sample_table
 from sppo.training import train_policy
 
@@ -40,68 +40,108 @@ log = logging.getLogger("sppo")
 
 
 def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: str) -> str:
-    """One SPPO iteration: from policy pi_t (a checkpoint directory) to pi_{t+1}."""
-    it, t = rec.it, rec.it.iteration
-    remote_code = cfg.policy.trust_remote_code  # off unless the config turns it on
+    """One SPPO iteration, pi_t -> pi_{t+1}. A stage whose output was published by an earlier
+    attempt is skipped. policy is the base model's spec or pi_t's checkpoint directory."""
+    it = rec.it
     if not it.samples.exists():
-        selection = iteration_prompts(cfg.prompts, t, too_long=prompt_length_filter(
-            AutoTokenizer.from_pretrained(policy, trust_remote_code=remote_code), cfg.train.max_prompt_length))
-        rec.record({f"prompts/{k}": v for k, v in selection.counts.items()})
-        prompts = selection.prompts
-        with rec.stage("sampling", samples=it.samples):
-            samples = sample_candidates(policy, prompts, cfg.sampling, seed=cfg.sampling.seed + 1000 * t,
-                                        timeout_s=cfg.timeouts.sampling_s, trust_remote_code=remote_code)
-            rec.publish(it.samples, [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)],
-                        {**sampling_metrics(samples.candidates, samples.num_generated_tokens),
-                         "time/engine_start_s": samples.engine_start_s})
+        sample_stage(cfg, rec, policy)          # y_1..y_K ~ pi_t(. | x) for x in D_t
     if not it.judgments.exists():
-        prompts, sampled = _columns(read_parquet(it.samples), "prompt", "candidates")
-        # Hybrid candidates: the dataset's own responses (prompts.response_column) join the sampled ones.
-        offline = dataset_responses(cfg.prompts, t)
-        candidates, off_policy = hybrid_candidates(sampled, [offline.get(p, []) for p in prompts])
-        with rec.stage("judging", judgments=it.judgments):
-            matrices = JUDGES[cfg.judge.kind](judge, prompts, candidates, cfg.judge, timeout_s=cfg.timeouts.judging_s)
-            rec.publish(it.judgments, [{"prompt": p, "candidates": c, "off_policy": f, "win_matrix": m.tolist()}
-                                       for p, c, f, m in zip(prompts, candidates, off_policy, matrices)],
-                        {"judging/off_policy_candidates": sum(map(sum, off_policy))})
+        judge_stage(cfg, rec, judge)            # P_ij = P(y_i beats y_j | x)
     if not it.pairs.exists():
-        judged = read_parquet(it.judgments)
-        prompts, candidates, matrices = _columns(judged, "prompt", "candidates", "win_matrix")
-        # Judgments written before hybrid candidates existed have no off_policy column: all sampled.
-        off_policy = [row.get("off_policy") or [False] * len(row["candidates"]) for row in judged]
-        with rec.stage("pairs", pairs=it.pairs):
-            rows = training_rows(prompts, candidates, [np.asarray(m) for m in matrices], off_policy)
-            kill_point("pairs")  # fault-injection tests only: rows built, not yet published
-            rec.publish(it.pairs, rows, pair_metrics(rows))
+        pairs_stage(rec)                        # (y_w, y_l, P(y_w beats pi_t), P(y_l beats pi_t))
     if not it.trained:
-        with rec.stage("training", checkpoint=it.checkpoint, train_history=it.train_history):
-            result = train_policy(str(it.pairs), policy, str(it.checkpoint), cfg.train,
-                                  storage_dir=str(it.path / "ray_train"), mlflow_tracking_uri=rec.tracker.uri,
-                                  mlflow_run_id=rec.run_id, timeout_s=cfg.timeouts.training_s,
-                                  trust_remote_code=remote_code)
-            atomic_write_text(it.train_history, json.dumps(result.history))
-        # Inside time/training_s: setup, reference log-probs, optimizer steps, checkpoint save.
-        rec.record({"train/final_loss": result.metrics["train/loss"],
-                    **{f"time/training/{phase}_s": s for phase, s in result.timings.items()}})
+        train_stage(cfg, rec, policy)           # pi_{t+1} = argmin SPPO loss, ref = pi_t
     else:  # trained by an earlier attempt: its per-step curve goes into this run too
         rec.tracker.log_history(rec.run_id, json.loads(it.train_history.read_text()))
-    if (heldout := heldout_prompts(cfg.prompts)) and not eval_judgments_path(it.root, t).exists():
-        # pi_t against pi_{t-1} (this iteration's input) and pi_0 on prompts never trained on.
-        policies = {0: resolve_model(cfg.policy.path), t - 1: policy, t: str(it.checkpoint)}
-        with rec.stage("evaluation", eval_judgments=eval_judgments_path(it.root, t)):
-            rec.publish(eval_judgments_path(it.root, t), *evaluate(cfg, it.root, t, policies, judge, heldout))
+    if (heldout := heldout_prompts(cfg.prompts)) and not eval_judgments_path(it.root, it.iteration).exists():
+        evaluation_stage(cfg, rec, policy, judge, heldout)  # pi_{t+1} vs pi_t and pi_0
     with rec.stage("tracking"):
         rec.log_outputs()
     return str(it.checkpoint)
 
 
-def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = False) -> RunManifest:
-    """Checks that need no cluster: readable local models, a --resume-from that can be honoured,
-    a writable output directory and an unchanged lineage (recorded on first use)."""
+# Each stage reads its input from the iteration directory and publishes its output there.
+# Engines, judges and train workers get models and directories as `rec.for_workers` names them.
+
+
+def sample_stage(cfg: RunConfig, rec: "IterationRecord", policy: str) -> None:
+    it, t, remote_code = rec.it, rec.it.iteration, cfg.policy.trust_remote_code
+    selection = iteration_prompts(cfg.prompts, t, too_long=prompt_length_filter(
+        AutoTokenizer.from_pretrained(local_model(policy), trust_remote_code=remote_code), cfg.train.max_prompt_length))
+    rec.record({f"prompts/{k}": v for k, v in selection.counts.items()})
+    prompts = selection.prompts
+    with rec.stage("sampling", samples=it.samples):
+        samples = sample_candidates(rec.for_workers(policy), prompts, cfg.sampling, seed=cfg.sampling.seed + 1000 * t,
+                                    timeout_s=cfg.timeouts.sampling_s, trust_remote_code=remote_code)
+        rec.publish(it.samples, [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)],
+                    {**sampling_metrics(samples.candidates, samples.num_generated_tokens),
+                     "time/engine_start_s": samples.engine_start_s})
+
+
+def judge_stage(cfg: RunConfig, rec: "IterationRecord", judge: str) -> None:
+    it = rec.it
+    prompts, sampled = _columns(read_parquet(it.samples), "prompt", "candidates")
+    # Hybrid candidates: the dataset's own responses (prompts.response_column) join the sampled ones.
+    offline = dataset_responses(cfg.prompts, it.iteration)
+    candidates, off_policy = hybrid_candidates(sampled, [offline.get(p, []) for p in prompts])
+    with rec.stage("judging", judgments=it.judgments):
+        matrices = JUDGES[cfg.judge.kind](judge, prompts, candidates, cfg.judge, timeout_s=cfg.timeouts.judging_s)
+        rec.publish(it.judgments, [{"prompt": p, "candidates": c, "off_policy": f, "win_matrix": m.tolist()}
+                                   for p, c, f, m in zip(prompts, candidates, off_policy, matrices)],
+                    {"judging/off_policy_candidates": sum(map(sum, off_policy))})
+
+
+def pairs_stage(rec: "IterationRecord") -> None:
+    it = rec.it
+    judged = read_parquet(it.judgments)
+    prompts, candidates, matrices = _columns(judged, "prompt", "candidates", "win_matrix")
+    # Judgments written before hybrid candidates existed have no off_policy column: all sampled.
+    off_policy = [row.get("off_policy") or [False] * len(row["candidates"]) for row in judged]
+    with rec.stage("pairs", pairs=it.pairs):
+        rows = training_rows(prompts, candidates, [np.asarray(m) for m in matrices], off_policy)
+        kill_point("pairs")  # fault-injection tests only: rows built, not yet published
+        rec.publish(it.pairs, rows, pair_metrics(rows))
+
+
+def train_stage(cfg: RunConfig, rec: "IterationRecord", policy: str) -> None:
+    it, for_workers = rec.it, rec.for_workers
+    with rec.stage("training", checkpoint=it.checkpoint, train_history=it.train_history):
+        result = train_policy(str(it.pairs), for_workers(policy), for_workers(str(it.checkpoint)), cfg.train,
+                              storage_dir=for_workers(str(it.path / "ray_train")),
+                              mlflow_tracking_uri=rec.tracker.uri, mlflow_run_id=rec.run_id,
+                              timeout_s=cfg.timeouts.training_s, trust_remote_code=cfg.policy.trust_remote_code)
+        if rec.storage:  # the workers wrote it to the shared storage: the driver's copy
+            rec.storage.pull(it.checkpoint)
+        atomic_write_text(it.train_history, json.dumps(result.history))
+    # Inside time/training_s: setup, reference log-probs, optimizer steps, checkpoint save.
+    rec.record({"train/final_loss": result.metrics["train/loss"],
+                **{f"time/training/{phase}_s": s for phase, s in result.timings.items()}})
+
+
+def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: str, heldout: list[str]) -> None:
+    # The new policy against this iteration's input and the base, on prompts never trained on.
+    it, t = rec.it, rec.it.iteration
+    policies = {0: cfg.policy.path, t - 1: rec.for_workers(policy), t: rec.for_workers(str(it.checkpoint))}
+    with rec.stage("evaluation", eval_judgments=eval_judgments_path(it.root, t)):
+        rec.publish(eval_judgments_path(it.root, t), *evaluate(cfg, it.root, t, policies, judge, heldout))
+
+
+def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = False,
+              storage: SharedStorage | None = None) -> RunManifest:
+    """Checks that need no cluster: readable local models, a writable output directory (and
+    storage, whose run output_dir is then made equal to), a --resume-from that can be honoured
+    and an unchanged lineage (recorded on first use)."""
     out = Path(cfg.output_dir).resolve()
     for field, spec in (("policy.path", cfg.policy.path), ("judge.path", cfg.judge.model_path)):
         if spec is not None:
             check_model_dir(field, spec)
+    if storage is not None:  # output_dir first becomes what the storage holds
+        check_writable(out)
+        try:
+            storage.check_writable()
+            storage.sync_down()
+        except StorageError as err:
+            raise PreflightError(str(err)) from err
     if resume_from is not None:
         check_resume(out, resume_from, cfg.iterations)
     check_writable(out)
@@ -113,7 +153,16 @@ def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = Fals
 def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False) -> list[Path]:
     """Run iterations until cfg.iterations; returns every iteration's checkpoint directory."""
     out = Path(cfg.output_dir).resolve()
-    manifest = preflight(cfg, resume_from, force)
+    storage = SharedStorage.open(cfg.storage_uri, out)
+    try:
+        return _run_iterations(cfg, out, preflight(cfg, resume_from, force, storage), storage, resume_from)
+    finally:
+        if storage:
+            storage.close()
+
+
+def _run_iterations(cfg: RunConfig, out: Path, manifest: RunManifest, storage: SharedStorage | None,
+                    resume_from: int | None) -> list[Path]:
     tracker = Tracker(cfg.tracking.resolved_uri, cfg.tracking.experiment, out, cfg.tracking.system_metrics)
     tracker.start_parent(cfg.tracking.run_name or out.name, cfg.flat())
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
@@ -123,13 +172,13 @@ def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False
             if (moved := IterationDir(out, t).archive()) is not None:
                 manifest.forget(t)
                 log.info("iteration %d: earlier outputs moved to %s", t, moved)
-    policy = resolve_model(cfg.policy.path) if first == 1 else str(IterationDir(out, first - 1).checkpoint)
-    judge = resolve_model(cfg.judge.model_path) if cfg.judge.model_path else ""
+    policy = cfg.policy.path if first == 1 else str(IterationDir(out, first - 1).checkpoint)
+    judge = cfg.judge.model_path or ""  # each judge actor resolves it on its node
     status = "FAILED"
     try:
         for t in range(first, cfg.iterations + 1):
             log.info("=== iteration %d/%d: policy %s", t, cfg.iterations, policy)
-            with IterationRecord.open(tracker, manifest, IterationDir(out, t), cfg, policy) as rec:
+            with IterationRecord.open(tracker, manifest, IterationDir(out, t), cfg, policy, storage) as rec:
                 policy = run_iteration(cfg, rec, policy, judge)
             log.info("=== iteration %d done: %s", t, rec.summary())
         status = "FINISHED"
@@ -210,15 +259,18 @@ def _columns(rows: list[dict], *names: str) -> tuple[list, ...]:
 class IterationRecord:
     """An iteration's nested MLflow run plus its metrics file, kept in step."""
 
-    def __init__(self, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, run_id: str):
+    def __init__(self, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, run_id: str,
+                 storage: SharedStorage | None = None):
         self.tracker, self.manifest, self.it, self.cfg, self.run_id = tracker, manifest, it, cfg, run_id
+        self.storage = storage
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, policy: str):
+    def open(cls, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, policy: str,
+             storage: SharedStorage | None = None):
         run_id = tracker.start_iteration(it.iteration, {**cfg.flat(), "iteration": it.iteration,
                                                         "policy.input": policy})
-        rec = cls(tracker, manifest, it, cfg, run_id)
+        rec = cls(tracker, manifest, it, cfg, run_id, storage)
         tracker.log_metrics(run_id, it.read_metrics())  # stages finished by an earlier attempt
         try:
             yield rec
@@ -237,6 +289,11 @@ class IterationRecord:
         self.record({f"time/{name}_s": seconds})
         self.manifest.record_stage(self.it.iteration, name, self.cfg, outputs, self.run_id)
         log.info("iteration %d: %s done in %.1f s", self.it.iteration, name, seconds)
+
+    def for_workers(self, spec: str) -> str:
+        """A model or directory as engines, judges and train workers on any node must be given it:
+        with shared storage, its storage URI; without, output_dir is shared and paths serve."""
+        return self.storage.worker_spec(spec) if self.storage else spec
 
     def record(self, metrics: dict[str, float]) -> None:
         self.it.add_metrics(metrics)

@@ -137,10 +137,11 @@ class LocalStack:
         _wait_until(lambda: _listening(agent_port), "Ray job agent", 120, log)
         print(f"Ray: started head (token auth on), dashboard {self.dashboard_url}")
 
-    def add_worker_node(self, num_cpus: int) -> Path:
+    def add_worker_node(self, num_cpus: int, env: dict[str, str] | None = None) -> Path:
         """Start one more Ray node on this machine that joins the head (`ray start --address`),
-        with its own temp dir, on loopback, token auth on. Its daemons are recorded like the
-        head's, so `stop` ends them too. Returns the node's temp dir."""
+        with its own temp dir, on loopback, token auth on, and `env` added to its processes'
+        environment. Its daemons are recorded like the head's, so `stop` ends them too. Returns
+        the node's temp dir."""
         index = 1 + sum(name.startswith("ray-worker-") for name in self.pids)
         # Not a prefix of the head's temp dir, so the head's PID marks never match this node.
         tag = self.ray_temp_dir.name.removeprefix("sppo-ray-")
@@ -153,7 +154,7 @@ class LocalStack:
             f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={agent_port}",
         ]
         with open(log, "w") as fh:
-            done = subprocess.run(cmd, env=_venv_env(), stdout=fh, stderr=subprocess.STDOUT)
+            done = subprocess.run(cmd, env={**_venv_env(), **(env or {})}, stdout=fh, stderr=subprocess.STDOUT)
         recorded = {pid for pids in self.pids.values() for pid in pids}
         self.pids[f"ray-worker-{index}"] = [p.pid for p in psutil.process_iter(["cmdline"])
                                             if str(temp_dir) in " ".join(p.info["cmdline"] or [])

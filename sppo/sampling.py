@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from sppo.chat import render_prompt_ids
 from sppo.config import SamplingConfig
+from sppo.storage import local_model
 
 logger = logging.getLogger("sppo.sampling")
 
@@ -129,6 +130,7 @@ class VLLMEngine:
         from transformers import AutoTokenizer
         from vllm import LLM, SamplingParams
 
+        model_dir = local_model(model_dir)  # a storage URI is fetched to this node first
         self._params = SamplingParams(**sampling_params_kwargs(cfg))
         # The same tokenizer class the trainer loads, so prompt ids match token for token.
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from sppo.chat import render_prompt_ids
@@ -34,6 +35,7 @@ from sppo.losses import (
     wpo_pair_weights,
 )
 from sppo.progress import progress
+from sppo.storage import is_uri, local_model, upload_dir
 
 logger = logging.getLogger("sppo.training")
 
@@ -288,7 +290,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     cfg = TrainConfig.model_validate(config["cfg"])
-    rows, policy_dir = config["rows"], config["policy_dir"]
+    rows, policy_dir = config["rows"], local_model(config["policy_dir"])  # from shared storage if a URI
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     if rank == 0:  # progress lines, whatever level the worker's root logger is at
@@ -488,20 +490,21 @@ def _publish_checkpoint(engine, rank: int, policy_dir: str, checkpoint_dir: str,
                 state_dict[name] = param.detach().to("cpu", dtype=dtype, copy=True)
     if rank != 0:
         return
+    if is_uri(checkpoint_dir):  # shared storage: written here, then uploaded in place of any earlier one
+        with tempfile.TemporaryDirectory(prefix="sppo-checkpoint-") as staging:
+            _write_checkpoint(engine, policy_dir, Path(staging), checkpoint_dir, state_dict, dtype)
+            try:
+                fs, path = pafs.FileSystem.from_uri(checkpoint_dir)
+                upload_dir(Path(staging), fs, path)
+            except Exception as err:
+                raise OSError(f"uploading the checkpoint to {checkpoint_dir} failed: {err}") from err
+        return
     target = Path(checkpoint_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     replaced = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
     try:
-        engine.module.config.dtype = dtype
-        try:
-            engine.module.save_pretrained(staging, state_dict=state_dict)
-            for source in Path(policy_dir).iterdir():
-                written_here = source.name in _MODEL_FILES or source.name.endswith(_WEIGHT_SUFFIXES)
-                if source.is_file() and not written_here:
-                    shutil.copy2(source, staging / source.name)
-        except Exception as err:  # safetensors reports a full disk as its own error type
-            raise OSError(f"writing the checkpoint for {target} failed: {err}") from err
+        _write_checkpoint(engine, policy_dir, staging, str(target), state_dict, dtype)
         staging.chmod(0o755)  # mkdtemp makes it 0700
         if target.exists():  # an earlier attempt's checkpoint: set aside, never merged with
             target.rename(replaced)
@@ -511,7 +514,26 @@ def _publish_checkpoint(engine, rank: int, policy_dir: str, checkpoint_dir: str,
     shutil.rmtree(replaced, ignore_errors=True)  # only once the new checkpoint is in place
 
 
+def _write_checkpoint(engine, policy_dir: str, staging: Path, target: str, state_dict: dict, dtype) -> None:
+    """The HF checkpoint (weights, config, generation config) plus the policy's other files
+    (tokenizer, chat template) into staging."""
+    engine.module.config.dtype = dtype
+    try:
+        engine.module.save_pretrained(staging, state_dict=state_dict)
+        for source in Path(policy_dir).iterdir():
+            written_here = source.name in _MODEL_FILES or source.name.endswith(_WEIGHT_SUFFIXES)
+            if source.is_file() and not written_here:
+                shutil.copy2(source, staging / source.name)
+    except Exception as err:  # safetensors reports a full disk as its own error type
+        raise OSError(f"writing the checkpoint for {target} failed: {err}") from err
+
+
 # ---------------------------------------------------------------- driver
+
+
+def _absolute(spec: str) -> str:
+    """Paths are handed to workers absolute; storage URIs and tiny: specs as they are."""
+    return spec if is_uri(spec) or spec.startswith("tiny:") else str(Path(spec).resolve())
 
 
 def train_policy(
@@ -537,7 +559,8 @@ def train_policy(
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not Path(policy_dir, "config.json").is_file():
+    local_path = not (is_uri(policy_dir) or policy_dir.startswith("tiny:"))
+    if local_path and not Path(policy_dir, "config.json").is_file():
         raise FileNotFoundError(f"policy_dir {policy_dir}: no config.json (needs a local model directory)")
     rows = read_pairs(pairs_path)
     num_steps = steps_per_epoch(len(rows), cfg) * cfg.epochs
@@ -560,8 +583,8 @@ def train_policy(
         train_loop_config={
             "cfg": cfg.model_dump(),
             "rows": rows,
-            "policy_dir": str(Path(policy_dir).resolve()),
-            "checkpoint_dir": str(Path(checkpoint_dir).resolve()),
+            "policy_dir": _absolute(policy_dir),
+            "checkpoint_dir": _absolute(checkpoint_dir),
             "mlflow_tracking_uri": mlflow_tracking_uri,
             "mlflow_run_id": mlflow_run_id,
             "deadline": time.time() + timeout_s if timeout_s is not None else math.inf,
@@ -573,7 +596,7 @@ def train_policy(
         ),
         torch_config=torch_config,
         run_config=RunConfig(
-            storage_path=str(Path(storage_dir).resolve()),
+            storage_path=_absolute(storage_dir),
             name=f"train-{Path(checkpoint_dir).name}-{uuid.uuid4().hex[:8]}",
             failure_config=failure_config,
         ),

@@ -6,6 +6,7 @@ Everything here is real (Ray, vLLM, DeepSpeed, PairRM, MLflow); nothing is mocke
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -38,6 +39,27 @@ def tiny_pairrm_dir() -> str:
     from sppo.tiny import resolve_model
 
     return resolve_model("tiny:pairrm")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API (moto's server) on a loopback port, for storage_uri=s3://... runs."""
+    from tests.s3 import start_s3_server
+
+    server = start_s3_server(str(tmp_path_factory.mktemp("s3") / "moto.log"))
+    try:
+        yield server
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch, request) -> str:
+    """A fresh bucket, with this process's S3 client pointed at the server; its s3:// URI."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server.create_bucket(re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:50])
 
 
 @pytest.fixture(scope="module")

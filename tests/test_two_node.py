@@ -1,5 +1,5 @@
-"""Two Ray nodes on this machine: a real 1-iteration tiny run spreads its vLLM engines and its
-training workers over both, and finishes.
+"""Two Ray nodes on this machine: a real 2-iteration tiny run spreads its vLLM engines and its
+training workers over both, keeps every output in shared storage (S3), and finishes.
 
 Two `ray start` processes (sppo.localstack): a head and a worker node that joins it, each with
 its own temp dir, declaring 2 CPUs, with Ray's token authentication on; an MLflow server beside
@@ -7,9 +7,11 @@ them. The job, submitted with `ray job submit`, asks for 2 vLLM engines and 2 Ze
 2 CPUs each, so no node can hold two of either: Ray must place one on each node. Where each
 actor ran comes from Ray's state API (`ray list actors`, with the cluster's token), after the job.
 
-Both nodes share this machine's local disk, so the output directory (and Ray Train's storage
-path) is visible to both as it is. A real cluster needs shared storage there (NFS, or a volume
-mounted on every node): see docs/operations.md.
+The run's storage_uri is a bucket on a real S3 API (moto's server on loopback), so nothing
+depends on the driver's disk: pi_1, trained in iteration 1 and uploaded by rank 0, reaches
+iteration 2's engines and train workers on both nodes through S3, each node downloading it
+into its own model cache (separate SPPO_CACHE directories: the nodes share this machine's disk,
+so that is what tells their copies apart).
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ import pytest
 from sppo.localstack import LocalStack, free_port
 from sppo.manifest import STAGE_FIELDS
 from tests.live_stack import REPO, VENV_BIN, nested_runs, rest, submit
+from tests.test_shared_storage import remote_files
 from tests.processes import wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 NODE_CPUS = 2
-# One iteration, few prompts, short answers, no held-out evaluation; each engine and worker
-# needs a whole node's CPUs.
+# Two iterations (the second reads pi_1 from storage), few prompts, short answers, no held-out
+# evaluation; each engine and worker needs a whole node's CPUs.
+ITERATIONS = 2
 RUN_ARGS = (
-    "--iters", "1",
+    "--iters", str(ITERATIONS),
     "--set", "prompts.per_iteration=16", "--set", "sampling.max_tokens=16", "--set", "prompts.eval_size=0",
     "--set", "sampling.num_engines=2", "--set", f"sampling.cpus_per_engine={NODE_CPUS}",
     "--set", "train.num_workers=2", "--set", f"train.cpus_per_worker={NODE_CPUS}",
@@ -46,15 +50,17 @@ JOB_ENV = {"RAY_worker_niceness": "0"}
 
 @pytest.fixture
 def two_node_stack(tmp_path_factory):
-    """A Ray head and one worker node (NODE_CPUS each, token auth) and an MLflow server.
-    Afterwards, pass or fail, every process they started, and every child of those, is gone."""
+    """A Ray head and one worker node (NODE_CPUS each, token auth, the worker node with its own
+    model cache) and an MLflow server. Afterwards, pass or fail, every process they started, and
+    every child of those, is gone."""
     stack = LocalStack(tmp_path_factory.mktemp("two-node"), ray_port=free_port(), dashboard_port=free_port(),
                        mlflow_port=free_port(), num_cpus=NODE_CPUS)
     temp_dirs = [str(stack.ray_temp_dir)]
     started: list[psutil.Process] = []
     try:
         stack.start()
-        temp_dirs.append(str(stack.add_worker_node(num_cpus=NODE_CPUS)))
+        stack.worker_cache = stack.state_dir / "worker-node-cache"
+        temp_dirs.append(str(stack.add_worker_node(num_cpus=NODE_CPUS, env={"SPPO_CACHE": str(stack.worker_cache)})))
         yield stack
     finally:
         for pid in {pid for pids in stack.pids.values() for pid in pids}:
@@ -87,7 +93,8 @@ def _listed(stack: LocalStack, resource: str, *filters: str) -> list[dict]:
     return json.loads(done.stdout)
 
 
-def test_one_iteration_spreads_engines_and_training_workers_over_two_nodes(two_node_stack, tmp_path):
+def test_a_run_in_s3_storage_spreads_engines_and_training_workers_over_two_nodes(two_node_stack, s3_server,
+                                                                                 tmp_path, monkeypatch):
     stack = two_node_stack
     nodes = [n for n in _listed(stack, "nodes") if n["state"] == "ALIVE"]
     assert len(nodes) == 2 and sorted(n["is_head_node"] for n in nodes) == [False, True]
@@ -107,7 +114,9 @@ def test_one_iteration_spreads_engines_and_training_workers_over_two_nodes(two_n
     assert f"Cluster: 2 node(s), {2 * NODE_CPUS} CPU" in plan.stdout
 
     output_dir = tmp_path / "run"
-    job = submit(stack, output_dir, *RUN_ARGS, job_env=JOB_ENV)
+    storage_uri = f"{s3_server.create_bucket('two-node')}/runs/tiny"
+    job = submit(stack, output_dir, *RUN_ARGS, "--set", f"storage_uri={storage_uri}",
+                 job_env={**JOB_ENV, **s3_server.env})
     assert "SPPO finished" in job.stdout
 
     # Where each actor of the job ran (dead actors keep their node id).
@@ -117,15 +126,36 @@ def test_one_iteration_spreads_engines_and_training_workers_over_two_nodes(two_n
     placed: dict[str, Counter] = {}
     for actor in actors:
         placed.setdefault(actor["class_name"], Counter())[actor["node_id"]] += 1
-    assert placed.get("VLLMEngine") == Counter(dict.fromkeys(node_ids, 1)), placed
-    assert placed.get("RayTrainWorker") == Counter(dict.fromkeys(node_ids, 1)), placed
+    assert placed.get("VLLMEngine") == Counter(dict.fromkeys(node_ids, ITERATIONS)), placed
+    assert placed.get("RayTrainWorker") == Counter(dict.fromkeys(node_ids, ITERATIONS)), placed
 
-    # The run finished: every stage of iteration 1 is done, its MLflow runs are FINISHED.
+    # The run finished: every stage of both iterations is done, its MLflow runs are FINISHED.
     manifest = json.loads((output_dir / "manifest.json").read_text())
-    stages = manifest["iterations"]["1"]["stages"]
-    assert set(stages) == set(STAGE_FIELDS) - {"evaluation"} and all(s["status"] == "done" for s in stages.values()), stages
-    assert (output_dir / "iter-1" / "checkpoint" / "config.json").is_file()
+    for t in range(1, ITERATIONS + 1):
+        stages = manifest["iterations"][str(t)]["stages"]
+        assert set(stages) == set(STAGE_FIELDS) - {"evaluation"}, stages
+        assert all(s["status"] == "done" for s in stages.values()), stages
     record = json.loads((output_dir / "run.json").read_text())
     assert rest(stack, "runs/get", {"run_id": record["parent_run_id"]})["run"]["info"]["status"] == "FINISHED"
     runs = nested_runs(stack, record["experiment_id"], record["parent_run_id"])
-    assert list(runs) == ["iter-1"] and runs["iter-1"]["info"]["status"] == "FINISHED"
+    assert sorted(runs) == ["iter-1", "iter-2"] and all(r["info"]["status"] == "FINISHED" for r in runs.values())
+
+    # The storage holds the whole run, byte for byte what the driver kept: stage outputs,
+    # metrics, manifest and both checkpoints (uploaded by rank 0 wherever it ran).
+    local = {p.relative_to(output_dir).as_posix(): p.read_bytes() for p in output_dir.rglob("*")
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(output_dir).parts)}
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    stored = remote_files(storage_uri)
+    stored = {name: data for name, data in stored.items() if "/ray_train/" not in name}  # Ray Train's own
+    assert stored == local
+    for t in range(1, ITERATIONS + 1):
+        assert {f"iter-{t}/{name}" for name in ("samples.parquet", "judgments.parquet", "pairs.parquet",
+                                                 "train_history.json", "checkpoint/config.json",
+                                                 "checkpoint/model.safetensors")} <= set(stored)
+    # Iteration 2's engine and train worker on the worker node loaded pi_1 from S3, into that
+    # node's own cache; the job's workers were given its storage URI, never a driver path.
+    [fetched] = (stack.worker_cache / "models").glob("iter-1-checkpoint-*")
+    assert (fetched / "model.safetensors").read_bytes() == stored["iter-1/checkpoint/model.safetensors"]
+    assert f"on {storage_uri}/iter-1/checkpoint" in job.stdout
+

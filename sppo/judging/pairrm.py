@@ -27,6 +27,7 @@ from sppo.config import JudgeConfig
 from sppo.judging.actor import actor_judge, check_inputs
 from sppo.judging.llm_blender_compat import import_llm_blender
 from sppo.progress import progress
+from sppo.storage import local_model
 
 log = logging.getLogger("sppo.judging")
 
@@ -98,6 +99,7 @@ class PairRMJudge:
     def __init__(self, model_dir: str, cfg: JudgeConfig):
         import torch
 
+        model_dir = local_model(model_dir)  # a storage URI or tiny: spec, fetched or built on this node
         if Path(model_dir).is_dir() and not (Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"PairRM directory {model_dir}: no config.json")
         llm_blender = import_llm_blender()

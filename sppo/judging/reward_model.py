@@ -23,6 +23,7 @@ import numpy as np
 from sppo.config import JudgeConfig
 from sppo.judging.actor import actor_judge, check_inputs
 from sppo.judging.pairrm import win_matrix
+from sppo.storage import local_model
 
 log = logging.getLogger("sppo.judging")
 
@@ -49,6 +50,7 @@ class RewardModelJudge:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        model_dir = local_model(model_dir)  # a storage URI or tiny: spec, fetched or built on this node
         if Path(model_dir).is_dir() and not (Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"reward model directory {model_dir}: no config.json")
         self.cfg = cfg
