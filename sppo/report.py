@@ -61,7 +61,8 @@ def plot(metrics: dict[int, dict[str, float]], path: Path) -> None:
             rates.errorbar(shown, mean, yerr=[low, high], marker="o", capsize=4, label=label)
     rates.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     rates.set(title="held-out win rate of pi_t (95% CI)", xlabel="iteration", ylabel="win rate", ylim=(0, 1))
-    rates.legend()
+    if rates.get_legend_handles_labels()[0]:  # a run without held-out evaluation has no curves
+        rates.legend()
     shown = [t for t in its if "train/final_loss" in metrics[t]]
     loss.plot(shown, [metrics[t]["train/final_loss"] for t in shown], marker="o")
     loss.set(title="final training loss", xlabel="iteration", ylabel="loss")
