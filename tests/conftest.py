@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -80,3 +81,5 @@ def live_stack(tmp_path_factory):
     # `stop` ends exactly what `start` started: every recorded daemon is gone.
     assert started and not [pid for pid in started if psutil.pid_exists(pid)
                             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    # Ray's temp dir (sockets, session logs) lies outside pytest's tmp_path; kept only on failure.
+    shutil.rmtree(stack.ray_temp_dir, ignore_errors=True)

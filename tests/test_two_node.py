@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections import Counter
 
@@ -74,6 +75,8 @@ def two_node_stack(tmp_path_factory):
     strays = [p.pid for p in psutil.process_iter(["cmdline"])
               if any(d in " ".join(p.info["cmdline"] or []) for d in temp_dirs)]
     assert not strays, f"processes of this test's Ray nodes outlived `stop`: {strays}"
+    for temp_dir in temp_dirs:  # outside pytest's tmp_path; kept only on failure
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _ray_state(stack: LocalStack, resource: str, *filters: str,
