@@ -21,6 +21,7 @@ resident set of any training worker process, sampled by the driver every 50 ms.
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 import threading
 import time
@@ -275,6 +276,8 @@ def run(size: str = "full", seed: int = 0) -> dict:
             runs["online_reference"] = {"seconds": out["train_steps"], **out,
                                         "peak_worker_rss_mib": memory.peak_mib, "wall_s": wall.seconds}
             try:  # a TRL release that breaks must not cost the other two measurements
+                if importlib.util.find_spec("trl") is None:
+                    raise ModuleNotFoundError("trl is not installed (`make bench` installs it)")
                 with WorkerMemory() as memory, Timer() as wall:
                     out = _trainer(_trl_loop, {**base, "output_dir": str(work / "trl")},
                                    cfg, str(work / "ray"), "trl-dpo").fit().return_value

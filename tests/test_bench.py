@@ -5,6 +5,7 @@ are `make bench`'s job."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -39,14 +40,15 @@ def test_results_file_has_the_summary_and_every_record(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_make_bench_smoke_writes_every_key(tmp_path, capsys):
-    # The TRL baseline is installed by `make bench` only (it is not in the lock).
-    pytest.importorskip("trl", reason="TRL is installed by `make bench`, not by the lock")
     from bench.__main__ import main
 
+    # The TRL baseline is installed by `make bench` only (it is not in the lock): without it the
+    # other measurements still run and the train record says why TRL's is missing.
+    has_trl = importlib.util.find_spec("trl") is not None
     path = main(["--size", "smoke", "--out", str(tmp_path / "latest.json")])
     results = json.loads(path.read_text())
-    for key in ("judge_ratio", "train_ratio_vs_online_ref", "train_ratio_vs_trl", "sample_ratio_vs_sequential",
-                "sample_overhead_vs_bare"):
+    keys = ["judge_ratio", "train_ratio_vs_online_ref", "sample_ratio_vs_sequential", "sample_overhead_vs_bare"]
+    for key in keys + (["train_ratio_vs_trl"] if has_trl else []):
         assert np.isfinite(results[key]), key
     assert set(results["benchmarks"]) == {"judge", "train", "sample", "iteration"}
     for record in results["benchmarks"].values():
@@ -56,12 +58,17 @@ def test_make_bench_smoke_writes_every_key(tmp_path, capsys):
     assert judge["scores_equal"] and judge["max_abs_score_diff"] <= 1e-4
     assert 0 < judge["ours_fraction_of_matmul_peak"] < 1
     train = results["benchmarks"]["train"]["results"]
-    assert set(train["runs"]) == {"ours", "online_reference", "trl"}
+    assert set(train["runs"]) == {"ours", "online_reference"} | ({"trl"} if has_trl else set())
     for run in train["runs"].values():
         assert run["response_tokens_per_s"] > 0 and run["peak_worker_rss_mib"] > 100
-    assert train["runs"]["trl"]["steps"] == results["benchmarks"]["train"]["inputs"]["steps"]
+    if has_trl:
+        assert train["runs"]["trl"]["steps"] == results["benchmarks"]["train"]["inputs"]["steps"]
+    else:
+        assert "train_ratio_vs_trl" not in results and "trl" in train["trl_error"]
     sample = results["benchmarks"]["sample"]["results"]
     assert all(r["tokens_per_s"] > 0 for r in sample["runs"].values())
+    # The bare engine ran with the actor's thread count and priority, or the overhead means nothing.
+    assert sample["bare_threads"]["torch_threads"] == sample["engine_threads"]["torch_threads"]
     stages = results["benchmarks"]["iteration"]["results"]["stage_seconds"]
     for stage in ("sampling", "engine_start", "judging", "training", "training/reference_logps",
                   "training/train_steps", "training/checkpoint_save", "tracking"):
