@@ -136,6 +136,11 @@ def is_uri(spec: str) -> bool:
     return "://" in spec
 
 
+def is_local_path(spec: str) -> bool:
+    """A model spec that names a directory on this machine (not a storage URI, not tiny:)."""
+    return not (is_uri(spec) or spec.startswith("tiny:"))
+
+
 class StorageError(OSError):
     """The shared storage (storage_uri) cannot be opened, read or written."""
 
@@ -193,7 +198,7 @@ class SharedStorage:
     def worker_spec(self, spec: str) -> str:
         """What a worker on any node is given for a model: the storage URI of a path under
         output_dir, anything else (hub id, tiny:, another path) as it is."""
-        if is_uri(spec) or spec.startswith("tiny:"):
+        if not is_local_path(spec):
             return spec
         try:
             return f"{self.uri}/{self._relative(Path(spec))}"

@@ -35,7 +35,7 @@ from sppo.losses import (
     wpo_pair_weights,
 )
 from sppo.progress import progress
-from sppo.storage import is_uri, local_model, upload_dir
+from sppo.storage import is_local_path, is_uri, local_model, upload_dir
 
 logger = logging.getLogger("sppo.training")
 
@@ -533,7 +533,7 @@ def _write_checkpoint(engine, policy_dir: str, staging: Path, target: str, state
 
 def _absolute(spec: str) -> str:
     """Paths are handed to workers absolute; storage URIs and tiny: specs as they are."""
-    return spec if is_uri(spec) or spec.startswith("tiny:") else str(Path(spec).resolve())
+    return str(Path(spec).resolve()) if is_local_path(spec) else spec
 
 
 def train_policy(
@@ -559,8 +559,7 @@ def train_policy(
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    local_path = not (is_uri(policy_dir) or policy_dir.startswith("tiny:"))
-    if local_path and not Path(policy_dir, "config.json").is_file():
+    if is_local_path(policy_dir) and not Path(policy_dir, "config.json").is_file():
         raise FileNotFoundError(f"policy_dir {policy_dir}: no config.json (needs a local model directory)")
     rows = read_pairs(pairs_path)
     num_steps = steps_per_epoch(len(rows), cfg) * cfg.epochs
