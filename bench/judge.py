@@ -7,9 +7,11 @@ reference's token limits (source 1224, candidate 412), run in this process on on
 scores (to 1e-4). Throughput is ordered pairs judged per second, tokenization included on both
 sides. The baseline runs one pair per forward pass, so its throughput does not depend on how
 many prompts it gets: it is timed on the first `baseline_prompts` prompts to keep the run
-short, ours on all of them, and scores are compared on the prompts both judged. The achieved FLOP/s counts the matmul FLOPs our
-judge executes (torch's FlopCounterMode, one untimed pass) and compares them with square
-fp32 matmuls measured in the same run.
+short, ours on all of them, and scores are compared on the prompts both judged. Ours runs in
+several variants (pairs per forward pass; DeBERTa's attention fused into SDPA or transformers'
+own) and the fastest is the headline. The achieved FLOP/s counts the matmul FLOPs of the pairs
+judged (torch's FlopCounterMode, one untimed unpadded pass) and compares them with square fp32
+matmuls measured in the same run.
 
     python -m bench.judge [--size full|smoke]
 """
@@ -21,12 +23,14 @@ import numpy as np
 
 from bench.common import Timer, check_size, cli, dense_matmul_flops, envelope, print_table
 
+# Our judge's variants: (pairs per forward, fused attention). Stock attention at batch 4 shows
+# what batching alone gives; the fused ones how the batch size interacts with the CPU's cache.
 SETTINGS = {
     # K=5, 64 prompts of ~200 tokens, candidates of ~300 tokens (PairRM tokens), as the issue asks.
     "full": {"k": 5, "prompts": 64, "baseline_prompts": 16, "prompt_tokens": 200, "candidate_tokens": 300,
-             "batch_sizes": [32]},
+             "variants": [(4, False), (1, True), (4, True), (32, True)]},
     "smoke": {"k": 3, "prompts": 2, "baseline_prompts": 2, "prompt_tokens": 20, "candidate_tokens": 30,
-              "batch_sizes": [4]},
+              "variants": [(4, False), (4, True)]},
 }
 SOURCE_MAX, CANDIDATE_MAX = 1224, 412  # llm-blender's defaults, which the reference keeps
 SCORE_TOLERANCE = 1e-4
@@ -58,8 +62,16 @@ def load_blender(model_dir: str):
     return blender
 
 
-def count_flops(judge, prompts, candidates) -> int:
+def count_flops(model_dir: str, prompts, candidates) -> int:
+    """The matmul FLOPs of judging these pairs one at a time (no padding), on the stock attention:
+    FlopCounterMode does not count the CPU SDPA kernel, and the fused path does the same matmuls."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from sppo.config import JudgeConfig
+    from sppo.judging.pairrm import PairRMJudge
+
+    judge = PairRMJudge(model_dir, JudgeConfig(batch_size=1, fused_attention=False, source_max_length=SOURCE_MAX,
+                                               candidate_max_length=CANDIDATE_MAX))
 
     # The counter's module hooks trip over parameters that require grad under inference_mode.
     params = [p for p in judge.ranker.parameters() if p.requires_grad]
@@ -86,23 +98,24 @@ def measure(blender, model_dir: str, setting: dict, prompt_tokens: int, candidat
     flat = synthetic_texts(tokenizer, count=n * k, mean_tokens=candidate_tokens, rng=rng)
     candidates = [flat[i * k:(i + 1) * k] for i in range(n)]
     pairs = n * k * (k - 1)
+    # Useful work, the same for every variant: counted on the baseline's prompts (an untimed pass
+    # costs as much as a timed one) and scaled to all of them by pair count (the prompts are drawn alike).
+    flops = count_flops(model_dir, prompts[:b], candidates[:b]) * n / b
 
     with Timer() as baseline:
         theirs = blender.rank(prompts[:b], candidates[:b], return_scores=True, batch_size=1,
                               source_max_length=SOURCE_MAX, candidate_max_length=CANDIDATE_MAX)
     variants = []
-    for batch_size in setting["batch_sizes"]:
-        judge = PairRMJudge(model_dir, JudgeConfig(batch_size=batch_size, source_max_length=SOURCE_MAX,
-                                                   candidate_max_length=CANDIDATE_MAX))
+    for batch_size, fused in setting["variants"]:
+        judge = PairRMJudge(model_dir, JudgeConfig(batch_size=batch_size, fused_attention=fused,
+                                                   source_max_length=SOURCE_MAX, candidate_max_length=CANDIDATE_MAX))
         judge.pair_logits(prompts[:1], candidates[:1])  # warm-up: first-call allocations
         with Timer() as ours:
             logits = judge.pair_logits(prompts, candidates)
         scores = np.stack([pair_scores(c) for c in logits[:b]])
-        # Counted on the baseline's prompts (an untimed pass costs as much as a timed one) and
-        # scaled to all of them by pair count: the prompts are drawn alike.
-        flops = count_flops(judge, prompts[:b], candidates[:b]) * n / b
         variants.append({
             "batch_size": batch_size,
+            "fused_attention": fused,
             "seconds": ours.seconds,
             "cpu_seconds": ours.cpu_seconds,
             "pairs_per_s": pairs / ours.seconds,
@@ -120,10 +133,10 @@ def measure(blender, model_dir: str, setting: dict, prompt_tokens: int, candidat
         "baseline_seconds": baseline.seconds,
         "baseline_cpu_seconds": baseline.cpu_seconds,
         "baseline_pairs_per_s": baseline_pairs_per_s,
-        # Our executed FLOPs for the prompts it judged over its time: about the same useful work.
-        "baseline_fraction_of_matmul_peak": best["flops"] * b / n / baseline.seconds / peak,
+        "baseline_fraction_of_matmul_peak": flops * b / n / baseline.seconds / peak,
         "ours": variants,
         "ours_batch_size": best["batch_size"],
+        "ours_fused_attention": best["fused_attention"],
         "ours_pairs_per_s": best["pairs_per_s"],
         "ours_fraction_of_matmul_peak": best["fraction_of_matmul_peak"],
         "max_abs_score_diff": max(v["max_abs_score_diff"] for v in variants),
@@ -173,7 +186,9 @@ def report(record: dict) -> None:
         rows = [[f"llm-blender rank, batch_size=1 ({inputs['baseline_prompts']} prompts)", r["baseline_seconds"],
                  r["baseline_cpu_seconds"], r["baseline_pairs_per_s"], r["baseline_fraction_of_matmul_peak"], "-", 1.0]]
         for v in r["ours"]:
-            rows.append([f"ours, batch_size={v['batch_size']} ({inputs['prompts']} prompts)", v["seconds"],
+            attention = "fused" if v["fused_attention"] else "stock"
+            rows.append([f"ours, batch_size={v['batch_size']}, {attention} attention ({inputs['prompts']} prompts)",
+                         v["seconds"],
                          v["cpu_seconds"], v["pairs_per_s"], v["fraction_of_matmul_peak"], v["max_abs_score_diff"],
                          v["pairs_per_s"] / r["baseline_pairs_per_s"]])
         print_table(

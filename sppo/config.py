@@ -99,6 +99,9 @@ class JudgeConfig(_Strict):
     batch_size: int = Field(default=32, ge=1, description="ordered pairs (pairrm) or candidates (reward_model) per forward pass")
     source_max_length: int = Field(default=1224, ge=1)
     candidate_max_length: int = Field(default=412, ge=1)
+    # pairrm only: DeBERTa's disentangled attention as one SDPA call per layer with cached
+    # relative-position indices (sppo/judging/deberta_attention.py); false runs transformers' own.
+    fused_attention: bool = True
     num_cpus: float = Field(default=1.0, ge=0.0)
     num_gpus: float = Field(default=0.0, ge=0.0)
     # Ray restarts a crashed judge actor this often and retries the whole judging call on it.

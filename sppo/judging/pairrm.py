@@ -9,7 +9,8 @@ alone (`pairwise_win_matrix`), which does not depend on the other candidates.
 
 - Pure core (numpy): `ordered_pairs`, `pair_scores`, `win_matrix`, `pairwise_win_matrix`.
 - `PairRMJudge`: llm-blender's own ranker and encoder, with every ordered pair of every prompt
-  flattened into length-sorted batches (the reference runs one prompt at a time).
+  flattened into length-sorted batches (the reference runs one prompt at a time), and DeBERTa's
+  attention fused into one SDPA call per layer (`deberta_attention`).
 - `judge_candidates`: the Ray shell, one judge actor (`PairRMJudgeActor`) per call.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from sppo.config import JudgeConfig
 from sppo.judging.actor import actor_judge, check_inputs
+from sppo.judging.deberta_attention import fuse_disentangled_attention
 from sppo.judging.llm_blender_compat import import_llm_blender
 from sppo.progress import progress
 from sppo.storage import local_model
@@ -120,6 +122,8 @@ class PairRMJudge:
                 "the judge needs a pairwise one ('pairranker', e.g. llm-blender/PairRM)"
             )
         self.ranker = blender.ranker
+        if cfg.fused_attention:
+            fuse_disentangled_attention(self.ranker.pretrained_model)
         self.pad_id = blender.ranker_tokenizer.pad_token_id
         # A private copy with our limits, as Blender.rank does with its rank_kwargs.
         self.collator = copy.copy(blender.ranker_collator)

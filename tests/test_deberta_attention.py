@@ -1,0 +1,79 @@
+"""The fused DeBERTa attention gives the stock module's outputs (sppo/judging/deberta_attention.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DebertaV2Config, DebertaV2Model
+from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
+
+from sppo.judging.deberta_attention import FusedDisentangledSelfAttention, fuse_disentangled_attention
+
+
+def deberta(**overrides) -> DebertaV2Model:
+    """A small random DeBERTa-v3-style encoder (PairRM's layout: log buckets, c2p + p2c)."""
+    settings = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=512, relative_attention=True,
+                    position_buckets=64, pos_att_type=["p2c", "c2p"], share_att_key=True,
+                    norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0,
+                    initializer_range=0.3)  # sharp attention, as the tiny PairRM has; 0.02 is near uniform
+    settings.update(overrides)
+    torch.manual_seed(0)
+    return DebertaV2Model(DebertaV2Config(**settings)).eval()
+
+
+def padded_batch(lengths: list[int]):
+    """Random ids, right-padded to the longest, with the attention mask."""
+    gen = torch.Generator().manual_seed(1)
+    longest = max(lengths)
+    ids = torch.randint(3, 100, (len(lengths), longest), generator=gen)
+    mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask
+
+
+@pytest.mark.parametrize("share_att_key", [True, False])
+# 40: inside one log bucket range; 700: past max_position (512) and the 512-long base index table.
+@pytest.mark.parametrize("lengths", [[40], [700], [700, 300, 41]])
+def test_fused_attention_matches_stock(share_att_key, lengths):
+    model = deberta(share_att_key=share_att_key)
+    ids, mask = padded_batch(lengths)
+    with torch.inference_mode():
+        stock = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert fuse_disentangled_attention(model)
+        fused = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()  # padding rows are not masked the stock way; nothing reads them
+    assert not torch.equal(stock[real], torch.zeros_like(stock[real]))
+    assert torch.allclose(fused[real], stock[real], atol=1e-4), (fused[real] - stock[real]).abs().max()
+
+
+def test_the_relative_terms_weigh_more_than_the_tolerance():
+    """Parity to 1e-4 says something only if the c2p/p2c terms move outputs by much more than
+    that: reordering the relative-position embeddings must change the fused outputs."""
+    model = deberta()
+    fuse_disentangled_attention(model)
+    ids, mask = padded_batch([200])
+    with torch.inference_mode():
+        before = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        weight = model.encoder.rel_embeddings.weight
+        weight.copy_(weight[torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(2))])
+        after = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (after - before).abs().max() > 1e-2
+
+
+def test_training_mode_takes_the_stock_path():
+    model = deberta(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids, mask = padded_batch([50, 30])
+    stock = model.train()(input_ids=ids, attention_mask=mask).last_hidden_state
+    fuse_disentangled_attention(model)
+    fused = model.train()(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(fused, stock)  # bitwise: the same code ran
+    fused.sum().backward()  # and it trains
+    assert model.encoder.layer[0].attention.self.query_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("overrides", [{"pos_att_type": ["c2p"]}, {"relative_attention": False}])
+def test_other_attention_layouts_are_left_alone(overrides):
+    model = deberta(**overrides)
+    assert not fuse_disentangled_attention(model)
+    assert all(type(m) is not FusedDisentangledSelfAttention for m in model.modules())
+    assert any(type(m) is DisentangledSelfAttention for m in model.modules())
