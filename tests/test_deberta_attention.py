@@ -22,21 +22,24 @@ def deberta(**overrides) -> DebertaV2Model:
     return DebertaV2Model(DebertaV2Config(**settings)).eval()
 
 
-def padded_batch(lengths: list[int]):
-    """Random ids, right-padded to the longest, with the attention mask."""
+def padded_batch(lengths: list[int], side: str = "right"):
+    """Random ids, padded to the longest on `side`, with the attention mask."""
     gen = torch.Generator().manual_seed(1)
     longest = max(lengths)
     ids = torch.randint(3, 100, (len(lengths), longest), generator=gen)
     mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long()
+    if side == "left":
+        mask = mask.flip(-1)
     return ids * mask, mask
 
 
 @pytest.mark.parametrize("share_att_key", [True, False])
 # 40: inside one log bucket range; 700: past max_position (512) and the 512-long base index table.
-@pytest.mark.parametrize("lengths", [[40], [700], [700, 300, 41]])
-def test_fused_attention_matches_stock(share_att_key, lengths):
+@pytest.mark.parametrize("lengths, side", [([40], "right"), ([700], "right"), ([700, 300, 41], "right"),
+                                           ([300, 41], "left")])
+def test_fused_attention_matches_stock(share_att_key, lengths, side):
     model = deberta(share_att_key=share_att_key)
-    ids, mask = padded_batch(lengths)
+    ids, mask = padded_batch(lengths, side)
     with torch.inference_mode():
         stock = model(input_ids=ids, attention_mask=mask).last_hidden_state
         assert fuse_disentangled_attention(model)

@@ -14,7 +14,8 @@ Here the same scores are computed as:
 with the bucket indices built once per (device, length) from transformers' own
 `build_relative_position` and flattened so that both terms are one `index_select` each.
 Same parameters and the same arithmetic up to float rounding (the parity tests compare with the
-stock module); rows of padding queries, which nothing reads, are not masked the stock way.
+stock module) for the padding masks the encoder builds from a 2-D attention_mask; rows of
+padding queries, which nothing reads, are not masked the stock way.
 
 `fuse_disentangled_attention(model)` switches a loaded DeBERTa-v2 model to this path, in
 place, where its config allows (relative attention with both c2p and p2c terms); otherwise it
@@ -47,7 +48,7 @@ def _base_indices(size: int, buckets: int, max_position: int, span: int, device:
     return c2p, p2c_t
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)  # a forward's layers share one length; batches change it
 def flat_indices(length: int, buckets: int, max_position: int, span: int, device: str):
     """Indices into C (L x 2span) and P^T (2span x L), flattened, such that
     C.flatten()[c2p_flat] is the c2p term and P^T.flatten()[p2c_flat] the p2c term, row-major L x L."""
@@ -103,8 +104,8 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
         pos_query = heads((self.query_proj if self.share_att_key else self.pos_query_proj)(rel))
         c2p_flat, p2c_flat = flat_indices(length, self.position_buckets, self.max_relative_positions,
                                           self.pos_ebd_size, str(hidden_states.device))
-        # The encoder passes mask_i * mask_j; a key is real if any query may attend to it.
-        key_mask = attention_mask.bool().any(dim=-2, keepdim=True)
+        # The encoder passes mask_i * mask_j, whose diagonal is the padding mask itself: O(L), not O(L^2).
+        key_mask = attention_mask.diagonal(dim1=-2, dim2=-1).bool().unsqueeze(-2)
         if bool(key_mask.all()):
             key_mask = None
         scale = (self.attention_head_size * 3) ** 0.5
