@@ -70,12 +70,13 @@ def disentangled_attention(q, k, v, pos_key, pos_query, c2p_flat, p2c_flat, key_
     b, h, length, _ = q.shape
     c2p = torch.matmul(q, pos_key.transpose(-1, -2) / scale)  # (B, H, L, 2span)
     p2c = torch.matmul(pos_query / scale, k.transpose(-1, -2))  # (B, H, 2span, L)
+    if key_mask is not None:
+        # Column j of bias takes its p2c term from column j of p2c only: masking the keys there
+        # masks the whole column, in 2span x L writes instead of L x L.
+        p2c.masked_fill_(~key_mask, torch.finfo(p2c.dtype).min)
     bias = torch.index_select(c2p.reshape(b * h, -1), 1, c2p_flat)
     bias += torch.index_select(p2c.reshape(b * h, -1), 1, p2c_flat)
-    bias = bias.view(b, h, length, length)
-    if key_mask is not None:
-        bias.masked_fill_(~key_mask, torch.finfo(bias.dtype).min)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(b, h, length, length), scale=1.0 / scale)
 
 
 class FusedDisentangledSelfAttention(DisentangledSelfAttention):
