@@ -40,31 +40,32 @@ import pyarrow.parquet as pq
 log = logging.getLogger("sppo.storage")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _push_to_shared_storage(path)
-
-
-def atomic_write_parquet(path: Path, rows: list[dict]) -> None:
+def write_then_replace(path: Path, write) -> None:
+    """Publish `path` whole or not at all: `write(tmp)` fills a temporary sibling, which is then
+    renamed over `path`; on any failure the sibling is removed and `path` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    write_then_replace(path, write)
+    _push_to_shared_storage(path)
+
+
+def atomic_write_parquet(path: Path, rows: list[dict]) -> None:
+    write_then_replace(path, lambda tmp: pq.write_table(pa.Table.from_pylist(rows), tmp))
     _push_to_shared_storage(path)
 
 
@@ -285,15 +286,8 @@ class SharedStorage:
             if name.startswith(".") or (name in local and local[name].stat().st_size == size
                                         and not name.endswith(".json") and not name.endswith(".yaml")):
                 continue
-            target = self.local_root / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-            os.close(fd)
-            try:
-                pafs.copy_files(f"{self.base}/{name}", tmp, source_filesystem=self.fs)
-                os.replace(tmp, target)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            write_then_replace(self.local_root / name,
+                               lambda tmp: pafs.copy_files(f"{self.base}/{name}", tmp, source_filesystem=self.fs))
             fetched += 1
         log.info("output_dir %s synced from %s: %d files fetched", self.local_root, self.uri, fetched)
 

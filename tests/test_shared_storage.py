@@ -173,3 +173,18 @@ def test_config_rejects_storage_uris_it_cannot_extend(uri, tmp_path):
 def test_tiny_config_accepts_a_storage_uri_override(tmp_path):
     cfg = load_config("configs/tiny.yaml", overrides={"storage_uri": "s3://team-bucket/sppo/tiny"})
     assert cfg.storage_uri == "s3://team-bucket/sppo/tiny"
+
+
+def test_a_failed_write_keeps_the_published_file_and_leaves_no_temporary(tmp_path):
+    """Stage outputs are whole or absent: a write that fails midway changes nothing on disk."""
+    pairs = tmp_path / "out" / "pairs.parquet"
+    atomic_write_parquet(pairs, [{"chosen": "a"}])
+    with pytest.raises(Exception, match="int|str"):  # pyarrow: one column cannot hold both
+        atomic_write_parquet(pairs, [{"chosen": 1}, {"chosen": "b"}])
+    metrics = tmp_path / "out" / "stage_metrics.json"
+    atomic_write_text(metrics, "{}")
+    with pytest.raises(TypeError):
+        atomic_write_text(metrics, {"not": "text"})
+    assert read_parquet(pairs) == [{"chosen": "a"}]
+    assert metrics.read_text() == "{}"
+    assert sorted(p.name for p in pairs.parent.iterdir()) == ["pairs.parquet", "stage_metrics.json"]
