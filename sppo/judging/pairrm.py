@@ -26,7 +26,6 @@ import numpy as np
 
 from sppo.config import JudgeConfig
 from sppo.judging.actor import actor_judge, check_inputs
-from sppo.judging.deberta_attention import fuse_disentangled_attention
 from sppo.judging.llm_blender_compat import import_llm_blender
 from sppo.progress import progress
 from sppo.storage import local_model
@@ -123,6 +122,8 @@ class PairRMJudge:
             )
         self.ranker = blender.ranker
         if cfg.fused_attention:
+            from sppo.judging.deberta_attention import fuse_disentangled_attention  # torch: in the actor only
+
             fuse_disentangled_attention(self.ranker.pretrained_model)
         self.pad_id = blender.ranker_tokenizer.pad_token_id
         # A private copy with our limits, as Blender.rank does with its rank_kwargs.
