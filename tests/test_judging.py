@@ -183,6 +183,17 @@ def test_scores_match_blender_rank(judge, blender):
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
 
 
+def test_the_judge_runs_the_fused_attention_unless_told_not_to(judge, tiny_pairrm_dir):
+    """The parity above is then a parity of the fused path; fused_attention=false keeps transformers'."""
+    from sppo.judging.deberta_attention import FusedDisentangledSelfAttention
+
+    def fused_layers(j):
+        return sum(type(m) is FusedDisentangledSelfAttention for m in j.ranker.pretrained_model.modules())
+
+    assert fused_layers(judge) == judge.ranker.pretrained_model.config.num_hidden_layers
+    assert fused_layers(PairRMJudge(tiny_pairrm_dir, SMALL.model_copy(update={"fused_attention": False}))) == 0
+
+
 def test_pair_scores_match_llm_blender_formula():
     from sppo.judging.llm_blender_compat import import_llm_blender
 
