@@ -7,7 +7,12 @@ import torch
 from transformers import DebertaV2Config, DebertaV2Model
 from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
 
-from sppo.judging.deberta_attention import FusedDisentangledSelfAttention, fuse_disentangled_attention
+from sppo.judging import deberta_attention
+from sppo.judging.deberta_attention import (
+    FusedDisentangledSelfAttention,
+    bias_pieces,
+    fuse_disentangled_attention,
+)
 
 
 def deberta(**overrides) -> DebertaV2Model:
@@ -80,3 +85,48 @@ def test_other_attention_layouts_are_left_alone(overrides):
     assert not fuse_disentangled_attention(model)
     assert all(type(m) is not FusedDisentangledSelfAttention for m in model.modules())
     assert any(type(m) is DisentangledSelfAttention for m in model.modules())
+
+
+@pytest.mark.parametrize("budget", [2 * 2 * 60 * 60, 2 * 60 * 7])  # 2 sequences a piece; 7 rows a piece
+def test_the_bias_built_in_pieces_gives_the_same_outputs(monkeypatch, budget):
+    model = deberta()
+    ids, mask = padded_batch([60, 45, 30, 60, 12])
+    with torch.inference_mode():
+        stock = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        fuse_disentangled_attention(model)
+        monkeypatch.setattr(deberta_attention, "CPU_BIAS_ELEMENTS", budget)
+        fused = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert torch.allclose(fused[real], stock[real], atol=1e-4), (fused[real] - stock[real]).abs().max()
+
+
+@pytest.mark.parametrize("batch, heads, length, budget", [(5, 2, 60, 2 * 60 * 60 * 2), (3, 2, 60, 2 * 60 * 7),
+                                                          (2, 4, 9, 1), (4, 2, 10, 10**9)])
+def test_bias_pieces_cover_every_row_once_within_the_budget(batch, heads, length, budget):
+    covered = torch.zeros(batch, length, dtype=torch.long)
+    for seqs, rows in bias_pieces(batch, heads, length, budget):
+        covered[seqs, rows] += 1
+        size = (seqs.stop - seqs.start) * heads * (rows.stop - rows.start) * length
+        assert size <= max(budget, heads * length)  # at least one row of one sequence
+    assert torch.equal(covered, torch.ones_like(covered))
+
+
+def test_attention_weights_asked_for_come_from_the_stock_path_with_the_stock_mask():
+    model = deberta()
+    ids, mask = padded_batch([50, 30])
+    with torch.inference_mode():
+        stock = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        fuse_disentangled_attention(model)
+        fused = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert torch.equal(fused.last_hidden_state, stock.last_hidden_state)
+    for fused_layer, stock_layer in zip(fused.attentions, stock.attentions, strict=True):
+        assert torch.equal(fused_layer, stock_layer)
+
+
+def test_the_fused_encoder_passes_the_key_mask_in_eval_mode_and_the_stock_mask_in_training():
+    model = deberta()
+    fuse_disentangled_attention(model)
+    _, mask = padded_batch([50, 30])
+    assert model.encoder.get_attention_mask(mask).shape == (2, 1, 1, 50)  # not the (2, 1, 50, 50) product
+    model.train()
+    assert torch.equal(model.encoder.get_attention_mask(mask), mask[:, None, None, :] * mask[:, None, :, None])

@@ -36,6 +36,11 @@ log = logging.getLogger("sppo.judging")
 # Base index tables are built for lengths rounded up to this, so a stream of slightly different
 # lengths reuses one table (positions depend on i - j only: a shorter length is its top-left block).
 _BASE_LENGTH_STEP = 512
+# Elements of the [sequences, heads, rows, L] attention bias built at a time on a CPU: about
+# 4 MB stays in cache from the gathers that write it to the SDPA call that reads it. Built whole,
+# at 4 pairs of ~800 tokens (20 MB a layer), attention took 1.2-1.5x as long, and the larger the
+# batch the worse (docs/performance.md). Accelerators build it whole.
+CPU_BIAS_ELEMENTS = 1 << 19
 
 
 @functools.lru_cache(maxsize=4)
@@ -57,26 +62,51 @@ def flat_indices(length: int, buckets: int, max_position: int, span: int, device
     rows = torch.arange(length, device=device)
     c2p_flat = (rows[:, None] * (2 * span) + c2p[:length, :length]).reshape(-1)
     p2c_flat = (p2c_t[:length, :length] * length + rows[None, :]).reshape(-1)
-    return c2p_flat, p2c_flat
+    # int32 when the tables allow: index_select reads half the index bytes, ~1.3x faster on a CPU.
+    fits = max(length, 2 * span) * length < torch.iinfo(torch.int32).max
+    return (c2p_flat.int(), p2c_flat.int()) if fits else (c2p_flat, p2c_flat)
+
+
+def bias_pieces(batch: int, heads: int, length: int, budget: int) -> list[tuple[slice, slice]]:
+    """(sequences, query rows) pieces whose bias, [sequences, heads, rows, length], has at most
+    `budget` elements (or one row of one sequence, if even that is more): whole sequences
+    while they fit, else row blocks of one sequence."""
+    per_sequence = heads * length * length
+    if per_sequence <= budget:
+        step = budget // per_sequence
+        return [(slice(i, min(batch, i + step)), slice(0, length)) for i in range(0, batch, step)]
+    rows = max(1, budget // (heads * length))
+    return [(slice(i, i + 1), slice(r, min(length, r + rows))) for i in range(batch) for r in range(0, length, rows)]
 
 
 def disentangled_attention(q, k, v, pos_key, pos_query, c2p_flat, p2c_flat, key_mask, scale: float):
-    """Attention with DeBERTa's c2p and p2c relative terms, as one SDPA call.
+    """Attention with DeBERTa's c2p and p2c relative terms, as SDPA calls over pieces of the batch.
 
     q, k, v: (B, H, L, d); pos_key, pos_query: (1, H, 2span, d) projected relative embeddings;
     c2p_flat, p2c_flat: from `flat_indices`; key_mask: (B, 1, 1, L) bool, True where a key is a
     real token, or None when all are; scale: DeBERTa's sqrt(d * 3). Returns (B, H, L, d).
+    The bias is built and used a piece at a time (`bias_pieces`, `CPU_BIAS_ELEMENTS`).
     """
     b, h, length, _ = q.shape
     c2p = torch.matmul(q, pos_key.transpose(-1, -2) / scale)  # (B, H, L, 2span)
     p2c = torch.matmul(pos_query / scale, k.transpose(-1, -2))  # (B, H, 2span, L)
     if key_mask is not None:
         # Column j of bias takes its p2c term from column j of p2c only: masking the keys there
-        # masks the whole column, in 2span x L writes instead of L x L.
-        p2c.masked_fill_(~key_mask, torch.finfo(p2c.dtype).min)
-    bias = torch.index_select(c2p.reshape(b * h, -1), 1, c2p_flat)
-    bias += torch.index_select(p2c.reshape(b * h, -1), 1, p2c_flat)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(b, h, length, length), scale=1.0 / scale)
+        # masks the whole column, in 2span x L writes instead of L x L. Added, not masked_fill'ed:
+        # a broadcast bool mask made masked_fill_ 16x slower on a CPU. The dtype's minimum plus a
+        # score stays the minimum (or -inf in half precision): no weight either way.
+        padding = torch.zeros(key_mask.shape, dtype=p2c.dtype, device=p2c.device)
+        p2c += padding.masked_fill_(~key_mask, torch.finfo(p2c.dtype).min)
+    budget = CPU_BIAS_ELEMENTS if q.device.type == "cpu" else b * h * length * length
+    out = torch.empty_like(q)
+    for seqs, rows in bias_pieces(b, h, length, budget):
+        window = slice(rows.start * length, rows.stop * length)
+        bias = torch.index_select(c2p[seqs].reshape(-1, c2p[0, 0].numel()), 1, c2p_flat[window])
+        bias += torch.index_select(p2c[seqs].reshape(-1, p2c[0, 0].numel()), 1, p2c_flat[window])
+        out[seqs, :, rows] = F.scaled_dot_product_attention(
+            q[seqs, :, rows], k[seqs], v[seqs], attn_mask=bias.view(-1, h, rows.stop - rows.start, length),
+            scale=1.0 / scale)
+    return out
 
 
 class FusedDisentangledSelfAttention(DisentangledSelfAttention):
@@ -89,7 +119,10 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
     def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
                 relative_pos=None, rel_embeddings=None):
         if self.training or output_attentions or query_states is not None:
-            # The stock forward builds relative_pos itself when the fused encoder passed None.
+            # The stock forward builds relative_pos itself when the fused encoder passed None,
+            # and gets the pairwise mask the stock encoder would have built.
+            if attention_mask.shape[-2] == 1:
+                attention_mask = attention_mask * attention_mask.transpose(-1, -2)
             return super().forward(hidden_states, attention_mask, output_attentions, query_states,
                                    relative_pos, rel_embeddings)
         b, length, _ = hidden_states.shape
@@ -105,8 +138,11 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
         pos_query = heads((self.query_proj if self.share_att_key else self.pos_query_proj)(rel))
         c2p_flat, p2c_flat = flat_indices(length, self.position_buckets, self.max_relative_positions,
                                           self.pos_ebd_size, str(hidden_states.device))
-        # The encoder passes mask_i * mask_j, whose diagonal is the padding mask itself: O(L), not O(L^2).
-        key_mask = attention_mask.diagonal(dim1=-2, dim2=-1).bool().unsqueeze(-2)
+        # The fused encoder passes the key mask (B, 1, 1, L); a stock one mask_i * mask_j, whose
+        # diagonal is the key mask.
+        if attention_mask.shape[-2] != 1:
+            attention_mask = attention_mask.diagonal(dim1=-2, dim2=-1).unsqueeze(-2)
+        key_mask = attention_mask.bool()
         if bool(key_mask.all()):
             key_mask = None
         scale = (self.attention_head_size * 3) ** 0.5
@@ -117,6 +153,20 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
 def _no_relative_positions(hidden_states, query_states=None, relative_pos=None):
     """The fused encoder's get_rel_pos: the fused layers index their own cached bucket tables."""
     return relative_pos
+
+
+def _key_mask_in_eval(encoder):
+    """The fused encoder's get_attention_mask: in eval mode a 2-D padding mask becomes the key
+    mask (B, 1, 1, L), all the fused layers read, instead of the stock (B, 1, L, L) product
+    (20 MB of int64 per layer call at 4 pairs of 800 tokens). In training mode, the stock mask."""
+    stock = encoder.get_attention_mask
+
+    def get_attention_mask(attention_mask):
+        if encoder.training or attention_mask.dim() != 2:
+            return stock(attention_mask)
+        return attention_mask[:, None, None, :]
+
+    return get_attention_mask
 
 
 def fuse_disentangled_attention(model) -> bool:
@@ -140,4 +190,5 @@ def fuse_disentangled_attention(model) -> bool:
         layer.__class__ = FusedDisentangledSelfAttention
     # The stock encoder builds the log-bucketed L x L positions on every forward; no layer reads them now.
     encoders[0].get_rel_pos = _no_relative_positions
+    encoders[0].get_attention_mask = _key_mask_in_eval(encoders[0])
     return True
