@@ -98,11 +98,13 @@ def disentangled_attention(q, k, v, pos_key, pos_query, c2p_flat, p2c_flat, key_
         padding = torch.zeros(key_mask.shape, dtype=p2c.dtype, device=p2c.device)
         p2c += padding.masked_fill_(~key_mask, torch.finfo(p2c.dtype).min)
     budget = CPU_BIAS_ELEMENTS if q.device.type == "cpu" else b * h * length * length
+    c2p, p2c = c2p.view(b * h, -1), p2c.view(b * h, -1)  # one row per (sequence, head)
     out = torch.empty_like(q)
     for seqs, rows in bias_pieces(b, h, length, budget):
+        heads = slice(seqs.start * h, seqs.stop * h)
         window = slice(rows.start * length, rows.stop * length)
-        bias = torch.index_select(c2p[seqs].reshape(-1, c2p[0, 0].numel()), 1, c2p_flat[window])
-        bias += torch.index_select(p2c[seqs].reshape(-1, p2c[0, 0].numel()), 1, p2c_flat[window])
+        bias = torch.index_select(c2p[heads], 1, c2p_flat[window])
+        bias += torch.index_select(p2c[heads], 1, p2c_flat[window])
         out[seqs, :, rows] = F.scaled_dot_product_attention(
             q[seqs, :, rows], k[seqs], v[seqs], attn_mask=bias.view(-1, h, rows.stop - rows.start, length),
             scale=1.0 / scale)
