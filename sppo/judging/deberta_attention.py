@@ -1,4 +1,4 @@
-"""DeBERTa-v2 disentangled attention for inference, fused into one SDPA call per layer.
+"""DeBERTa-v2 disentangled attention for inference, fused into SDPA calls.
 
 PairRM is a DeBERTa-v3 encoder. transformers' `DisentangledSelfAttention` rebuilds the
 log-bucketed relative positions of every (query, key) pair on each forward, gathers the
@@ -12,7 +12,8 @@ Here the same scores are computed as:
     out = scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1/s)
 
 with the bucket indices built once per (device, length) from transformers' own
-`build_relative_position` and flattened so that both terms are one `index_select` each.
+`build_relative_position` and flattened so that both terms are one `index_select` each, and
+on a CPU the bias built and used a cache-sized piece of the batch at a time.
 Same parameters and the same arithmetic up to float rounding (the parity tests compare with the
 stock module) for the padding masks the encoder builds from a 2-D attention_mask; rows of
 padding queries, which nothing reads, are not masked the stock way.
