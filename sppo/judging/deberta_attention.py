@@ -37,8 +37,8 @@ log = logging.getLogger("sppo.judging")
 # Base index tables are built for lengths rounded up to this, so a stream of slightly different
 # lengths reuses one table (positions depend on i - j only: a shorter length is its top-left block).
 _BASE_LENGTH_STEP = 512
-# Elements of the [sequences, heads, rows, L] attention bias built at a time on a CPU: about
-# 4 MB stays in cache from the gathers that write it to the SDPA call that reads it. Built whole,
+# Elements of the [sequences, heads, rows, L] attention bias built at a time on a CPU: 2 MB in
+# fp32 stays in cache from the gathers that write it to the SDPA call that reads it. Built whole,
 # at 4 pairs of ~800 tokens (20 MB a layer), attention took 1.2-1.5x as long, and the larger the
 # batch the worse (docs/performance.md). Accelerators build it whole.
 CPU_BIAS_ELEMENTS = 1 << 19
