@@ -87,6 +87,25 @@ def dense_matmul_flops(n: int = 1024, seconds: float = 1.0) -> float:
     return 2.0 * n**3 * count / elapsed
 
 
+def counted_flops(fn) -> int:
+    """The FLOPs torch's FlopCounterMode counts (matmuls and attention) while fn() runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def meta_model(model_dir: str):
+    """The causal LM in model_dir built on the meta device: shapes without weights, so that a
+    counted pass over it costs no compute."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+
+
 class Timer:
     """Wall-clock seconds of a `with` block in `.seconds`, and this process's CPU seconds (all
     its threads) in `.cpu_seconds`: on a machine shared with other work the CPU time moves less."""

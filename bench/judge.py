@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.common import Timer, check_size, cli, dense_matmul_flops, envelope, print_table
+from bench.common import Timer, check_size, cli, counted_flops, dense_matmul_flops, envelope, print_table
 
 # Our judge's variants: (pairs per forward, fused attention). Stock attention at batch 4 shows
 # what batching alone gives; the fused ones how the batch size interacts with the CPU's cache.
@@ -67,8 +67,6 @@ def load_blender(model_dir: str):
 def count_flops(model_dir: str, prompts, candidates) -> int:
     """The matmul FLOPs of judging these pairs one at a time (no padding), on the stock attention:
     FlopCounterMode does not count the CPU SDPA kernel, and the fused path does the same matmuls."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from sppo.config import JudgeConfig
     from sppo.judging.pairrm import PairRMJudge
 
@@ -80,12 +78,10 @@ def count_flops(model_dir: str, prompts, candidates) -> int:
     for p in params:
         p.requires_grad_(False)
     try:
-        with FlopCounterMode(display=False) as counter:
-            judge.pair_logits(prompts, candidates)
+        return counted_flops(lambda: judge.pair_logits(prompts, candidates))
     finally:
         for p in params:
             p.requires_grad_(True)
-    return counter.get_total_flops()
 
 
 # The judge each worker process holds: llm-blender's Blender, or one of our PairRMJudge variants.

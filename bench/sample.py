@@ -11,7 +11,10 @@
 
 Each engine starts once (its start-up time is reported, not counted); the three are then
 called in turn, `rounds` times, after one warm-up call each, and each side's median is kept.
-Throughput is generated tokens per second.
+Throughput is generated tokens per second. How close it comes to what the hardware allows:
+those tokens' FLOPs per second (2 per weight per generated token, a lower bound that leaves out
+attention and prefill) as a fraction of square fp32 matmuls measured in the same run on the
+engine's thread count.
 
     python -m bench.sample [--size full|smoke]
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 import os
 import statistics
 
-from bench.common import Timer, check_size, cli, envelope, print_table
+from bench.common import Timer, check_size, cli, counted_flops, dense_matmul_flops, envelope, meta_model, print_table
 
 SETTINGS = {
     "full": {"prompts": 64, "k": 5, "max_tokens": 64, "rounds": 5},
@@ -55,6 +58,16 @@ def with_sequential_passes(base):
                     "niceness": os.nice(0)}
 
     return Engine
+
+
+def flops_per_generated_token(model_dir: str) -> int:
+    """A one-token forward pass with no context, counted on the model built on the meta
+    device: 2 FLOPs per weight in a matmul, the LM head included."""
+    import torch
+
+    model = meta_model(model_dir)
+    with torch.no_grad():
+        return counted_flops(lambda: model(input_ids=torch.zeros(1, 1, dtype=torch.long, device="meta")))
 
 
 def _params_kwargs(engine) -> dict:
@@ -102,6 +115,7 @@ def run(size: str = "full") -> dict:
         import torch
 
         torch.set_num_threads(threads["torch_threads"])
+        peak = dense_matmul_flops()  # on the engine's threads, at its niceness
         from vllm import LLM, SamplingParams, TokensPrompt
 
         with Timer() as bare_start:
@@ -140,12 +154,15 @@ def run(size: str = "full") -> dict:
             ray.kill(engine)
         if started_ray:
             ray.shutdown()
+    token_flops = flops_per_generated_token(model_dir)
     runs = {}
     for name, samples in measured.items():
-        per_s = [s["tokens"] / s["seconds"] for s in samples]
-        runs[name] = {"tokens_per_s": statistics.median(per_s), "rounds": samples}
+        per_s = statistics.median(s["tokens"] / s["seconds"] for s in samples)
+        runs[name] = {"tokens_per_s": per_s, "fraction_of_matmul_peak": per_s * token_flops / peak, "rounds": samples}
     results = {
         "runs": runs,
+        "flops_per_generated_token": token_flops,
+        "matmul_flops_per_s": peak,
         "engine_start_s": {"ray_actor": actor_start.seconds, "bare": bare_start.seconds},
         "ratio_vs_sequential": runs["ours"]["tokens_per_s"] / runs["sequential"]["tokens_per_s"],
         # Fraction of throughput lost to Ray and our wrapper, next to the bare engine.
@@ -164,12 +181,14 @@ def report(record: dict) -> None:
     names = {"ours": "ours: Ray actor, one n=K request per prompt", "sequential": "K sequential n=1 passes (reference)",
              "bare": "bare vLLM engine, n=K, no Ray"}
     rows = [[names[name], statistics.median(s["seconds"] for s in run["rounds"]), run["tokens_per_s"],
-             r["runs"]["ours"]["tokens_per_s"] / run["tokens_per_s"]] for name, run in r["runs"].items()]
+             run["fraction_of_matmul_peak"], r["runs"]["ours"]["tokens_per_s"] / run["tokens_per_s"]]
+            for name, run in r["runs"].items()]
     print_table(
         f"sampling: {inputs['prompts']} prompts x K={inputs['k']} x up to {inputs['max_tokens']} tokens, "
         f"tiny Llama; engine start {r['engine_start_s']['ray_actor']:.1f} s (actor), "
-        f"{r['engine_start_s']['bare']:.1f} s (bare), not counted",
-        ["sampler", "median seconds", "tokens/s", "ours x"], rows,
+        f"{r['engine_start_s']['bare']:.1f} s (bare), not counted; dense matmul "
+        f"{r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s on the engine's threads",
+        ["sampler", "median seconds", "tokens/s", "of matmul FLOP/s", "ours x"], rows,
     )
     print(f"overhead_vs_bare={r['overhead_vs_bare']:.3f}")
     print(f"ratio={r['ratio_vs_sequential']:.3f}")

@@ -14,7 +14,11 @@ ZeRO-3 (gloo, fp32 on CPU), RMSprop, loss `sppo_hard` (the one TRL also has):
 
 Model loading, Ray worker start and the final checkpoint are left out of the throughput (the
 checkpoint save is reported for ours and the online baseline). Peak memory is the largest
-resident set of any training worker process, sampled by the driver every 50 ms.
+resident set of any training worker process, sampled by the driver every 50 ms. How close each
+comes to what the hardware allows: the FLOPs one epoch needs (the policy's forward and backward
+and one reference forward over every trained sequence, counted by FlopCounterMode, the same
+for all three) per second, as a fraction of square fp32 matmuls measured in the same run on
+each worker's thread count, times the workers.
 
     python -m bench.train [--size full|smoke]
 """
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import Timer, check_size, cli, envelope, print_table
+from bench.common import Timer, check_size, cli, counted_flops, dense_matmul_flops, envelope, meta_model, print_table
 
 SETTINGS = {
     # A ~4M-parameter Llama on the tiny tokenizer: big enough that compute, not per-call
@@ -83,8 +87,8 @@ def synthetic_pairs(count: int, prompt_words: int, response_words: int, seed: in
     return rows
 
 
-def response_tokens(policy_dir: str, rows: list[dict], cfg) -> int:
-    """Response tokens (chosen + rejected, EOS included) that one epoch trains on, as ours encodes them."""
+def trained_sequences(policy_dir: str, rows: list[dict], cfg) -> list:
+    """The chosen and rejected sequences one epoch trains on, as ours encodes them."""
     from transformers import AutoTokenizer
 
     from sppo.training import encode_pairs, steps_per_epoch
@@ -92,7 +96,28 @@ def response_tokens(policy_dir: str, rows: list[dict], cfg) -> int:
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     trained = steps_per_epoch(len(rows), cfg) * cfg.global_batch_size
-    return sum(len(s.input_ids) - s.prompt_length for p in pairs[:trained] for s in (p.chosen, p.rejected))
+    return [s for p in pairs[:trained] for s in (p.chosen, p.rejected)]
+
+
+def epoch_flops(policy_dir: str, sequences: list) -> int:
+    """The FLOPs one epoch of SPPO needs, whichever trainer runs it: the policy's forward and
+    backward over every trained sequence, unpadded, plus one reference forward over it.
+    Counted by FlopCounterMode (matmuls and attention) on the model built on the meta device."""
+    from collections import Counter
+
+    import torch
+
+    model = meta_model(policy_dir)
+
+    def pass_flops(length: int, backward: bool) -> int:
+        ids = torch.zeros(1, length, dtype=torch.long, device="meta")
+        if backward:
+            return counted_flops(lambda: model(input_ids=ids).logits.sum().backward())
+        with torch.no_grad():
+            return counted_flops(lambda: model(input_ids=ids))
+
+    return sum(count * (pass_flops(length, True) + pass_flops(length, False))
+               for length, count in Counter(len(s.input_ids) for s in sequences).items())
 
 
 class WorkerMemory:
@@ -243,6 +268,7 @@ def _trl_loop(config: dict) -> dict:
 def run(size: str = "full", seed: int = 0) -> dict:
     import pandas as pd
     import ray
+    import torch
 
     from sppo.config import TrainConfig
     from sppo.training import train_policy
@@ -255,11 +281,18 @@ def run(size: str = "full", seed: int = 0) -> dict:
                       num_workers=setting["num_workers"], max_length=setting["max_length"],
                       max_prompt_length=setting["max_prompt_length"], seed=seed)
     rows = synthetic_pairs(setting["pairs"], setting["prompt_words"], setting["response_words"], seed)
+    # What the hardware allows: each worker's dense matmul FLOP/s on its own threads, times the workers.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    peak = dense_matmul_flops() * cfg.num_workers
+    torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory(prefix="sppo-bench-train-") as tmp:
             work = Path(tmp)
             policy_dir, parameters = build_policy(work / "policy", setting["hidden"], setting["layers"])
-            tokens = response_tokens(policy_dir, rows, cfg)
+            sequences = trained_sequences(policy_dir, rows, cfg)
+            tokens = sum(len(s.input_ids) - s.prompt_length for s in sequences)  # EOS included
+            flops = epoch_flops(policy_dir, sequences)
             pairs_path = work / "pairs.parquet"
             pd.DataFrame(rows).to_parquet(pairs_path)
             runs = {}
@@ -290,10 +323,14 @@ def run(size: str = "full", seed: int = 0) -> dict:
             ray.shutdown()
     for r in runs.values():
         r["response_tokens_per_s"] = tokens / r["seconds"]
+        r["flops_per_s"] = flops / r["seconds"]
+        r["fraction_of_matmul_peak"] = r["flops_per_s"] / peak
     ours = runs["ours"]["response_tokens_per_s"]
     results = {
         "runs": runs,
         "response_tokens": tokens,
+        "epoch_flops": flops,
+        "matmul_flops_per_s": peak,
         "ratio_vs_online_ref": ours / runs["online_reference"]["response_tokens_per_s"],
         "peak_memory_ratio_vs_online_ref": runs["ours"]["peak_worker_rss_mib"]
         / runs["online_reference"]["peak_worker_rss_mib"],
@@ -315,13 +352,15 @@ def report(record: dict) -> None:
     r, inputs = record["results"], record["inputs"]
     names = {"ours": "ours (precomputed reference)", "online_reference": "online reference model (reference's way)",
              "trl": "TRL DPOTrainer sppo_hard"}
-    rows = [[names[k], v["seconds"], v["response_tokens_per_s"], v["peak_worker_rss_mib"], v.get("checkpoint_save", "-"),
-             r["runs"]["ours"]["response_tokens_per_s"] / v["response_tokens_per_s"]] for k, v in r["runs"].items()]
+    rows = [[names[k], v["seconds"], v["response_tokens_per_s"], v["fraction_of_matmul_peak"], v["peak_worker_rss_mib"],
+             v.get("checkpoint_save", "-"), r["runs"]["ours"]["response_tokens_per_s"] / v["response_tokens_per_s"]]
+            for k, v in r["runs"].items()]
     print_table(
         f"training: {inputs['parameters'] / 1e6:.1f}M-parameter Llama, {inputs['pairs_trained']} pairs, "
         f"{inputs['steps']} steps of {inputs['global_batch_size']} on {inputs['num_workers']} ZeRO-3 workers, "
-        f"{r['response_tokens']} response tokens",
-        ["trainer", "seconds", "tokens/s", "peak worker RSS MiB", "checkpoint s", "ours x"], rows,
+        f"{r['response_tokens']} response tokens, {r['epoch_flops'] / 1e9:.3g} GFLOP; dense matmul "
+        f"{r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s over the workers",
+        ["trainer", "seconds", "tokens/s", "of matmul FLOP/s", "peak worker RSS MiB", "checkpoint s", "ours x"], rows,
     )
     print(f"ratio_vs_trl={r['ratio_vs_trl']:.3f}" if "ratio_vs_trl" in r else f"TRL baseline failed: {r['trl_error']}")
     print(f"ratio={r['ratio_vs_online_ref']:.3f}")

@@ -31,6 +31,38 @@ def test_synthetic_judge_texts_have_the_asked_lengths(tiny_pairrm_dir):
     assert len(set(lengths)) > 5  # mixed lengths, as real batches have
 
 
+def _flop_formula(model_dir: str) -> tuple[int, int]:
+    """PaLM's count for a forward pass, written out independently of FlopCounterMode: 2 FLOPs per
+    matmul weight per token, plus 4 x layers x attention width per (query, key) pair (QK^T and AV)."""
+    import torch
+    from transformers import AutoConfig
+
+    from bench.common import meta_model
+
+    config = AutoConfig.from_pretrained(model_dir)
+    model = meta_model(model_dir)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 2 * weights, 4 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+
+
+def test_training_flops_count_policy_forward_backward_and_one_reference_forward(tiny_policy_dir):
+    from bench.train import epoch_flops
+    from sppo.training import EncodedSequence
+
+    per_token, per_query_key = _flop_formula(tiny_policy_dir)
+    forward = lambda t: per_token * t + per_query_key * t * t  # noqa: E731
+    sequences = [EncodedSequence(input_ids=[5] * t, prompt_length=3) for t in (100, 37, 100)]
+    # Backward costs twice the forward; the reference adds one more forward.
+    assert epoch_flops(tiny_policy_dir, sequences) == 4 * (2 * forward(100) + forward(37))
+
+
+def test_sampling_flops_are_two_per_weight_per_generated_token(tiny_policy_dir):
+    from bench.sample import flops_per_generated_token
+
+    per_token, per_query_key = _flop_formula(tiny_policy_dir)
+    assert flops_per_generated_token(tiny_policy_dir) == per_token + per_query_key
+
+
 def test_results_file_has_the_summary_and_every_record(tmp_path, capsys):
     path = write_latest({"judge": {"results": {"ratio": 6.0}}}, {"judge_ratio": 6.0}, tmp_path / "r" / "latest.json")
     assert json.loads(path.read_text()) == {"judge_ratio": 6.0, "benchmarks": {"judge": {"results": {"ratio": 6.0}}}}
@@ -61,12 +93,13 @@ def test_make_bench_smoke_writes_every_key(tmp_path, capsys):
     assert set(train["runs"]) == {"ours", "online_reference"} | ({"trl"} if has_trl else set())
     for run in train["runs"].values():
         assert run["response_tokens_per_s"] > 0 and run["peak_worker_rss_mib"] > 100
+        assert 0 < run["fraction_of_matmul_peak"] < 1
     if has_trl:
         assert train["runs"]["trl"]["steps"] == results["benchmarks"]["train"]["inputs"]["steps"]
     else:
         assert "train_ratio_vs_trl" not in results and "trl" in train["trl_error"]
     sample = results["benchmarks"]["sample"]["results"]
-    assert all(r["tokens_per_s"] > 0 for r in sample["runs"].values())
+    assert all(r["tokens_per_s"] > 0 and 0 < r["fraction_of_matmul_peak"] < 1 for r in sample["runs"].values())
     # The bare engine ran with the actor's thread count and priority, or the overhead means nothing.
     assert sample["bare_threads"]["torch_threads"] == sample["engine_threads"]["torch_threads"]
     stages = results["benchmarks"]["iteration"]["results"]["stage_seconds"]
