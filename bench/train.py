@@ -1,7 +1,8 @@
 """Training benchmark: SPPO step throughput (response tokens/s) and peak worker memory.
 
-Three runs on the same model, pairs and batch, each 2 Ray Train workers under DeepSpeed
-ZeRO-3 (gloo, fp32 on CPU), RMSprop, loss `sppo_hard` (the one TRL also has):
+Three runs of one epoch on the same model, pairs and batch, each 2 Ray Train workers under
+DeepSpeed ZeRO-3 (gloo, fp32 on CPU), RMSprop, loss `sppo_hard` (the one TRL also has), then
+ours and the online reference again at `more_epochs` epochs:
 
 - ours: `sppo.training.train_policy` as the pipeline runs it; reference log-probs are
   computed once, before the first step, from the policy itself. Its time counts that pass
@@ -15,10 +16,10 @@ ZeRO-3 (gloo, fp32 on CPU), RMSprop, loss `sppo_hard` (the one TRL also has):
 Model loading, Ray worker start and the final checkpoint are left out of the throughput (the
 checkpoint save is reported for ours and the online baseline). Peak memory is the largest
 resident set of any training worker process, sampled by the driver every 50 ms. How close each
-comes to what the hardware allows: the FLOPs one epoch needs (the policy's forward and backward
-and one reference forward over every trained sequence, counted by FlopCounterMode, the same
-for all three) per second, as a fraction of square fp32 matmuls measured in the same run on
-each worker's thread count, times the workers.
+comes to what the hardware allows: the FLOPs training needs (one reference forward and, each
+epoch, the policy's forward and backward over every trained sequence, counted by
+FlopCounterMode, the same for all three) per second, as a fraction of square fp32 matmuls
+measured in the same run on each worker's thread count, times the workers.
 
     python -m bench.train [--size full|smoke]
 """
@@ -38,10 +39,14 @@ from bench.common import Timer, check_size, cli, counted_flops, dense_matmul_flo
 SETTINGS = {
     # A ~4M-parameter Llama on the tiny tokenizer: big enough that compute, not per-call
     # overhead, dominates a step on CPU, small enough for a few minutes on 2 cores.
+    # more_epochs: ours and the online reference again at that many epochs, where the online way
+    # recomputes the reference in every epoch and ours still computes it once.
     "full": {"hidden": 256, "layers": 4, "pairs": 64, "prompt_words": 40, "response_words": 60,
-             "per_device_batch_size": 4, "num_workers": 2, "max_length": 256, "max_prompt_length": 96},
+             "per_device_batch_size": 4, "num_workers": 2, "max_length": 256, "max_prompt_length": 96,
+             "more_epochs": 2},
     "smoke": {"hidden": 64, "layers": 2, "pairs": 4, "prompt_words": 8, "response_words": 8,
-              "per_device_batch_size": 1, "num_workers": 2, "max_length": 64, "max_prompt_length": 32},
+              "per_device_batch_size": 1, "num_workers": 2, "max_length": 64, "max_prompt_length": 32,
+              "more_epochs": 2},
 }
 LOSS = "sppo_hard"
 
@@ -99,9 +104,9 @@ def trained_sequences(policy_dir: str, rows: list[dict], cfg) -> list:
     return [s for p in pairs[:trained] for s in (p.chosen, p.rejected)]
 
 
-def epoch_flops(policy_dir: str, sequences: list) -> int:
-    """The FLOPs one epoch of SPPO needs, whichever trainer runs it: the policy's forward and
-    backward over every trained sequence, unpadded, plus one reference forward over it.
+def training_flops(policy_dir: str, sequences: list, epochs: int) -> int:
+    """The FLOPs SPPO training needs, whichever trainer runs it: one reference forward over
+    every trained sequence, unpadded, and the policy's forward and backward over it each epoch.
     Counted by FlopCounterMode (matmuls and attention) on the model built on the meta device."""
     from collections import Counter
 
@@ -116,7 +121,7 @@ def epoch_flops(policy_dir: str, sequences: list) -> int:
         with torch.no_grad():
             return counted_flops(lambda: model(input_ids=ids))
 
-    return sum(count * (pass_flops(length, True) + pass_flops(length, False))
+    return sum(count * (pass_flops(length, False) + epochs * pass_flops(length, True))
                for length, count in Counter(len(s.input_ids) for s in sequences).items())
 
 
@@ -188,18 +193,20 @@ def _online_reference_loop(config: dict) -> dict:
     pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     probs = torch.tensor([[r["chosen_probs_win"], r["chosen_probs_lose"], r["chosen_probs"]] for r in rows])
     per_epoch = steps_per_epoch(len(rows), cfg)
-    engine, hf_ds_config = _load_engine(policy_dir, cfg, per_epoch, False)
+    engine, hf_ds_config = _load_engine(policy_dir, cfg, per_epoch * cfg.epochs, False)
     # Built while hf_ds_config lives, so from_pretrained partitions it under zero.Init too.
     reference, *_ = deepspeed.initialize(model=AutoModelForCausalLM.from_pretrained(policy_dir),
                                          config=deepspeed_config(cfg))
     reference.eval()
     loss_fn = get_loss(cfg.loss)
-    order = epoch_rows(len(pairs), epoch=0, seed=cfg.seed, rank=rank, world_size=world_size,
-                       rows_per_rank=per_epoch * cfg.per_device_batch_size)
+    batches = []
+    for epoch in range(cfg.epochs):
+        order = epoch_rows(len(pairs), epoch=epoch, seed=cfg.seed, rank=rank, world_size=world_size,
+                           rows_per_rank=per_epoch * cfg.per_device_batch_size)
+        batches += [order[i:i + cfg.per_device_batch_size] for i in range(0, len(order), cfg.per_device_batch_size)]
     dist.barrier()
     started = time.perf_counter()
-    for start in range(0, len(order), cfg.per_device_batch_size):
-        index = order[start:start + cfg.per_device_batch_size]
+    for index in batches:
         batch = collate_pairs([pairs[i] for i in index], tokenizer.pad_token_id)
         with torch.no_grad():
             ref_chosen, ref_rejected, _ = pair_logps(reference, batch)
@@ -291,57 +298,72 @@ def run(size: str = "full", seed: int = 0) -> dict:
             work = Path(tmp)
             policy_dir, parameters = build_policy(work / "policy", setting["hidden"], setting["layers"])
             sequences = trained_sequences(policy_dir, rows, cfg)
-            tokens = sum(len(s.input_ids) - s.prompt_length for s in sequences)  # EOS included
-            flops = epoch_flops(policy_dir, sequences)
+            tokens = sum(len(s.input_ids) - s.prompt_length for s in sequences)  # EOS included, one epoch
             pairs_path = work / "pairs.parquet"
             pd.DataFrame(rows).to_parquet(pairs_path)
-            runs = {}
-            with WorkerMemory() as memory, Timer() as wall:
-                result = train_policy(str(pairs_path), policy_dir, str(work / "ours-ckpt"), cfg,
-                                      storage_dir=str(work / "ray"), timeout_s=1800)
-            timings = result.timings
-            runs["ours"] = {"seconds": timings["reference_logps"] + timings["train_steps"], **timings,
-                            "peak_worker_rss_mib": memory.peak_mib, "wall_s": wall.seconds}
-            base = {"cfg": cfg.model_dump(), "rows": rows, "policy_dir": policy_dir}
-            with WorkerMemory() as memory, Timer() as wall:
-                out = _trainer(_online_reference_loop, {**base, "checkpoint_dir": str(work / "online-ckpt")},
-                               cfg, str(work / "ray"), "online-reference").fit().return_value
-            runs["online_reference"] = {"seconds": out["train_steps"], **out,
-                                        "peak_worker_rss_mib": memory.peak_mib, "wall_s": wall.seconds}
-            try:  # a TRL release that breaks must not cost the other two measurements
+            base = {"rows": rows, "policy_dir": policy_dir}
+
+            def ours(run_cfg: TrainConfig, name: str) -> dict:
+                with WorkerMemory() as memory, Timer() as wall:
+                    result = train_policy(str(pairs_path), policy_dir, str(work / f"{name}-ckpt"), run_cfg,
+                                          storage_dir=str(work / "ray"), timeout_s=1800)
+                timings = result.timings
+                return {"seconds": timings["reference_logps"] + timings["train_steps"], **timings,
+                        "epochs": run_cfg.epochs, "steps": result.num_steps, "peak_worker_rss_mib": memory.peak_mib,
+                        "wall_s": wall.seconds}
+
+            def baseline(loop, run_cfg: TrainConfig, name: str, **extra) -> dict:
+                with WorkerMemory() as memory, Timer() as wall:
+                    out = _trainer(loop, {**base, "cfg": run_cfg.model_dump(), **extra}, run_cfg, str(work / "ray"),
+                                   name).fit().return_value
+                return {"seconds": out["train_steps"], **out, "epochs": run_cfg.epochs,
+                        "peak_worker_rss_mib": memory.peak_mib, "wall_s": wall.seconds}
+
+            runs = {"ours": ours(cfg, "ours"),
+                    "online_reference": baseline(_online_reference_loop, cfg, "online-reference",
+                                                 checkpoint_dir=str(work / "online-ckpt"))}
+            try:  # a TRL release that breaks must not cost the other measurements
                 if importlib.util.find_spec("trl") is None:
                     raise ModuleNotFoundError("trl is not installed (`make bench` installs it)")
-                with WorkerMemory() as memory, Timer() as wall:
-                    out = _trainer(_trl_loop, {**base, "output_dir": str(work / "trl")},
-                                   cfg, str(work / "ray"), "trl-dpo").fit().return_value
-                runs["trl"] = {"seconds": out["train_steps"], **out, "peak_worker_rss_mib": memory.peak_mib,
-                               "wall_s": wall.seconds}
+                runs["trl"] = baseline(_trl_loop, cfg, "trl-dpo", output_dir=str(work / "trl"))
             except Exception as err:
                 trl_error = f"{type(err).__name__}: {err}"
+            if epochs := setting["more_epochs"]:
+                more = cfg.model_copy(update={"epochs": epochs})
+                runs[f"ours_{epochs}_epochs"] = ours(more, f"ours-{epochs}-epochs")
+                runs[f"online_reference_{epochs}_epochs"] = baseline(
+                    _online_reference_loop, more, f"online-reference-{epochs}-epochs",
+                    checkpoint_dir=str(work / f"online-{epochs}-epochs-ckpt"))
+            for r in runs.values():
+                r["flops"] = training_flops(policy_dir, sequences, r["epochs"])
     finally:
         if started_ray:
             ray.shutdown()
     for r in runs.values():
-        r["response_tokens_per_s"] = tokens / r["seconds"]
-        r["flops_per_s"] = flops / r["seconds"]
+        r["response_tokens_per_s"] = tokens * r["epochs"] / r["seconds"]
+        r["flops_per_s"] = r["flops"] / r["seconds"]
         r["fraction_of_matmul_peak"] = r["flops_per_s"] / peak
-    ours = runs["ours"]["response_tokens_per_s"]
+    def ratio(ours: str, theirs: str) -> float:
+        return runs[ours]["response_tokens_per_s"] / runs[theirs]["response_tokens_per_s"]
+
     results = {
         "runs": runs,
         "response_tokens": tokens,
-        "epoch_flops": flops,
         "matmul_flops_per_s": peak,
-        "ratio_vs_online_ref": ours / runs["online_reference"]["response_tokens_per_s"],
+        "ratio_vs_online_ref": ratio("ours", "online_reference"),
         "peak_memory_ratio_vs_online_ref": runs["ours"]["peak_worker_rss_mib"]
         / runs["online_reference"]["peak_worker_rss_mib"],
     }
     if "trl" in runs:
-        results["ratio_vs_trl"] = ours / runs["trl"]["response_tokens_per_s"]
+        results["ratio_vs_trl"] = ratio("ours", "trl")
     else:
         results["trl_error"] = trl_error
+    if epochs := setting["more_epochs"]:
+        results[f"ratio_vs_online_ref_{epochs}_epochs"] = ratio(f"ours_{epochs}_epochs",
+                                                                f"online_reference_{epochs}_epochs")
     inputs = {
         **setting, "loss": LOSS, "pairs_trained": len(rows) // cfg.global_batch_size * cfg.global_batch_size,
-        "global_batch_size": cfg.global_batch_size, "steps": result.num_steps, "seed": seed,
+        "global_batch_size": cfg.global_batch_size, "steps": runs["ours"]["steps"], "seed": seed,
         "precision": "fp32 (CPU)", "zero_stage": 3, "backend": "gloo",
         "parameters": parameters, "trl_reference": "online (DPOTrainer default)",
     }
@@ -352,16 +374,24 @@ def report(record: dict) -> None:
     r, inputs = record["results"], record["inputs"]
     names = {"ours": "ours (precomputed reference)", "online_reference": "online reference model (reference's way)",
              "trl": "TRL DPOTrainer sppo_hard"}
-    rows = [[names[k], v["seconds"], v["response_tokens_per_s"], v["fraction_of_matmul_peak"], v["peak_worker_rss_mib"],
-             v.get("checkpoint_save", "-"), r["runs"]["ours"]["response_tokens_per_s"] / v["response_tokens_per_s"]]
-            for k, v in r["runs"].items()]
+    rows = []
+    for key, v in r["runs"].items():
+        epochs = v["epochs"]
+        # More-epoch runs ("ours_2_epochs") are named and compared within their own epoch count.
+        label, ours = (names[key], "ours") if epochs == 1 else (f"{names[key.rsplit('_', 2)[0]]}, {epochs} epochs",
+                                                                 f"ours_{epochs}_epochs")
+        rows.append([label, v["seconds"], v["response_tokens_per_s"], v["fraction_of_matmul_peak"],
+                     v["peak_worker_rss_mib"], v.get("checkpoint_save", "-"),
+                     r["runs"][ours]["response_tokens_per_s"] / v["response_tokens_per_s"]])
     print_table(
         f"training: {inputs['parameters'] / 1e6:.1f}M-parameter Llama, {inputs['pairs_trained']} pairs, "
-        f"{inputs['steps']} steps of {inputs['global_batch_size']} on {inputs['num_workers']} ZeRO-3 workers, "
-        f"{r['response_tokens']} response tokens, {r['epoch_flops'] / 1e9:.3g} GFLOP; dense matmul "
-        f"{r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s over the workers",
+        f"{inputs['steps']} steps of {inputs['global_batch_size']} an epoch on {inputs['num_workers']} ZeRO-3 workers, "
+        f"{r['response_tokens']} response tokens and {r['runs']['ours']['flops'] / 1e9:.3g} GFLOP an epoch; "
+        f"dense matmul {r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s over the workers",
         ["trainer", "seconds", "tokens/s", "of matmul FLOP/s", "peak worker RSS MiB", "checkpoint s", "ours x"], rows,
     )
+    for key in sorted(k for k in r if k.startswith("ratio_vs_online_ref_")):
+        print(f"{key}={r[key]:.3f}")
     print(f"ratio_vs_trl={r['ratio_vs_trl']:.3f}" if "ratio_vs_trl" in r else f"TRL baseline failed: {r['trl_error']}")
     print(f"ratio={r['ratio_vs_online_ref']:.3f}")
 

@@ -45,15 +45,17 @@ def _flop_formula(model_dir: str) -> tuple[int, int]:
     return 2 * weights, 4 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
 
 
-def test_training_flops_count_policy_forward_backward_and_one_reference_forward(tiny_policy_dir):
-    from bench.train import epoch_flops
+def test_training_flops_count_one_reference_forward_and_policy_forward_backward_per_epoch(tiny_policy_dir):
+    from bench.train import training_flops
     from sppo.training import EncodedSequence
 
     per_token, per_query_key = _flop_formula(tiny_policy_dir)
     forward = lambda t: per_token * t + per_query_key * t * t  # noqa: E731
     sequences = [EncodedSequence(input_ids=[5] * t, prompt_length=3) for t in (100, 37, 100)]
-    # Backward costs twice the forward; the reference adds one more forward.
-    assert epoch_flops(tiny_policy_dir, sequences) == 4 * (2 * forward(100) + forward(37))
+    # Backward costs twice the forward; the reference adds one forward, however many epochs.
+    needed = 2 * forward(100) + forward(37)
+    assert training_flops(tiny_policy_dir, sequences, epochs=1) == 4 * needed
+    assert training_flops(tiny_policy_dir, sequences, epochs=2) == 7 * needed
 
 
 def test_sampling_flops_are_two_per_weight_per_generated_token(tiny_policy_dir):
@@ -90,10 +92,13 @@ def test_make_bench_smoke_writes_every_key(tmp_path, capsys):
     assert judge["scores_equal"] and judge["max_abs_score_diff"] <= 1e-4
     assert 0 < judge["ours_fraction_of_matmul_peak"] < 1
     train = results["benchmarks"]["train"]["results"]
-    assert set(train["runs"]) == {"ours", "online_reference"} | ({"trl"} if has_trl else set())
+    assert set(train["runs"]) == ({"ours", "online_reference", "ours_2_epochs", "online_reference_2_epochs"}
+                                  | ({"trl"} if has_trl else set()))
     for run in train["runs"].values():
         assert run["response_tokens_per_s"] > 0 and run["peak_worker_rss_mib"] > 100
         assert 0 < run["fraction_of_matmul_peak"] < 1
+    assert train["runs"]["ours_2_epochs"]["steps"] == 2 * train["runs"]["ours"]["steps"]
+    assert np.isfinite(train["ratio_vs_online_ref_2_epochs"])
     if has_trl:
         assert train["runs"]["trl"]["steps"] == results["benchmarks"]["train"]["inputs"]["steps"]
     else:
