@@ -14,7 +14,10 @@ ours and the online reference again at `more_epochs` epochs:
   on_train_begin to on_train_end.
 
 Model loading, Ray worker start and the final checkpoint are left out of the throughput (the
-checkpoint save is reported for ours and the online baseline). Peak memory is the largest
+checkpoint save is reported for ours and the online baseline). Last, the response log-probs
+alone, from bf16 logits the size of a batch at a large vocabulary, the plain way (a float32
+copy and log_softmax, as TRL and the reference do) and ours: time and peak memory, each in a
+process of its own. Peak memory is the largest
 resident set of any training worker process, sampled by the driver every 50 ms. How close each
 comes to what the hardware allows: the FLOPs training needs (one reference forward and, each
 epoch, the policy's forward and backward over every trained sequence, counted by
@@ -43,12 +46,60 @@ SETTINGS = {
     # recomputes the reference in every epoch and ours still computes it once.
     "full": {"hidden": 256, "layers": 4, "pairs": 64, "prompt_words": 40, "response_words": 60,
              "per_device_batch_size": 4, "num_workers": 2, "max_length": 256, "max_prompt_length": 96,
-             "more_epochs": 2},
+             "more_epochs": 2, "logits": (16, 512, 32768)},
     "smoke": {"hidden": 64, "layers": 2, "pairs": 4, "prompt_words": 8, "response_words": 8,
               "per_device_batch_size": 1, "num_workers": 2, "max_length": 64, "max_prompt_length": 32,
-              "more_epochs": 2},
+              "more_epochs": 2, "logits": (2, 16, 4096)},
 }
 LOSS = "sppo_hard"
+# logits: (sequences, tokens, vocabulary) of the bf16 logits whose response log-probs are taken
+# both ways below; the full size is a batch of 8 pairs at half the shipped max_length, with an
+# eighth of Gemma-2's vocabulary, to stay well inside this machine's memory.
+
+
+def plain_sequence_logps(logits, labels, mask):
+    """The textbook computation the reference's trainers use: log_softmax over a float32 copy of
+    the logits, then gather. `sppo.losses.sequence_logps` must equal it."""
+    token = logits[:, :-1].float().log_softmax(-1).gather(-1, labels[:, 1:, None].clamp(min=0)).squeeze(-1)
+    return (token * mask[:, 1:]).sum(-1)
+
+
+def _logps_pass(way: str, shape: tuple[int, int, int]) -> dict:
+    """In a fresh process: forward and backward of the response log-probs from random bf16
+    logits, the plain way or ours, twice; the second pass's seconds (the first also pays for
+    fresh pages) and the peak resident memory above the logits."""
+    import resource
+
+    import torch
+
+    from sppo.losses import sequence_logps
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    sequences, tokens, vocab = shape
+    logits = torch.randn(shape, dtype=torch.bfloat16).requires_grad_()
+    labels, mask = torch.randint(0, vocab, (sequences, tokens)), torch.ones(sequences, tokens, dtype=torch.bool)
+    compute = sequence_logps if way == "ours" else plain_sequence_logps
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(2):
+        logits.grad = None
+        with Timer() as timer:
+            compute(logits, labels, mask).sum().backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": timer.seconds, "peak_above_logits_mib": (peak - before) / 1024,
+            "logits_mib": logits.numel() * logits.element_size() / 2**20}
+
+
+def logits_memory(shape: tuple[int, int, int]) -> dict:
+    """`_logps_pass` both ways, each in a spawned process of its own (peak RSS only grows)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    out = {}
+    for way in ("plain", "ours"):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            out[way] = pool.submit(_logps_pass, way, shape).result()
+    return out
 
 
 def build_policy(out_dir: Path, hidden: int, layers: int) -> tuple[str, int]:
@@ -361,6 +412,7 @@ def run(size: str = "full", seed: int = 0) -> dict:
     if epochs := setting["more_epochs"]:
         results[f"ratio_vs_online_ref_{epochs}_epochs"] = ratio(f"ours_{epochs}_epochs",
                                                                 f"online_reference_{epochs}_epochs")
+    results["logits_memory"] = logits_memory(setting["logits"])
     inputs = {
         **setting, "loss": LOSS, "pairs_trained": len(rows) // cfg.global_batch_size * cfg.global_batch_size,
         "global_batch_size": cfg.global_batch_size, "steps": runs["ours"]["steps"], "seed": seed,
@@ -389,6 +441,15 @@ def report(record: dict) -> None:
         f"{r['response_tokens']} response tokens and {r['runs']['ours']['flops'] / 1e9:.3g} GFLOP an epoch; "
         f"dense matmul {r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s over the workers",
         ["trainer", "seconds", "tokens/s", "of matmul FLOP/s", "peak worker RSS MiB", "checkpoint s", "ours x"], rows,
+    )
+    sequences, tokens, vocab = inputs["logits"]
+    memory = r["logits_memory"]
+    print_table(
+        f"response log-probs from {sequences} x {tokens} x {vocab} bf16 logits "
+        f"({memory['ours']['logits_mib']:.3g} MiB), forward and backward, one thread",
+        ["way", "seconds", "peak MiB above the logits"],
+        [["plain: log_softmax of a float32 copy", memory["plain"]["seconds"], memory["plain"]["peak_above_logits_mib"]],
+         ["ours: sppo.losses.sequence_logps", memory["ours"]["seconds"], memory["ours"]["peak_above_logits_mib"]]],
     )
     for key in sorted(k for k in r if k.startswith("ratio_vs_online_ref_")):
         print(f"{key}={r[key]:.3f}")

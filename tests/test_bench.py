@@ -98,6 +98,8 @@ def test_make_bench_smoke_writes_every_key(tmp_path, capsys):
         assert run["response_tokens_per_s"] > 0 and run["peak_worker_rss_mib"] > 100
         assert 0 < run["fraction_of_matmul_peak"] < 1
     assert train["runs"]["ours_2_epochs"]["steps"] == 2 * train["runs"]["ours"]["steps"]
+    assert set(train["logits_memory"]) == {"plain", "ours"}
+    assert all(m["seconds"] > 0 and m["peak_above_logits_mib"] >= 0 for m in train["logits_memory"].values())
     assert np.isfinite(train["ratio_vs_online_ref_2_epochs"])
     if has_trl:
         assert train["runs"]["trl"]["steps"] == results["benchmarks"]["train"]["inputs"]["steps"]

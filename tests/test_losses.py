@@ -9,6 +9,7 @@ import typing
 import pytest
 import torch
 
+from bench.train import plain_sequence_logps
 from sppo.config import TrainConfig
 from sppo.losses import (
     LOSSES,
@@ -66,12 +67,6 @@ def test_sequence_logps_ignores_prompt_and_padding_logits():
     assert sequence_logps(bumped, labels, mask)[0] > base[0]
 
 
-def _plain_sequence_logps(logits, labels, mask):
-    """The textbook computation: log_softmax over a float32 copy of the logits, then gather."""
-    token = logits[:, :-1].float().log_softmax(-1).gather(-1, labels[:, 1:, None].clamp(min=0)).squeeze(-1)
-    return (token * mask[:, 1:]).sum(-1)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sequence_logps_and_gradients_equal_the_plain_float32_computation(dtype):
     torch.manual_seed(0)
@@ -80,7 +75,7 @@ def test_sequence_logps_and_gradients_equal_the_plain_float32_computation(dtype)
     mask = torch.rand(4, 9) > 0.3
     weights = torch.randn(4)  # a loss that weighs each sequence differently
     results = []
-    for compute in (sequence_logps, _plain_sequence_logps):
+    for compute in (sequence_logps, plain_sequence_logps):
         x = logits.clone().requires_grad_()
         logps = compute(x, labels, mask)
         (logps * weights).sum().backward()
