@@ -43,24 +43,27 @@ class LossParams:
     gamma: float = 0.0  # SimPO's target reward margin (train.simpo_gamma)
 
 
-class _TargetLogProbs(torch.autograd.Function):
-    """log_softmax(logits.float())[..., target] for [B, T, V] logits of any float dtype, one
-    sequence at a time in float32, keeping only the logits themselves and [B, T] log-normalisers
-    for backward. The plain `logits.float()` then `logsumexp` holds a float32 copy of the whole
-    [B, T, V] tensor for backward and makes two more in it: at Gemma-2's 256k vocabulary, 16
-    sequences of 1,024 tokens, that is 17 GB each against the 8.4 GB of bf16 logits."""
+class _NextTokenLogProbs(torch.autograd.Function):
+    """log_softmax(logits[:, t].float())[targets[:, t]] for t < T - 1, float32 [B, T-1], from
+    [B, T, V] logits of any float dtype: one sequence at a time in float32, keeping only the
+    logits and [B, T-1] log-normalisers for backward, which writes the gradient straight into
+    one tensor the logits' size. The plain `logits[:, :-1].float()` then `logsumexp` holds a
+    float32 copy of the whole tensor for backward and makes more in it: at Gemma-2's 256k
+    vocabulary, 16 sequences of 1,024 tokens, 17 GB each against 8.4 GB of bf16 logits."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
-        log_norm = torch.stack([row.float().logsumexp(-1) for row in logits])
+        predicting = logits[:, :-1]  # the last position predicts nothing
+        log_norm = torch.stack([row.float().logsumexp(-1) for row in predicting])
         ctx.save_for_backward(logits, targets, log_norm)
-        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() - log_norm
+        return predicting.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() - log_norm
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         logits, targets, log_norm = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
-        for row, target, norm, g, out in zip(logits, targets, log_norm, grad, grad_logits):
+        grad_logits[:, -1] = 0
+        for row, target, norm, g, out in zip(logits[:, :-1], targets, log_norm, grad, grad_logits[:, :-1]):
             # d/dx [x_target - logsumexp(x)] = onehot(target) - softmax(x)
             row_grad = (row.float() - norm.unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))
             out.copy_(row_grad.scatter_add_(-1, target.unsqueeze(-1), g.unsqueeze(-1)))
@@ -79,7 +82,7 @@ def _token_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[Ten
     mask = loss_mask[:, 1:].bool()
     # Masked positions may hold pad ids or -100; any valid index works since they are zeroed.
     safe_targets = torch.where(mask, targets, torch.zeros_like(targets))
-    return _TargetLogProbs.apply(logits[:, :-1], safe_targets), mask
+    return _NextTokenLogProbs.apply(logits, safe_targets), mask
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
