@@ -14,15 +14,15 @@ ours and the online reference again at `more_epochs` epochs:
   on_train_begin to on_train_end.
 
 Model loading, Ray worker start and the final checkpoint are left out of the throughput (the
-checkpoint save is reported for ours and the online baseline). Last, the response log-probs
-alone, from bf16 logits the size of a batch at a large vocabulary, the plain way (a float32
-copy and log_softmax, as TRL and the reference do) and ours: time and peak memory, each in a
-process of its own. Peak memory is the largest
-resident set of any training worker process, sampled by the driver every 50 ms. How close each
-comes to what the hardware allows: the FLOPs training needs (one reference forward and, each
-epoch, the policy's forward and backward over every trained sequence, counted by
-FlopCounterMode, the same for all three) per second, as a fraction of square fp32 matmuls
-measured in the same run on each worker's thread count, times the workers.
+checkpoint save is reported for ours and the online baseline). Peak memory is the largest
+resident set of any training worker process, sampled by the driver every 50 ms. Last, the
+response log-probs alone, from bf16 logits the size of a batch at a large vocabulary, the plain
+way (a float32 copy and log_softmax, as TRL and the reference do) and ours: time and peak
+memory, each in a process of its own. How close each comes to what the hardware allows: the
+FLOPs training needs (one reference forward and, each epoch, the policy's forward and backward
+over every trained sequence, counted by FlopCounterMode, the same for all three) per second, as
+a fraction of square fp32 matmuls measured in the same run on each worker's thread count, times
+the workers.
 
     python -m bench.train [--size full|smoke]
 """
