@@ -57,6 +57,10 @@ def with_sequential_passes(base):
             return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads(),
                     "niceness": os.nice(0)}
 
+        def max_num_seqs(self) -> int:
+            """Sequences the engine decodes at once, as vLLM took it from our options."""
+            return self._llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+
     return Engine
 
 
@@ -121,6 +125,8 @@ def run(size: str = "full") -> dict:
         with Timer() as bare_start:
             bare = LLM(**engine_kwargs(model_dir, cfg, SEED))
         bare_threads = {"torch_threads": torch.get_num_threads(), "niceness": os.nice(0)}
+        max_num_seqs = {"actor": ray.get(engine.max_num_seqs.remote()),
+                        "bare": bare.llm_engine.vllm_config.scheduler_config.max_num_seqs}
         if bare_threads != {key: threads[key] for key in bare_threads}:
             raise RuntimeError(f"bare engine runs with {bare_threads}, the actor with {threads}: not comparable")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -172,7 +178,7 @@ def run(size: str = "full") -> dict:
     }
     inputs = {**setting, "model": "tiny:policy", "model_dir": model_dir, "temperature": cfg.temperature,
               "top_p": cfg.top_p, "cpus_per_engine": cfg.cpus_per_engine, "cpu_kvcache_gib": cfg.cpu_kvcache_gib,
-              "seed": SEED}
+              "max_num_seqs": max_num_seqs, "seed": SEED}
     return envelope("sample", size, inputs, results)
 
 
@@ -185,7 +191,7 @@ def report(record: dict) -> None:
             for name, run in r["runs"].items()]
     print_table(
         f"sampling: {inputs['prompts']} prompts x K={inputs['k']} x up to {inputs['max_tokens']} tokens, "
-        f"tiny Llama; engine start {r['engine_start_s']['ray_actor']:.1f} s (actor), "
+        f"tiny Llama, max_num_seqs {inputs['max_num_seqs']['actor']}; engine start {r['engine_start_s']['ray_actor']:.1f} s (actor), "
         f"{r['engine_start_s']['bare']:.1f} s (bare), not counted; dense matmul "
         f"{r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s on the engine's threads",
         ["sampler", "median seconds", "tokens/s", "of matmul FLOP/s", "ours x"], rows,

@@ -64,7 +64,7 @@ def test_greedy_temperature_is_rejected_naming_the_field():
 
 def test_engine_kwargs_map_the_config_and_seed():
     cfg = SamplingConfig(
-        tensor_parallel_size=2, dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.5
+        tensor_parallel_size=2, dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.5, max_num_seqs=64
     )
     kwargs = engine_kwargs("/models/pi_1", cfg, seed=7)
     assert kwargs == {
@@ -75,8 +75,11 @@ def test_engine_kwargs_map_the_config_and_seed():
         "dtype": "bfloat16",
         "max_model_len": 512,
         "gpu_memory_utilization": 0.5,
+        "max_num_seqs": 64,
         "seed": 7,
     }
+    # By default all of a shard's candidates fit in one wave, whatever vLLM picks on this hardware.
+    assert engine_kwargs("/models/pi_1", SamplingConfig(), seed=0)["max_num_seqs"] == 1024
     assert "max_model_len" not in engine_kwargs("/models/pi_1", SamplingConfig(), seed=0)
     assert engine_kwargs("/models/pi_1", cfg, seed=7, trust_remote_code=True)["trust_remote_code"] is True
 
