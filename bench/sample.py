@@ -8,8 +8,10 @@
 - bare: a vLLM `LLM` in this process, same model, engine arguments, torch thread count, KV
   cache and CPU priority (this process takes the actor's niceness and thread count), given
   the already-rendered token ids and the n=K sampling parameters: no Ray, no wrapper.
+- ours at vLLM's default max_num_seqs: a second actor, as ours but with `sampling.max_num_seqs`
+  null, so vLLM picks (256 on a CPU): what our default of 1024 gains, in the same run.
 
-Each engine starts once (its start-up time is reported, not counted); the three are then
+Each engine starts once (its start-up time is reported, not counted); the four are then
 called in turn, `rounds` times, after one warm-up call each, and each side's median is kept.
 Throughput is generated tokens per second. How close it comes to what the hardware allows:
 those tokens' FLOPs per second (2 per weight per generated token, a lower bound that leaves out
@@ -98,7 +100,7 @@ def run(size: str = "full") -> dict:
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    engine, bare = None, None
+    engine, default_engine, bare = None, None, None
     try:
         # The options sample_candidates gives its engine actors.
         actor_cls = ray.remote(num_cpus=cfg.cpus_per_engine, num_gpus=cfg.gpus_per_engine,
@@ -106,6 +108,9 @@ def run(size: str = "full") -> dict:
         with Timer() as actor_start:
             engine = actor_cls.remote(model_dir, cfg, SEED)
             threads = ray.get(engine.threads.remote())
+        # Started and waited for here, so that nothing else runs while the matmul peak is measured.
+        default_engine = actor_cls.remote(model_dir, cfg.model_copy(update={"max_num_seqs": None}), SEED)
+        vllm_default_seqs = ray.get(default_engine.max_num_seqs.remote())
         # The bare engine gets the actor's environment: thread count, KV cache size, and CPU
         # priority: Ray starts its workers at niceness 15, which on a shared machine alone makes
         # them several times slower than a process at the default 0.
@@ -126,7 +131,8 @@ def run(size: str = "full") -> dict:
             bare = LLM(**engine_kwargs(model_dir, cfg, SEED))
         bare_threads = {"torch_threads": torch.get_num_threads(), "niceness": os.nice(0)}
         max_num_seqs = {"actor": ray.get(engine.max_num_seqs.remote()),
-                        "bare": bare.llm_engine.vllm_config.scheduler_config.max_num_seqs}
+                        "bare": bare.llm_engine.vllm_config.scheduler_config.max_num_seqs,
+                        "vllm_default": vllm_default_seqs}
         if bare_threads != {key: threads[key] for key in bare_threads}:
             raise RuntimeError(f"bare engine runs with {bare_threads}, the actor with {threads}: not comparable")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -143,7 +149,10 @@ def run(size: str = "full") -> dict:
             outputs = bare.generate(requests, params, use_tqdm=False)
             return sum(len(c.token_ids) for out in outputs for c in out.outputs)
 
-        sides = {"ours": ours, "sequential": sequential, "bare": bare_engine}
+        def ours_vllm_default() -> int:
+            return ray.get(default_engine.generate.remote(prompts)).num_generated_tokens
+
+        sides = {"ours": ours, "sequential": sequential, "bare": bare_engine, "ours_vllm_default": ours_vllm_default}
         for call in sides.values():  # warm-up
             call()
         measured = {name: [] for name in sides}
@@ -155,9 +164,10 @@ def run(size: str = "full") -> dict:
     finally:
         if bare is not None:
             bare.llm_engine.engine_core.shutdown()
-        if engine is not None:
-            ray.get(engine.close.remote())
-            ray.kill(engine)
+        for actor in (engine, default_engine):
+            if actor is not None:
+                ray.get(actor.close.remote())
+                ray.kill(actor)
         if started_ray:
             ray.shutdown()
     token_flops = flops_per_generated_token(model_dir)
@@ -173,6 +183,7 @@ def run(size: str = "full") -> dict:
         "ratio_vs_sequential": runs["ours"]["tokens_per_s"] / runs["sequential"]["tokens_per_s"],
         # Fraction of throughput lost to Ray and our wrapper, next to the bare engine.
         "overhead_vs_bare": 1.0 - runs["ours"]["tokens_per_s"] / runs["bare"]["tokens_per_s"],
+        "ratio_vs_vllm_default_max_num_seqs": runs["ours"]["tokens_per_s"] / runs["ours_vllm_default"]["tokens_per_s"],
         "engine_threads": threads,
         "bare_threads": bare_threads,
     }
@@ -184,14 +195,16 @@ def run(size: str = "full") -> dict:
 
 def report(record: dict) -> None:
     r, inputs = record["results"], record["inputs"]
-    names = {"ours": "ours: Ray actor, one n=K request per prompt", "sequential": "K sequential n=1 passes (reference)",
-             "bare": "bare vLLM engine, n=K, no Ray"}
+    seqs = inputs["max_num_seqs"]
+    names = {"ours": f"ours: Ray actor, one n=K request per prompt, max_num_seqs {seqs['actor']}",
+             "sequential": "K sequential n=1 passes (reference)", "bare": "bare vLLM engine, n=K, no Ray",
+             "ours_vllm_default": f"ours at vLLM's default max_num_seqs ({seqs['vllm_default']})"}
     rows = [[names[name], statistics.median(s["seconds"] for s in run["rounds"]), run["tokens_per_s"],
              run["fraction_of_matmul_peak"], r["runs"]["ours"]["tokens_per_s"] / run["tokens_per_s"]]
             for name, run in r["runs"].items()]
     print_table(
         f"sampling: {inputs['prompts']} prompts x K={inputs['k']} x up to {inputs['max_tokens']} tokens, "
-        f"tiny Llama, max_num_seqs {inputs['max_num_seqs']['actor']}; engine start {r['engine_start_s']['ray_actor']:.1f} s (actor), "
+        f"tiny Llama; engine start {r['engine_start_s']['ray_actor']:.1f} s (actor), "
         f"{r['engine_start_s']['bare']:.1f} s (bare), not counted; dense matmul "
         f"{r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s on the engine's threads",
         ["sampler", "median seconds", "tokens/s", "of matmul FLOP/s", "ours x"], rows,

@@ -102,11 +102,12 @@ def engine_kwargs(model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_c
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "dtype": cfg.dtype,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
-        "max_num_seqs": cfg.max_num_seqs,
         "seed": seed,
     }
     if cfg.max_model_len is not None:  # else vLLM takes the model's own limit
         kwargs["max_model_len"] = cfg.max_model_len
+    if cfg.max_num_seqs is not None:  # else vLLM's default for the hardware
+        kwargs["max_num_seqs"] = cfg.max_num_seqs
     return kwargs
 
 

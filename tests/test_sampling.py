@@ -80,6 +80,7 @@ def test_engine_kwargs_map_the_config_and_seed():
     }
     # By default all of a shard's candidates fit in one wave, whatever vLLM picks on this hardware.
     assert engine_kwargs("/models/pi_1", SamplingConfig(), seed=0)["max_num_seqs"] == 1024
+    assert "max_num_seqs" not in engine_kwargs("/models/pi_1", SamplingConfig(max_num_seqs=None), seed=0)
     assert "max_model_len" not in engine_kwargs("/models/pi_1", SamplingConfig(), seed=0)
     assert engine_kwargs("/models/pi_1", cfg, seed=7, trust_remote_code=True)["trust_remote_code"] is True
 
