@@ -69,8 +69,8 @@ class SamplingConfig(_Strict):
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     # Sequences an engine decodes at once (vLLM's max_num_seqs), up to what its KV cache holds;
     # null takes vLLM's default for the hardware. 1024 is that default on H100-class GPUs; on
-    # CPUs and smaller GPUs it is 256, and a shard's K x prompts candidates beyond it finish in
-    # a last, small wave (measured in bench/sample.py, docs/performance.md).
+    # CPUs, A100s and GPUs under 70 GB it is 256, and a shard's K x prompts candidates beyond it
+    # finish in a last, small wave (measured in bench/sample.py, docs/performance.md).
     max_num_seqs: int | None = Field(default=1024, ge=1)
     # vLLM's CPU backend: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs.
     cpu_kvcache_gib: int = Field(default=1, ge=1)
