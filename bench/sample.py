@@ -60,10 +60,14 @@ def with_sequential_passes(base):
                     "niceness": os.nice(0)}
 
         def max_num_seqs(self) -> int:
-            """Sequences the engine decodes at once, as vLLM took it from our options."""
-            return self._llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+            return engine_max_num_seqs(self._llm)
 
     return Engine
+
+
+def engine_max_num_seqs(llm) -> int:
+    """Sequences a vLLM `LLM` decodes at once, as vLLM took it from our options."""
+    return llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
 
 
 def flops_per_generated_token(model_dir: str) -> int:
@@ -131,7 +135,7 @@ def run(size: str = "full") -> dict:
             bare = LLM(**engine_kwargs(model_dir, cfg, SEED))
         bare_threads = {"torch_threads": torch.get_num_threads(), "niceness": os.nice(0)}
         max_num_seqs = {"actor": ray.get(engine.max_num_seqs.remote()),
-                        "bare": bare.llm_engine.vllm_config.scheduler_config.max_num_seqs,
+                        "bare": engine_max_num_seqs(bare),
                         "vllm_default": vllm_default_seqs}
         if bare_threads != {key: threads[key] for key in bare_threads}:
             raise RuntimeError(f"bare engine runs with {bare_threads}, the actor with {threads}: not comparable")

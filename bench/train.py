@@ -15,10 +15,10 @@ ours and the online reference again at `more_epochs` epochs:
 
 Model loading, Ray worker start and the final checkpoint are left out of the throughput (the
 checkpoint save is reported for ours and the online baseline). At full size a discarded run of
-ours goes first, so that no measured side is the first run after Ray starts. Peak memory is the largest
-resident set of any training worker process, sampled by the driver every 50 ms. Last, the
-response log-probs alone, from bf16 logits the size of a batch at a large vocabulary, the plain
-way (a float32 copy and log_softmax, as TRL and the reference do) and ours: time and peak
+ours goes first, so that no measured side is the first run after Ray starts. Peak memory is the
+largest resident set of any training worker process, sampled by the driver every 50 ms. Last,
+the response log-probs alone, from bf16 logits the size of a batch at a large vocabulary, the
+plain way (a float32 copy and log_softmax, as TRL and the reference do) and ours: time and peak
 memory, each in a process of its own. How close each comes to what the hardware allows: the
 FLOPs training needs (one reference forward and, each epoch, the policy's forward and backward
 over every trained sequence, counted by FlopCounterMode, the same for all three) per second, as
