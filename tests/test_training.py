@@ -149,7 +149,8 @@ def test_reference_logps_do_not_depend_on_batching(tokenizer, tiny_policy_dir):
     single = reference_logps(model, pairs, batch_size=1, pad_token_id=tokenizer.pad_token_id)
     assert batched.shape == (7, 2)
     assert (batched < 0).all()
-    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+    # Sums near -120 in float32 are spaced 7.6e-6 apart: a batch-shaped kernel may round a step off.
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- Ray Train + DeepSpeed
