@@ -143,6 +143,12 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = False
     max_length: int = Field(default=1024, ge=2)
     max_prompt_length: int = Field(default=512, ge=1)
+    # Where log pi_ref(y|x) comes from. policy: one forward pass of the loaded policy (pi_t)
+    # over every pair before the first step. sampler: the log-probs vLLM reported for each
+    # sampled token while pi_t generated it, so training runs no reference pass at all; it then
+    # trains on the sampled token ids themselves (no re-tokenized text) and needs on-policy
+    # candidates only. It equals the policy pass to within 1e-5 a token in float32 (tests/test_sampling.py).
+    reference_logps: Literal["policy", "sampler"] = "policy"
     seed: int = 42
 
     @model_validator(mode="after")
@@ -225,6 +231,16 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"prompts.num_splits ({self.prompts.num_splits}) must be >= iterations "
                 f"({self.iterations}): each iteration needs its own disjoint split"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _sampler_reference_is_on_policy(self) -> "RunConfig":
+        if self.train.reference_logps == "sampler" and self.prompts.response_column is not None:
+            raise ValueError(
+                "train.reference_logps 'sampler' needs every candidate sampled from pi_t, but "
+                f"prompts.response_column ({self.prompts.response_column!r}) adds the dataset's own "
+                "responses, which have no sampler log-probs: use reference_logps 'policy'"
             )
         return self
 

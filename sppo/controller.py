@@ -48,7 +48,7 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: st
     if not it.judgments.exists():
         judge_stage(cfg, rec, judge)            # P_ij = P(y_i beats y_j | x)
     if not it.pairs.exists():
-        pairs_stage(rec)                        # (y_w, y_l, P(y_w beats pi_t), P(y_l beats pi_t))
+        pairs_stage(cfg, rec)                   # (y_w, y_l, P(y_w beats pi_t), P(y_l beats pi_t))
     if not it.trained:
         train_stage(cfg, rec, policy)           # pi_{t+1} = argmin SPPO loss, ref = pi_t
     else:  # trained by an earlier attempt: its per-step curve goes into this run too
@@ -69,13 +69,17 @@ def sample_stage(cfg: RunConfig, rec: "IterationRecord", policy: str) -> None:
     selection = iteration_prompts(cfg.prompts, t, too_long=prompt_length_filter(
         AutoTokenizer.from_pretrained(local_model(policy), trust_remote_code=remote_code), cfg.train.max_prompt_length))
     rec.record({f"prompts/{k}": v for k, v in selection.counts.items()})
-    prompts = selection.prompts
+    prompts, token_logps = selection.prompts, cfg.train.reference_logps == "sampler"
     with rec.stage("sampling", samples=it.samples):
         samples = sample_candidates(rec.for_workers(policy), prompts, cfg.sampling, seed=cfg.sampling.seed + 1000 * t,
-                                    timeout_s=cfg.timeouts.sampling_s, trust_remote_code=remote_code)
-        rec.publish(it.samples, [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)],
-                    {**sampling_metrics(samples.candidates, samples.num_generated_tokens),
-                     "time/engine_start_s": samples.engine_start_s})
+                                    timeout_s=cfg.timeouts.sampling_s, trust_remote_code=remote_code,
+                                    token_logps=token_logps)
+        rows = [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)]
+        if token_logps:  # log pi_t of the sampled tokens: the trainer's reference log-probs
+            for row, ids, logps in zip(rows, samples.token_ids, samples.token_logps, strict=True):
+                row.update(candidate_token_ids=ids, candidate_token_logps=logps)
+        rec.publish(it.samples, rows, {**sampling_metrics(samples.candidates, samples.num_generated_tokens),
+                                       "time/engine_start_s": samples.engine_start_s})
 
 
 def judge_stage(cfg: RunConfig, rec: "IterationRecord", judge: str) -> None:
@@ -91,14 +95,15 @@ def judge_stage(cfg: RunConfig, rec: "IterationRecord", judge: str) -> None:
                     {"judging/off_policy_candidates": sum(map(sum, off_policy))})
 
 
-def pairs_stage(rec: "IterationRecord") -> None:
+def pairs_stage(cfg: RunConfig, rec: "IterationRecord") -> None:
     it = rec.it
     judged = read_parquet(it.judgments)
     prompts, candidates, matrices = _columns(judged, "prompt", "candidates", "win_matrix")
     # Judgments written before hybrid candidates existed have no off_policy column: all sampled.
     off_policy = [row.get("off_policy") or [False] * len(row["candidates"]) for row in judged]
+    tokens = sampled_tokens(it.samples) if cfg.train.reference_logps == "sampler" else (None, None)
     with rec.stage("pairs", pairs=it.pairs):
-        rows = training_rows(prompts, candidates, [np.asarray(m) for m in matrices], off_policy)
+        rows = training_rows(prompts, candidates, [np.asarray(m) for m in matrices], off_policy, *tokens)
         kill_point("pairs")  # fault-injection tests only: rows built, not yet published
         rec.publish(it.pairs, rows, pair_metrics(rows))
 
@@ -116,6 +121,15 @@ def train_stage(cfg: RunConfig, rec: "IterationRecord", policy: str) -> None:
     # Inside time/training_s: setup, reference log-probs, optimizer steps, checkpoint save.
     rec.record({"train/final_loss": result.metrics["train/loss"],
                 **{f"time/training/{phase}_s": s for phase, s in result.timings.items()}})
+
+
+def sampled_tokens(samples_path: Path) -> tuple[list, list]:
+    """Every candidate's token ids and log-probs as the sampling stage recorded them."""
+    sampled = read_parquet(samples_path)
+    if sampled and "candidate_token_logps" not in sampled[0]:
+        raise ValueError(f"{samples_path} has no candidate_token_logps: it was sampled without "
+                         "train.reference_logps 'sampler'; move it aside to sample again, or use 'policy'")
+    return _columns(sampled, "candidate_token_ids", "candidate_token_logps")
 
 
 def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: str, heldout: list[str]) -> None:

@@ -70,33 +70,52 @@ def training_rows(
     candidates: list[list[str]],
     win_matrices: list[np.ndarray],
     off_policy: list[list[bool]] | None = None,
+    token_ids: list[list[list[int]]] | None = None,
+    token_logps: list[list[list[float]]] | None = None,
 ) -> list[dict]:
     """One row per prompt in the columns the trainer reads (pairs.parquet), plus whether the
-    chosen and the rejected response are off-policy (None: every candidate was sampled)."""
+    chosen and the rejected response are off-policy (None: every candidate was sampled).
+
+    With the sampler's token ids and log-probs of every candidate (`Samples.token_ids`,
+    `Samples.token_logps`), the rows also carry the chosen and the rejected one's:
+    {chosen,rejected}_token_ids and {chosen,rejected}_token_logps."""
     off_policy = off_policy if off_policy is not None else [[False] * len(c) for c in candidates]
-    if not len(prompts) == len(candidates) == len(win_matrices) == len(off_policy):
+    if (token_ids is None) != (token_logps is None):
+        raise ValueError("token_ids and token_logps go together: give both or neither")
+    tokens = list(zip(token_ids, token_logps)) if token_ids is not None else [None] * len(candidates)
+    if not len(prompts) == len(candidates) == len(win_matrices) == len(off_policy) == len(tokens):
         raise ValueError(
             f"length mismatch: {len(prompts)} prompts, {len(candidates)} candidate lists, "
-            f"{len(win_matrices)} win matrices, {len(off_policy)} off-policy flag lists"
+            f"{len(win_matrices)} win matrices, {len(off_policy)} off-policy flag lists, "
+            f"{len(tokens)} token lists"
         )
     rows = []
-    for prompt, cands, matrix, flags in zip(prompts, candidates, win_matrices, off_policy):
+    for prompt, cands, matrix, flags, sampled in zip(prompts, candidates, win_matrices, off_policy, tokens):
         if not len(cands) == len(matrix) == len(flags):
             raise ValueError(
                 f"prompt {prompt[:60]!r}: {len(cands)} candidates, a {len(matrix)} x {len(matrix)} win "
                 f"matrix and {len(flags)} off-policy flags"
             )
+        if sampled is not None and not len(cands) == len(sampled[0]) == len(sampled[1]):
+            raise ValueError(
+                f"prompt {prompt[:60]!r}: {len(cands)} candidates but token ids of {len(sampled[0])} "
+                f"and token log-probs of {len(sampled[1])}"
+            )
         pair = select_pair(matrix)
-        rows.append(
-            {
-                "prompt": prompt,
-                "chosen": cands[pair.chosen],
-                "rejected": cands[pair.rejected],
-                "chosen_probs": pair.chosen_probs,
-                "chosen_probs_win": pair.chosen_probs_win,
-                "chosen_probs_lose": pair.chosen_probs_lose,
-                "chosen_off_policy": bool(flags[pair.chosen]),
-                "rejected_off_policy": bool(flags[pair.rejected]),
-            }
-        )
+        row = {
+            "prompt": prompt,
+            "chosen": cands[pair.chosen],
+            "rejected": cands[pair.rejected],
+            "chosen_probs": pair.chosen_probs,
+            "chosen_probs_win": pair.chosen_probs_win,
+            "chosen_probs_lose": pair.chosen_probs_lose,
+            "chosen_off_policy": bool(flags[pair.chosen]),
+            "rejected_off_policy": bool(flags[pair.rejected]),
+        }
+        if sampled is not None:
+            ids, logps = sampled
+            for side, index in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+                row[f"{side}_token_ids"] = [int(t) for t in ids[index]]
+                row[f"{side}_token_logps"] = [float(v) for v in logps[index]]
+        rows.append(row)
     return rows

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from sppo.chat import render_prompt_ids
@@ -45,6 +45,9 @@ class Samples:
     candidates[i][j]: completion j of prompt i, decoded without special tokens.
     prompt_token_ids[i]: the token ids the engine sampled prompt i from, as vLLM reports them.
     num_generated_tokens: completion tokens summed over all prompts and candidates.
+    token_ids[i][j], token_logps[i][j]: with `token_logps` asked for, candidate j's sampled token
+    ids (its EOS included when it stopped on one) and log pi_t of each, from the raw logits
+    (before temperature and top-p); else both are empty.
     """
 
     candidates: list[list[str]]
@@ -52,6 +55,8 @@ class Samples:
     num_generated_tokens: int
     # Seconds the slowest engine took to load its model and start (they start in parallel).
     engine_start_s: float = 0.0
+    token_ids: list[list[list[int]]] = field(default_factory=list)
+    token_logps: list[list[list[float]]] = field(default_factory=list)
 
     @classmethod
     def concat(cls, parts: Sequence[Samples]) -> Samples:
@@ -61,6 +66,8 @@ class Samples:
             prompt_token_ids=[ids for part in parts for ids in part.prompt_token_ids],
             num_generated_tokens=sum(part.num_generated_tokens for part in parts),
             engine_start_s=max((part.engine_start_s for part in parts), default=0.0),
+            token_ids=[ids for part in parts for ids in part.token_ids],
+            token_logps=[logps for part in parts for logps in part.token_logps],
         )
 
 
@@ -80,17 +87,20 @@ def shard(items: Sequence[T], n: int) -> list[list[T]]:
     return parts
 
 
-def sampling_params_kwargs(cfg: SamplingConfig) -> dict:
+def sampling_params_kwargs(cfg: SamplingConfig, token_logps: bool = False) -> dict:
     """Arguments of vLLM's `SamplingParams`: one request per prompt draws all K candidates.
 
-    No per-request seed: vLLM's CPU backend rejects it; the engine is seeded instead.
+    No per-request seed: vLLM's CPU backend rejects it; the engine is seeded instead. With
+    token_logps, logprobs=0: each sampled token's log-prob alone (vLLM's default logprobs_mode,
+    raw_logprobs, takes them from the model's logits before temperature and top-p).
     """
     if cfg.temperature < _GREEDY_BELOW:
         raise ValueError(
             f"sampling.temperature must be >= {_GREEDY_BELOW} to draw k={cfg.k} distinct "
             f"candidates, got {cfg.temperature} (vLLM decodes greedily below it, n=1 only)"
         )
-    return {"n": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
+    kwargs = {"n": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
+    return {**kwargs, "logprobs": 0} if token_logps else kwargs
 
 
 def engine_kwargs(model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_code: bool = False) -> dict:
@@ -128,12 +138,13 @@ def engine_env(cfg: SamplingConfig) -> dict[str, str]:
 class VLLMEngine:
     """One vLLM engine over a policy checkpoint; a Ray actor when wrapped with `ray.remote`."""
 
-    def __init__(self, model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_code: bool = False):
+    def __init__(self, model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_code: bool = False,
+                 token_logps: bool = False):
         from transformers import AutoTokenizer
         from vllm import LLM, SamplingParams
 
         model_dir = local_model(model_dir)  # a storage URI is fetched to this node first
-        self._params = SamplingParams(**sampling_params_kwargs(cfg))
+        self._params = SamplingParams(**sampling_params_kwargs(cfg, token_logps))
         # The same tokenizer class the trainer loads, so prompt ids match token for token.
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         started = time.monotonic()
@@ -148,11 +159,17 @@ class VLLMEngine:
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         # vLLM's own progress line (done/total prompts, rate, ETA) goes to the job log.
         outputs = self._llm.generate(requests, self._params, use_tqdm=True)  # in request order
+        completions = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
+        with_logps = self._params.logprobs is not None
         return Samples(
-            candidates=[[c.text for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs],
+            candidates=[[c.text for c in cands] for cands in completions],
             prompt_token_ids=[list(out.prompt_token_ids) for out in outputs],
-            num_generated_tokens=sum(len(c.token_ids) for out in outputs for c in out.outputs),
+            num_generated_tokens=sum(len(c.token_ids) for cands in completions for c in cands),
             engine_start_s=self._start_s,
+            token_ids=[[list(c.token_ids) for c in cands] for cands in completions] if with_logps else [],
+            # logprobs=0: each position's dict holds the sampled token alone.
+            token_logps=[[[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)] for c in cands]
+                         for cands in completions] if with_logps else [],
         )
 
     def close(self) -> None:
@@ -168,10 +185,12 @@ def sample_candidates(
     seed: int,
     timeout_s: float | None = None,
     trust_remote_code: bool = False,
+    token_logps: bool = False,
 ) -> Samples:
     """Sample cfg.k candidates per prompt with cfg.num_engines vLLM engine actors.
 
-    Engine i is seeded with seed + i and gets the i-th contiguous shard of the prompts.
+    Engine i is seeded with seed + i and gets the i-th contiguous shard of the prompts. With
+    token_logps the samples also carry each candidate's token ids and their log-probs.
     `timeout_s` bounds the whole stage, engine start included. On return and on error the
     engines are shut down and their actors killed, releasing their CPUs/GPUs.
     """
@@ -194,7 +213,8 @@ def sample_candidates(
     engines = []
     idle: set[int] = set()  # engines not busy with a request, safe to close
     try:
-        engines = [engine_cls.remote(model_dir, cfg, seed + i, trust_remote_code) for i in range(len(shards))]
+        engines = [engine_cls.remote(model_dir, cfg, seed + i, trust_remote_code, token_logps)
+                   for i in range(len(shards))]
         logger.info(
             "sampling: started %d vLLM engine(s) on %s (seeds %d..%d) for %d prompts x k=%d",
             len(engines), model_dir, seed, seed + len(engines) - 1, len(prompts), cfg.k,

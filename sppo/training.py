@@ -3,7 +3,9 @@
 The pure core (validation, tokenization, batching, sharding, log-probs, DeepSpeed config)
 runs without Ray; `train_policy` is the Ray shell: a `TorchTrainer` whose workers run
 `_train_loop_per_worker`. Reference log-probs come from the model being trained, once,
-before its first optimizer step (its weights are then pi_t), so no second copy is held.
+before its first optimizer step (its weights are then pi_t), so no second copy is held; or,
+with train.reference_logps "sampler", from the log-probs vLLM reported while pi_t sampled the
+responses, so no reference pass runs at all.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ logger = logging.getLogger("sppo.training")
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected", "chosen_probs", "chosen_probs_win", "chosen_probs_lose")
 PROB_COLUMNS = ("chosen_probs", "chosen_probs_win", "chosen_probs_lose")
+# train.reference_logps "sampler": each response's sampled token ids and log pi_t of each.
+TOKEN_COLUMNS = ("chosen_token_ids", "chosen_token_logps", "rejected_token_ids", "rejected_token_logps")
 # Files of a model directory that the checkpoint writes itself rather than copies.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 _MODEL_FILES = ("config.json", "generation_config.json")
@@ -68,15 +72,20 @@ class TrainResult:
 # ---------------------------------------------------------------- pure core: data
 
 
-def read_pairs(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a pairs.parquet file, checked: all columns present, probabilities in [0, 1]."""
+def read_pairs(path: str | os.PathLike, sampled_tokens: bool = False) -> list[dict[str, Any]]:
+    """Rows of a pairs.parquet file, checked: all columns present, probabilities in [0, 1];
+    with sampled_tokens also the TOKEN_COLUMNS, one finite log-prob per token id."""
     import pandas as pd
 
     try:
         frame = pd.read_parquet(path)
     except (OSError, ValueError) as err:
         raise ValueError(f"pairs file {path}: cannot read as parquet ({err})") from err
-    missing = [c for c in PAIR_COLUMNS if c not in frame.columns]
+    columns = PAIR_COLUMNS + (TOKEN_COLUMNS if sampled_tokens else ())
+    missing = [c for c in columns if c not in frame.columns]
+    if missing and sampled_tokens and set(missing) <= set(TOKEN_COLUMNS):
+        raise ValueError(f"pairs file {path}: missing columns {missing}, which train.reference_logps "
+                         "'sampler' reads (the sampling stage writes them only in that mode)")
     if missing:
         raise ValueError(f"pairs file {path}: missing columns {missing}; has {list(frame.columns)}")
     if frame.empty:
@@ -93,10 +102,16 @@ def read_pairs(path: str | os.PathLike) -> list[dict[str, Any]]:
                 f"pairs file {path}: column {column!r} must be a probability in [0, 1] "
                 f"(row {bad[0]}: {frame.loc[bad[0], column]!r})"
             )
-    rows = frame[list(PAIR_COLUMNS)].to_dict("records")
-    for row in rows:
+    rows = frame[list(columns)].to_dict("records")
+    for index, row in enumerate(rows):
         for column in PROB_COLUMNS:
             row[column] = float(row[column])
+        for side in ("chosen", "rejected") if sampled_tokens else ():
+            ids, logps = (list(row[f"{side}_token_{kind}"]) for kind in ("ids", "logps"))
+            if not ids or len(ids) != len(logps) or not all(math.isfinite(v) for v in logps):
+                raise ValueError(f"pairs file {path}: row {index}: {side}_token_logps must hold one finite "
+                                 f"log-prob per token of {side}_token_ids ({len(logps)} for {len(ids)} tokens)")
+            row[f"{side}_token_ids"], row[f"{side}_token_logps"] = [int(t) for t in ids], [float(v) for v in logps]
     return rows
 
 
@@ -135,15 +150,28 @@ def encode_sequence(
 
 
 def encode_pairs(
-    tokenizer, rows: Sequence[dict[str, Any]], *, max_length: int, max_prompt_length: int
+    tokenizer, rows: Sequence[dict[str, Any]], *, max_length: int, max_prompt_length: int,
+    sampled_tokens: bool = False,
 ) -> list[EncodedPair]:
-    """Tokenize rows exactly as sampling saw them: chat-template prompt, response + EOS."""
+    """Tokenize rows exactly as sampling saw them: chat-template prompt, response + EOS.
+
+    With sampled_tokens the responses are the rows' {chosen,rejected}_token_ids as sampled (an
+    EOS only where sampling stopped on one), and a prompt longer than max_prompt_length is an
+    error: the sampler's log-probs were conditioned on the whole of it."""
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token_id: responses cannot be terminated")
     prompt_ids = render_prompt_ids(tokenizer, [row["prompt"] for row in rows])
-    responses = [row["chosen"] for row in rows] + [row["rejected"] for row in rows]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id]
+    if sampled_tokens:
+        response_ids = [row["chosen_token_ids"] for row in rows] + [row["rejected_token_ids"] for row in rows]
+        eos = []
+        if too_long := [i for i, ids in enumerate(prompt_ids) if len(ids) > max_prompt_length]:
+            raise ValueError(f"row {too_long[0]}: the prompt has {len(prompt_ids[too_long[0]])} tokens, more "
+                             f"than train.max_prompt_length ({max_prompt_length}); reference_logps 'sampler' "
+                             "cannot cut it (its log-probs were conditioned on the whole prompt)")
+    else:
+        responses = [row["chosen"] for row in rows] + [row["rejected"] for row in rows]
+        response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+        eos = [tokenizer.eos_token_id]
 
     def encode(prompt: list[int], response: list[int]) -> EncodedSequence:
         return encode_sequence(
@@ -205,6 +233,17 @@ def reference_logps(
         chosen, rejected, _ = pair_logps(model, batch)
         out.append(torch.stack([chosen, rejected], dim=1).float().cpu())
     return torch.cat(out)
+
+
+def sampler_reference_logps(pairs: Sequence[EncodedPair], rows: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """[N, 2] (chosen, rejected) reference log-probs from the sampler's per-token log-probs:
+    each summed over the response tokens that `encode_pairs(sampled_tokens=True)` kept."""
+
+    def kept(seq: EncodedSequence, logps: list[float]) -> float:
+        return math.fsum(logps[: len(seq.input_ids) - seq.prompt_length])
+
+    return torch.tensor([[kept(pair.chosen, row["chosen_token_logps"]), kept(pair.rejected, row["rejected_token_logps"])]
+                         for pair, row in zip(pairs, rows, strict=True)], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- pure core: schedule
@@ -279,7 +318,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     for a dead worker or node; a failure that would recur identically is returned instead."""
     try:
         return _train_worker(config)
-    except (FloatingPointError, TimeoutError, OSError) as err:  # non-finite loss, deadline, disk
+    except (FloatingPointError, TimeoutError, OSError, ValueError) as err:  # loss, deadline, disk, data
         return {"error": f"{type(err).__name__}: {err}"}
 
 
@@ -304,7 +343,9 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     remote_code = config["trust_remote_code"]
     tokenizer = AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    from_sampler = cfg.reference_logps == "sampler"
+    pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                         sampled_tokens=from_sampler)
     probs = torch.tensor([[r["chosen_probs_win"], r["chosen_probs_lose"], r["chosen_probs"]] for r in rows])
     per_epoch = steps_per_epoch(len(rows), cfg)
     total_steps = per_epoch * cfg.epochs
@@ -314,9 +355,11 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     save_dtype = AutoConfig.from_pretrained(policy_dir, trust_remote_code=remote_code).dtype or torch.float32
     loaded = time.monotonic()
 
-    # pi_ref = the weights as loaded: every row's reference log-probs, before any step.
-    engine.eval()
-    ref = _all_reference_logps(engine, pairs, cfg.per_device_batch_size, pad_id, device, rank, world_size)
+    if from_sampler:  # log pi_t(y|x) as vLLM computed it while pi_t sampled y
+        ref = sampler_reference_logps(pairs, rows)
+    else:  # pi_ref = the weights as loaded: every row's reference log-probs, before any step
+        engine.eval()
+        ref = _all_reference_logps(engine, pairs, cfg.per_device_batch_size, pad_id, device, rank, world_size)
     engine.train()
     largest = max(engine.module.parameters(), key=lambda p: p.ds_numel)
     partition = {
@@ -327,7 +370,8 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
         "world_size": world_size,
     }
     if rank == 0:
-        logger.info("reference log-probs of %d pairs in %.1fs", len(pairs), time.monotonic() - started)
+        logger.info("reference log-probs of %d pairs (%s) in %.1fs", len(pairs), cfg.reference_logps,
+                    time.monotonic() - loaded)
     referenced = time.monotonic()
 
     loss_fn, loss_params = get_loss(cfg.loss), LossParams(beta=cfg.beta, gamma=cfg.simpo_gamma)
@@ -561,7 +605,7 @@ def train_policy(
 
     if is_local_path(policy_dir) and not Path(policy_dir, "config.json").is_file():
         raise FileNotFoundError(f"policy_dir {policy_dir}: no config.json (needs a local model directory)")
-    rows = read_pairs(pairs_path)
+    rows = read_pairs(pairs_path, sampled_tokens=cfg.reference_logps == "sampler")
     num_steps = steps_per_epoch(len(rows), cfg) * cfg.epochs
     get_loss(cfg.loss)
 

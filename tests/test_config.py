@@ -21,6 +21,7 @@ def test_defaults_follow_the_reference():
     assert (cfg.train.eta, cfg.train.learning_rate, cfg.train.warmup_ratio) == (1000.0, 5e-7, 0.1)
     assert (cfg.judge.source_max_length, cfg.judge.candidate_max_length) == (1224, 412)
     assert cfg.policy.trust_remote_code is False
+    assert cfg.train.reference_logps == "policy"  # a reference pass in training, as the reference does
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,9 @@ def test_defaults_follow_the_reference():
         ({"sampling.kk": 4}, "sampling.kk"),
         ({"train.max_prompt_length": 2048}, "max_prompt_length"),
         ({"iterations": 5}, "prompts.num_splits"),
+        ({"train.reference_logps": "vllm"}, "train.reference_logps"),
+        # The dataset's own responses were never sampled: no sampler log-probs for them.
+        ({"train.reference_logps": "sampler", "prompts.response_column": "responses"}, "prompts.response_column"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):

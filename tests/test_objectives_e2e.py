@@ -75,3 +75,31 @@ def test_objective_config_runs_end_to_end(live_stack, tmp_path, objective):
         assert not any(p["chosen_off_policy"] or p["rejected_off_policy"] for p in pairs)
     assert {"pairs/chosen_off_policy_share", "time/judging_s", "train/final_loss"} <= set(metrics)
     assert (out / "iter-1" / "checkpoint" / "config.json").exists()
+
+
+def test_reference_from_the_sampler_runs_end_to_end(live_stack, tmp_path):
+    """train.reference_logps 'sampler' through the whole pipeline: vLLM records each candidate's
+    token ids and log-probs, the pairs carry the chosen and rejected ones', and training takes
+    them as pi_ref. At step 1 pi_theta is pi_t, so the IPO loss is (0 - 1)^2 = 1 to the
+    precision at which vLLM's float32 log-probs equal the ZeRO-3 trainer's."""
+    out = tmp_path / "sampler-reference"
+    done = submit(live_stack, out, "--set", "train.reference_logps=sampler", "--set", "sampling.dtype=float32",
+                  config="configs/tiny-ipo.yaml")
+    assert "SPPO finished" in done.stdout
+    record = json.loads((out / "run.json").read_text())
+    run = nested_runs(live_stack, record["experiment_id"], record["parent_run_id"])["iter-1"]
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["train.reference_logps"] == "sampler"
+    history = rest(live_stack, "metrics/get-history", {"run_id": run["info"]["run_id"], "metric_key": "train/loss"})
+    assert history["metrics"][0]["value"] == pytest.approx(1.0, abs=1e-3)
+
+    samples = pq.read_table(out / "iter-1" / "samples.parquet").to_pylist()
+    pairs = pq.read_table(out / "iter-1" / "pairs.parquet").to_pylist()
+    assert len(pairs) == len(samples) == 8
+    for sample, pair in zip(samples, pairs, strict=True):
+        assert sample["prompt"] == pair["prompt"]
+        tokens = {text: (ids, logps) for text, ids, logps in
+                  zip(sample["candidates"], sample["candidate_token_ids"], sample["candidate_token_logps"], strict=True)}
+        for side in ("chosen", "rejected"):
+            assert (pair[f"{side}_token_ids"], pair[f"{side}_token_logps"]) == tokens[pair[side]]
+            assert all(v <= 0 for v in pair[f"{side}_token_logps"])

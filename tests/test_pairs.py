@@ -107,3 +107,18 @@ def test_bundled_hybrid_set_answers_bundled_prompts():
     responses = dataset_responses(PromptsConfig(source=str(source), response_column="response"), 1)
     assert len(responses) == 12 and set(responses) <= set(bundled_prompts())
     assert all(len(r) == 1 and r[0] for r in responses.values())
+
+
+def test_training_rows_carry_the_sampled_tokens_of_chosen_and_rejected():
+    m = np.array([[0.5, 0.2, 0.6], [0.8, 0.5, 0.9], [0.4, 0.1, 0.5]])  # 1 best, 2 worst
+    ids = [[[5, 2], [6, 7, 2], [8]]]
+    logps = [[[-1.0, -0.5], [-2.0, -0.1, -0.2], [-3.0]]]
+    (row,) = training_rows(["x"], [["a", "b", "c"]], [m], None, ids, logps)
+    assert (row["chosen"], row["rejected"]) == ("b", "c")
+    assert (row["chosen_token_ids"], row["chosen_token_logps"]) == ([6, 7, 2], [-2.0, -0.1, -0.2])
+    assert (row["rejected_token_ids"], row["rejected_token_logps"]) == ([8], [-3.0])
+    assert "chosen_token_ids" not in training_rows(["x"], [["a", "b", "c"]], [m])[0]
+    with pytest.raises(ValueError, match="3 candidates but token ids of 2 and token log-probs of 3"):
+        training_rows(["x"], [["a", "b", "c"]], [m], None, [ids[0][:2]], logps)
+    with pytest.raises(ValueError, match="give both or neither"):
+        training_rows(["x"], [["a", "b", "c"]], [m], None, ids, None)

@@ -4,6 +4,8 @@ The engine-based checks share ONE `sample_candidates` call (engine start dominat
 It samples near-greedily (top_p tiny keeps only the most likely token, so all K candidates of a
 prompt equal its greedy continuation) in float32, which lets transformers' own greedy decoding
 of the same prompt ids check, independently of vLLM, that every prompt got its own candidates.
+It also asks for each sampled token's log-prob (train.reference_logps "sampler"), which the same
+float32 forward pass checks: they must be log pi_t itself, not the truncated top-p distribution.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def test_sampling_params_carry_k_temperature_top_p_max_tokens():
     params = SamplingParams(**sampling_params_kwargs(cfg))
     assert (params.n, params.temperature, params.top_p, params.max_tokens) == (3, 0.7, 0.9, 17)
     assert params.seed is None  # per-request seeds fail on vLLM's CPU backend
+    assert params.logprobs is None  # asked for only when training takes its reference from them
+    assert SamplingParams(**sampling_params_kwargs(cfg, token_logps=True)).logprobs == 0  # the sampled token's
 
 
 def test_greedy_temperature_is_rejected_naming_the_field():
@@ -98,6 +102,12 @@ def test_samples_concat_keeps_shard_order_and_sums_tokens():
     )
     joined = Samples.concat([a, b])
     assert joined.candidates == [["a1", "a2"], ["b1", "b2"], ["c1", "c2"]]
+    assert joined.token_ids == joined.token_logps == []  # not asked for
+    with_logps = Samples.concat([
+        Samples([["a"]], [[1]], 1, token_ids=[[[9]]], token_logps=[[[-0.5]]]),
+        Samples([["b"]], [[1]], 2, token_ids=[[[8, 2]]], token_logps=[[[-1.0, -0.1]]]),
+    ])
+    assert with_logps.token_ids == [[[9]], [[8, 2]]] and with_logps.token_logps == [[[-0.5]], [[-1.0, -0.1]]]
     assert joined.prompt_token_ids == [[1, 5], [1, 6], [1, 7]]
     assert joined.num_generated_tokens == 13
 
@@ -182,7 +192,7 @@ def sampled(ray_cluster, tiny_policy_dir, prompts) -> SamplingRun:
     total_cpus = ray_cluster.cluster_resources()["CPU"]
     shm_before = _shm_entries()
     started = time.monotonic()
-    samples = sample_candidates(tiny_policy_dir, prompts, NEAR_GREEDY, seed=0, timeout_s=900)
+    samples = sample_candidates(tiny_policy_dir, prompts, NEAR_GREEDY, seed=0, timeout_s=900, token_logps=True)
     print(f"sample_candidates: {time.monotonic() - started:.1f}s for {len(prompts)} prompts")
     return SamplingRun(samples, total_cpus, _leaked_shm(shm_before))
 
@@ -223,6 +233,49 @@ def test_candidates_are_the_greedy_continuations_of_their_own_prompts(
     matches = [c[0] == g for c, g in zip(samples.candidates, greedy)]
     # One late near-tie flip between two float32 implementations is tolerated, not more.
     assert sum(matches) >= len(prompts) - 1, list(zip([c[0] for c in samples.candidates], greedy))
+
+
+@pytest.mark.slow
+def test_sampled_token_log_probs_are_the_policys_and_serve_as_the_reference(
+    sampled, prompts, tokenizer, tiny_policy_dir
+):
+    """Each candidate's token ids decode to its text, and its per-token log-probs equal
+    log_softmax of transformers' float32 logits at those tokens (top_p 1e-6 would make the
+    processed ones 0). Through encode_pairs(sampled_tokens=True), responses cut to fit,
+    sampler_reference_logps equals the trainer's own reference pass over the same pairs."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sppo.pairs import training_rows
+    from sppo.training import encode_pairs, reference_logps, sampler_reference_logps
+
+    samples = sampled.samples
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
+    assert len(samples.token_ids) == len(samples.token_logps) == len(prompts)
+    for prompt_ids, texts, ids_k, logps_k in zip(samples.prompt_token_ids, samples.candidates,
+                                                  samples.token_ids, samples.token_logps, strict=True):
+        for text, ids, logps in zip(texts, ids_k, logps_k, strict=True):
+            assert 1 <= len(ids) == len(logps) <= NEAR_GREEDY.max_tokens
+            decoded = tokenizer.decode(ids, skip_special_tokens=True)
+            # vLLM's incremental detokenizer holds back a last, incomplete UTF-8 character.
+            assert decoded.startswith(text) and set(decoded[len(text):]) <= {"\ufffd"}, (decoded, text)
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+            assert (expected < -1e-3).any()  # not all ~0: the check below can tell raw from top-p
+            torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-5, rtol=1e-5)
+
+    first_best = np.full((NEAR_GREEDY.k, NEAR_GREEDY.k), 0.5)
+    first_best[0, 1:], first_best[1:, 0] = 0.9, 0.1
+    rows = training_rows(prompts, samples.candidates, [first_best] * len(prompts), None,
+                         samples.token_ids, samples.token_logps)
+    max_length = max(map(len, samples.prompt_token_ids)) + NEAR_GREEDY.max_tokens // 2  # cuts some responses
+    pairs = encode_pairs(tokenizer, rows, max_length=max_length, max_prompt_length=max_length - 1, sampled_tokens=True)
+    assert any(len(p.chosen.input_ids) - p.chosen.prompt_length < len(r["chosen_token_ids"])
+               for p, r in zip(pairs, rows))
+    trainer = reference_logps(model, pairs, batch_size=4, pad_token_id=tokenizer.pad_token_id)
+    torch.testing.assert_close(sampler_reference_logps(pairs, rows), trainer, atol=1e-4, rtol=1e-6)
 
 
 @pytest.mark.slow

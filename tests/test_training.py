@@ -23,6 +23,7 @@ from sppo.training import (
     read_pairs,
     reference_chunk,
     reference_logps,
+    sampler_reference_logps,
     steps_per_epoch,
     train_policy,
 )
@@ -73,6 +74,70 @@ def test_read_pairs_names_bad_probability(tmp_path):
     pd.DataFrame(rows).to_parquet(path)
     with pytest.raises(ValueError, match=r"'chosen_probs_win' must be a probability in \[0, 1\] \(row 2"):
         read_pairs(path)
+
+
+def with_sampled_tokens(rows: list[dict], tokenizer) -> list[dict]:
+    """Rows as the sampling stage writes them for reference_logps 'sampler': token ids of each
+    response (EOS ended) and a made-up log-prob per token."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        for side in ("chosen", "rejected"):
+            ids = tokenizer(row[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            row[f"{side}_token_ids"] = ids
+            row[f"{side}_token_logps"] = [-0.5 - 0.01 * n for n in range(len(ids))]
+        out.append(row)
+    return out
+
+
+def test_read_pairs_in_sampler_mode_names_missing_token_columns(tmp_path):
+    path = tmp_path / "pairs.parquet"
+    pd.DataFrame(make_rows(3)).to_parquet(path)
+    assert len(read_pairs(path)) == 3
+    with pytest.raises(ValueError, match=r"missing columns \['chosen_token_ids', .*reference_logps 'sampler'"):
+        read_pairs(path, sampled_tokens=True)
+
+
+def test_read_pairs_in_sampler_mode_names_a_row_whose_log_probs_do_not_fit(tmp_path, tokenizer):
+    rows = with_sampled_tokens(make_rows(3), tokenizer)
+    path = tmp_path / "pairs.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    read = read_pairs(path, sampled_tokens=True)
+    assert read[1]["rejected_token_ids"] == rows[1]["rejected_token_ids"]
+    assert read[1]["rejected_token_logps"] == pytest.approx(rows[1]["rejected_token_logps"])
+    rows[2]["chosen_token_logps"] = rows[2]["chosen_token_logps"][:-1]
+    pd.DataFrame(rows).to_parquet(path)
+    with pytest.raises(ValueError, match=r"row 2: chosen_token_logps must hold one finite log-prob per token"):
+        read_pairs(path, sampled_tokens=True)
+    rows[2]["chosen_token_logps"] = [float("nan")] * len(rows[2]["chosen_token_ids"])
+    pd.DataFrame(rows).to_parquet(path)
+    with pytest.raises(ValueError, match=r"row 2: chosen_token_logps"):
+        read_pairs(path, sampled_tokens=True)
+
+
+def test_sampled_tokens_are_trained_as_sampled_and_their_log_probs_cut_with_them(tokenizer):
+    rows = with_sampled_tokens(make_rows(4), tokenizer)
+    rows[1]["chosen_token_ids"] = rows[1]["chosen_token_ids"][:-1]  # stopped at max_tokens: no EOS
+    rows[1]["chosen_token_logps"] = rows[1]["chosen_token_logps"][:-1]
+    prompts = render_prompt_ids(tokenizer, [r["prompt"] for r in rows])
+    max_length = max(map(len, prompts)) + 3  # cuts the longest prompt's responses to 3 tokens
+    pairs = encode_pairs(tokenizer, rows, max_length=max_length, max_prompt_length=max_length - 1,
+                         sampled_tokens=True)
+    ref = sampler_reference_logps(pairs, rows)
+    assert ref.shape == (4, 2)
+    cut = 0
+    for i, (pair, row, prompt) in enumerate(zip(pairs, rows, prompts)):
+        for j, (seq, side) in enumerate(((pair.chosen, "chosen"), (pair.rejected, "rejected"))):
+            kept, sampled = seq.input_ids[seq.prompt_length :], row[f"{side}_token_ids"]
+            assert seq.input_ids[: seq.prompt_length] == prompt
+            assert kept == sampled[: max_length - len(prompt)]
+            cut += len(kept) < len(sampled)
+            assert ref[i, j].item() == pytest.approx(sum(row[f"{side}_token_logps"][: len(kept)]))
+    assert cut >= 2
+    whole = encode_pairs(tokenizer, rows, max_length=1024, max_prompt_length=512, sampled_tokens=True)
+    assert whole[1].chosen.input_ids[whole[1].chosen.prompt_length :] == rows[1]["chosen_token_ids"]  # no EOS added
+    with pytest.raises(ValueError, match=r"more than train.max_prompt_length \(4\); reference_logps 'sampler'"):
+        encode_pairs(tokenizer, rows, max_length=1024, max_prompt_length=4, sampled_tokens=True)
 
 
 def test_encode_sequence_keeps_bos_and_prompt_end_and_response_start():
@@ -252,6 +317,32 @@ def test_reference_logps_match_a_separate_fp32_model(trained, tiny_policy_dir, t
     precomputed = torch.tensor(trained["result"].reference_logps)
     assert precomputed.shape == (NUM_ROWS, 2)
     torch.testing.assert_close(precomputed, online, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_sampler_reference_is_taken_as_given_and_no_reference_pass_runs(ray_cluster, tiny_policy_dir, tokenizer,
+                                                                        tmp_path):
+    """reference_logps 'sampler': the rows' own log-probs are the reference, summed over what
+    each cut response keeps. Made-up values (-0.5 a token) tell them from a policy pass."""
+    rows = with_sampled_tokens(make_rows(8), tokenizer)
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            row[f"{side}_token_logps"] = [-0.5] * len(row[f"{side}_token_ids"])
+    pairs_path = tmp_path / "pairs.parquet"
+    pd.DataFrame(rows).to_parquet(pairs_path)
+    # Prompts are never cut in this mode (sampling skips prompts over max_prompt_length); responses are.
+    cfg = TrainConfig(**{**TRAIN_CFG, "gradient_accumulation_steps": 1, "epochs": 1, "reference_logps": "sampler",
+                         "max_length": 96, "max_prompt_length": 90})
+    result = train_policy(str(pairs_path), tiny_policy_dir, str(tmp_path / "ckpt" / "iter1"), cfg,
+                          storage_dir=str(tmp_path / "ray"), timeout_s=900)
+    pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                         sampled_tokens=True)
+    kept = [[-0.5 * (len(s.input_ids) - s.prompt_length) for s in (p.chosen, p.rejected)] for p in pairs]
+    torch.testing.assert_close(torch.tensor(result.reference_logps), torch.tensor(kept))
+    assert any(len(p.chosen.input_ids) - p.chosen.prompt_length < len(r["chosen_token_ids"]) for p, r in zip(pairs, rows))
+    # Step 1 is pi_t against those values, far from the log-ratio 0 a real reference gives.
+    assert abs(result.history[0]["train/chosen_logratio"]) > 1.0
+    assert (Path(result.checkpoint_dir) / "model.safetensors").exists()
 
 
 @pytest.mark.slow
