@@ -30,10 +30,10 @@ LINEAGE_FIELDS = (
 STAGE_FIELDS = {
     "sampling": ("policy.", "prompts.", "sampling.k", "sampling.temperature", "sampling.top_p",
                  "sampling.max_tokens", "sampling.seed", "sampling.max_model_len", "sampling.dtype",
-                 "train.max_prompt_length"),
+                 "train.max_prompt_length", "train.reference_logps"),
     "judging": ("judge.kind", "judge.path", "judge.estimator", "judge.source_max_length",
                 "judge.candidate_max_length", "judge.rule.", "prompts.response_column"),
-    "pairs": (),
+    "pairs": ("train.reference_logps",),
     "training": ("train.",),
     "evaluation": ("prompts.", "sampling.", "judge.", "eval."),
     "tracking": (),
