@@ -4,7 +4,9 @@
 
 Top-level numbers in the results file: judge_ratio, train_ratio_vs_online_ref,
 train_ratio_vs_trl, sample_ratio_vs_sequential (each ours / baseline throughput) and
-sample_overhead_vs_bare (the fraction of the bare engine's throughput lost).
+sample_overhead_vs_bare (the fraction of the bare engine's throughput lost); the two training
+ratios also with the reference log-probs from the sampler (`..._sampler_reference`), and
+sample_logprobs_overhead (what asking vLLM for them costs sampling).
 """
 
 from __future__ import annotations
@@ -27,12 +29,19 @@ def summary(records: dict[str, dict]) -> dict[str, float]:
     if "judge" in records:
         out["judge_ratio"] = records["judge"]["results"]["ratio"]
     if "train" in records:
-        out["train_ratio_vs_online_ref"] = records["train"]["results"]["ratio_vs_online_ref"]
-        if "ratio_vs_trl" in records["train"]["results"]:  # absent when the TRL baseline failed
-            out["train_ratio_vs_trl"] = records["train"]["results"]["ratio_vs_trl"]
+        train = records["train"]["results"]
+        out["train_ratio_vs_online_ref"] = train["ratio_vs_online_ref"]
+        # train.reference_logps: sampler, where the records have it (older ones do not).
+        if "ratio_vs_online_ref_sampler_reference" in train:
+            out["train_ratio_vs_online_ref_sampler_reference"] = train["ratio_vs_online_ref_sampler_reference"]
+        if "ratio_vs_trl" in train:  # absent when the TRL baseline failed
+            out["train_ratio_vs_trl"] = train["ratio_vs_trl"]
+            out["train_ratio_vs_trl_sampler_reference"] = train["ratio_vs_trl_sampler_reference"]
     if "sample" in records:
         out["sample_ratio_vs_sequential"] = records["sample"]["results"]["ratio_vs_sequential"]
         out["sample_overhead_vs_bare"] = records["sample"]["results"]["overhead_vs_bare"]
+        if "logprobs_overhead" in records["sample"]["results"]:  # older records do not have it
+            out["sample_logprobs_overhead"] = records["sample"]["results"]["logprobs_overhead"]
     return out
 
 

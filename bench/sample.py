@@ -10,8 +10,11 @@
   the already-rendered token ids and the n=K sampling parameters: no Ray, no wrapper.
 - ours at vLLM's default max_num_seqs: a second actor, as ours but with `sampling.max_num_seqs`
   null, so vLLM picks (256 on a CPU): what our default of 1024 gains, in the same run.
+- ours with token log-probs: ours on the same actor, asking vLLM for each sampled token's
+  log-prob and sending the token ids and log-probs back, as `train.reference_logps: sampler`
+  does: what taking the reference from the sampler costs sampling.
 
-Each engine starts once (its start-up time is reported, not counted); the four are then
+Each engine starts once (its start-up time is reported, not counted); the five are then
 called in turn, `rounds` times, after one warm-up call each, and each side's median is kept.
 Throughput is generated tokens per second. How close it comes to what the hardware allows:
 those tokens' FLOPs per second (2 per weight per generated token, a lower bound that leaves out
@@ -52,6 +55,16 @@ def with_sequential_passes(base):
                 outputs = self._llm.generate(requests, params, use_tqdm=False)
                 tokens += sum(len(c.token_ids) for out in outputs for c in out.outputs)
             return tokens
+
+        def generate_with_token_logps(self, prompts: list[str]):
+            """`generate` as train.reference_logps 'sampler' runs it (logprobs=0)."""
+            from vllm import SamplingParams
+
+            plain, self._params = self._params, SamplingParams(**{**_params_kwargs(self), "logprobs": 0})
+            try:
+                return self.generate(prompts)
+            finally:
+                self._params = plain
 
         def threads(self) -> dict:
             import torch
@@ -156,7 +169,13 @@ def run(size: str = "full") -> dict:
         def ours_vllm_default() -> int:
             return ray.get(default_engine.generate.remote(prompts)).num_generated_tokens
 
-        sides = {"ours": ours, "sequential": sequential, "bare": bare_engine, "ours_vllm_default": ours_vllm_default}
+        def ours_token_logps() -> int:
+            samples = ray.get(engine.generate_with_token_logps.remote(prompts))
+            assert sum(len(lp) for c in samples.token_logps for lp in c) == samples.num_generated_tokens
+            return samples.num_generated_tokens
+
+        sides = {"ours": ours, "sequential": sequential, "bare": bare_engine, "ours_vllm_default": ours_vllm_default,
+                 "ours_token_logps": ours_token_logps}
         for call in sides.values():  # warm-up
             call()
         measured = {name: [] for name in sides}
@@ -188,6 +207,8 @@ def run(size: str = "full") -> dict:
         # Fraction of throughput lost to Ray and our wrapper, next to the bare engine.
         "overhead_vs_bare": 1.0 - runs["ours"]["tokens_per_s"] / runs["bare"]["tokens_per_s"],
         "ratio_vs_vllm_default_max_num_seqs": runs["ours"]["tokens_per_s"] / runs["ours_vllm_default"]["tokens_per_s"],
+        # Fraction of throughput lost to asking for the sampled tokens' log-probs.
+        "logprobs_overhead": 1.0 - runs["ours_token_logps"]["tokens_per_s"] / runs["ours"]["tokens_per_s"],
         "engine_threads": threads,
         "bare_threads": bare_threads,
     }
@@ -202,7 +223,8 @@ def report(record: dict) -> None:
     seqs = inputs["max_num_seqs"]
     names = {"ours": f"ours: Ray actor, one n=K request per prompt, max_num_seqs {seqs['actor']}",
              "sequential": "K sequential n=1 passes (reference)", "bare": "bare vLLM engine, n=K, no Ray",
-             "ours_vllm_default": f"ours at vLLM's default max_num_seqs ({seqs['vllm_default']})"}
+             "ours_vllm_default": f"ours at vLLM's default max_num_seqs ({seqs['vllm_default']})",
+             "ours_token_logps": "ours, with each sampled token's log-prob (reference_logps: sampler)"}
     rows = [[names[name], statistics.median(s["seconds"] for s in run["rounds"]), run["tokens_per_s"],
              run["fraction_of_matmul_peak"], r["runs"]["ours"]["tokens_per_s"] / run["tokens_per_s"]]
             for name, run in r["runs"].items()]
@@ -214,6 +236,7 @@ def report(record: dict) -> None:
         ["sampler", "median seconds", "tokens/s", "of matmul FLOP/s", "ours x"], rows,
     )
     print(f"overhead_vs_bare={r['overhead_vs_bare']:.3f}")
+    print(f"logprobs_overhead={r['logprobs_overhead']:.3f}")
     print(f"ratio={r['ratio_vs_sequential']:.3f}")
 
 

@@ -7,6 +7,11 @@ ours and the online reference again at `more_epochs` epochs:
 - ours: `sppo.training.train_policy` as the pipeline runs it; reference log-probs are
   computed once, before the first step, from the policy itself. Its time counts that pass
   plus the optimizer steps.
+- ours with the sampler's log-probs (`train.reference_logps: sampler`): the same, on rows that
+  carry each response's token ids and log pi_t of each token, as the sampling stage writes them
+  in that mode; no reference pass runs. The log-probs are computed for the benchmark by a float32
+  forward pass outside any timing (vLLM reports the same values while it samples, to 1e-5 a
+  token: tests/test_sampling.py); what asking vLLM for them costs is measured in bench/sample.py.
 - online reference (the reference pipeline's way): the same pieces of `sppo.training`, plus a
   second, frozen ZeRO-3 copy of pi_t whose log-probs are recomputed at every step.
 - TRL: `trl.DPOTrainer(loss_type="sppo_hard")` with its defaults otherwise (a reference model
@@ -45,10 +50,12 @@ SETTINGS = {
     # overhead, dominates a step on CPU, small enough for a few minutes on 2 cores.
     # more_epochs: ours and the online reference again at that many epochs, where the online way
     # recomputes the reference in every epoch and ours still computes it once.
+    # max_prompt_length fits every prompt (up to ~120 tokens), as in the pipeline, whose sampling
+    # stage skips longer prompts: the sampler's log-probs are conditioned on the whole prompt.
     # warm_up: one discarded run of ours before the measured ones. Ours runs first, and the first
     # run after Ray starts was at times the slowest (14.3 s against 11.3-12.0 s for the same steps).
     "full": {"hidden": 256, "layers": 4, "pairs": 64, "prompt_words": 40, "response_words": 60,
-             "per_device_batch_size": 4, "num_workers": 2, "max_length": 256, "max_prompt_length": 96,
+             "per_device_batch_size": 4, "num_workers": 2, "max_length": 256, "max_prompt_length": 128,
              "more_epochs": 2, "logits": (16, 512, 32768), "warm_up": True},
     "smoke": {"hidden": 64, "layers": 2, "pairs": 4, "prompt_words": 8, "response_words": 8,
               "per_device_batch_size": 1, "num_workers": 2, "max_length": 64, "max_prompt_length": 32,
@@ -146,6 +153,29 @@ def synthetic_pairs(count: int, prompt_words: int, response_words: int, seed: in
     return rows
 
 
+def with_sampler_logps(policy_dir: str, rows: list[dict]) -> list[dict]:
+    """The rows as reference_logps 'sampler' reads them: each response's token ids as
+    encode_pairs tokenizes it (EOS ended) and log pi_t of each token, from a float32 forward pass."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sppo.chat import render_prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    out = []
+    for row, prompt in zip(rows, render_prompt_ids(tokenizer, [r["prompt"] for r in rows])):
+        row = dict(row)
+        for side in ("chosen", "rejected"):
+            ids = tokenizer(row[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1]
+            row[f"{side}_token_ids"] = ids
+            row[f"{side}_token_logps"] = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1).tolist()
+        out.append(row)
+    return out
+
+
 def trained_sequences(policy_dir: str, rows: list[dict], cfg) -> list:
     """The chosen and rejected sequences one epoch trains on, as ours encodes them."""
     from transformers import AutoTokenizer
@@ -158,10 +188,11 @@ def trained_sequences(policy_dir: str, rows: list[dict], cfg) -> list:
     return [s for p in pairs[:trained] for s in (p.chosen, p.rejected)]
 
 
-def training_flops(policy_dir: str, sequences: list, epochs: int) -> int:
+def training_flops(policy_dir: str, sequences: list, epochs: int, reference_pass: bool = True) -> int:
     """The FLOPs SPPO training needs, whichever trainer runs it: one reference forward over
-    every trained sequence, unpadded, and the policy's forward and backward over it each epoch.
-    Counted by FlopCounterMode (matmuls and attention) on the model built on the meta device."""
+    every trained sequence, unpadded (none when the sampler supplied the reference), and the
+    policy's forward and backward over it each epoch. Counted by FlopCounterMode (matmuls and
+    attention) on the model built on the meta device."""
     from collections import Counter
 
     import torch
@@ -175,7 +206,7 @@ def training_flops(policy_dir: str, sequences: list, epochs: int) -> int:
         with torch.no_grad():
             return counted_flops(lambda: model(input_ids=ids))
 
-    return sum(count * (pass_flops(length, False) + epochs * pass_flops(length, True))
+    return sum(count * (reference_pass * pass_flops(length, False) + epochs * pass_flops(length, True))
                for length, count in Counter(len(s.input_ids) for s in sequences).items())
 
 
@@ -353,13 +384,15 @@ def run(size: str = "full", seed: int = 0) -> dict:
             policy_dir, parameters = build_policy(work / "policy", setting["hidden"], setting["layers"])
             sequences = trained_sequences(policy_dir, rows, cfg)
             tokens = sum(len(s.input_ids) - s.prompt_length for s in sequences)  # EOS included, one epoch
-            pairs_path = work / "pairs.parquet"
+            pairs_path, sampled_pairs_path = work / "pairs.parquet", work / "sampled-pairs.parquet"
             pd.DataFrame(rows).to_parquet(pairs_path)
+            pd.DataFrame(with_sampler_logps(policy_dir, rows)).to_parquet(sampled_pairs_path)
             base = {"rows": rows, "policy_dir": policy_dir}
 
             def ours(run_cfg: TrainConfig, name: str) -> dict:
+                path = sampled_pairs_path if run_cfg.reference_logps == "sampler" else pairs_path
                 with WorkerMemory() as memory, Timer() as wall:
-                    result = train_policy(str(pairs_path), policy_dir, str(work / f"{name}-ckpt"), run_cfg,
+                    result = train_policy(str(path), policy_dir, str(work / f"{name}-ckpt"), run_cfg,
                                           storage_dir=str(work / "ray"), timeout_s=1800)
                 timings = result.timings
                 return {"seconds": timings["reference_logps"] + timings["train_steps"], **timings,
@@ -375,6 +408,8 @@ def run(size: str = "full", seed: int = 0) -> dict:
 
             warm_up = ours(cfg, "warm-up") if setting["warm_up"] else None
             runs = {"ours": ours(cfg, "ours"),
+                    "ours_sampler_reference": ours(cfg.model_copy(update={"reference_logps": "sampler"}),
+                                                   "ours-sampler-reference"),
                     "online_reference": baseline(_online_reference_loop, cfg, "online-reference",
                                                  checkpoint_dir=str(work / "online-ckpt"))}
             try:  # a TRL release that breaks must not cost the other measurements
@@ -389,8 +424,8 @@ def run(size: str = "full", seed: int = 0) -> dict:
                 runs[f"online_reference_{epochs}_epochs"] = baseline(
                     _online_reference_loop, more, f"online-reference-{epochs}-epochs",
                     checkpoint_dir=str(work / f"online-{epochs}-epochs-ckpt"))
-            for r in runs.values():
-                r["flops"] = training_flops(policy_dir, sequences, r["epochs"])
+            for name, r in runs.items():
+                r["flops"] = training_flops(policy_dir, sequences, r["epochs"], name != "ours_sampler_reference")
     finally:
         if started_ray:
             ray.shutdown()
@@ -409,9 +444,11 @@ def run(size: str = "full", seed: int = 0) -> dict:
         "ratio_vs_online_ref": ratio("ours", "online_reference"),
         "peak_memory_ratio_vs_online_ref": runs["ours"]["peak_worker_rss_mib"]
         / runs["online_reference"]["peak_worker_rss_mib"],
+        "ratio_vs_online_ref_sampler_reference": ratio("ours_sampler_reference", "online_reference"),
     }
     if "trl" in runs:
         results["ratio_vs_trl"] = ratio("ours", "trl")
+        results["ratio_vs_trl_sampler_reference"] = ratio("ours_sampler_reference", "trl")
     else:
         results["trl_error"] = trl_error
     if epochs := setting["more_epochs"]:
@@ -429,7 +466,8 @@ def run(size: str = "full", seed: int = 0) -> dict:
 
 def report(record: dict) -> None:
     r, inputs = record["results"], record["inputs"]
-    names = {"ours": "ours (precomputed reference)", "online_reference": "online reference model (reference's way)",
+    names = {"ours": "ours (precomputed reference)",
+             "ours_sampler_reference": "ours (reference log-probs from the sampler)", "online_reference": "online reference model (reference's way)",
              "trl": "TRL DPOTrainer sppo_hard"}
     rows = []
     for key, v in r["runs"].items():
@@ -456,7 +494,7 @@ def report(record: dict) -> None:
         [["plain: log_softmax of a float32 copy", memory["plain"]["seconds"], memory["plain"]["peak_above_logits_mib"]],
          ["ours: sppo.losses.sequence_logps", memory["ours"]["seconds"], memory["ours"]["peak_above_logits_mib"]]],
     )
-    for key in sorted(k for k in r if k.startswith("ratio_vs_online_ref_")):
+    for key in sorted(k for k in r if k.startswith(("ratio_vs_online_ref_", "ratio_vs_trl_"))):
         print(f"{key}={r[key]:.3f}")
     print(f"ratio_vs_trl={r['ratio_vs_trl']:.3f}" if "ratio_vs_trl" in r else f"TRL baseline failed: {r['trl_error']}")
     print(f"ratio={r['ratio_vs_online_ref']:.3f}")

@@ -93,8 +93,11 @@ def test_make_bench_smoke_writes_every_key(tmp_path, capsys):
     assert judge["scores_equal"] and judge["max_abs_score_diff"] <= 1e-4
     assert 0 < judge["ours_fraction_of_matmul_peak"] < 1
     train = results["benchmarks"]["train"]["results"]
-    assert set(train["runs"]) == ({"ours", "online_reference", "ours_2_epochs", "online_reference_2_epochs"}
-                                  | ({"trl"} if has_trl else set()))
+    assert set(train["runs"]) == ({"ours", "ours_sampler_reference", "online_reference", "ours_2_epochs",
+                                   "online_reference_2_epochs"} | ({"trl"} if has_trl else set()))
+    assert np.isfinite(results["train_ratio_vs_online_ref_sampler_reference"])
+    # The sampler supplied the reference: no reference forward pass is counted for it.
+    assert train["runs"]["ours_sampler_reference"]["flops"] < train["runs"]["ours"]["flops"]
     for run in train["runs"].values():
         assert run["response_tokens_per_s"] > 0 and run["peak_worker_rss_mib"] > 100
         assert 0 < run["fraction_of_matmul_peak"] < 1
@@ -115,6 +118,7 @@ def test_make_bench_smoke_writes_every_key(tmp_path, capsys):
     seqs = results["benchmarks"]["sample"]["inputs"]["max_num_seqs"]
     assert (seqs["actor"], seqs["bare"]) == (expected, expected) and seqs["vllm_default"] >= 1
     assert sample["ratio_vs_vllm_default_max_num_seqs"] > 0
+    assert sample["runs"]["ours_token_logps"]["tokens_per_s"] > 0 and np.isfinite(results["sample_logprobs_overhead"])
     stages = results["benchmarks"]["iteration"]["results"]["stage_seconds"]
     for stage in ("sampling", "engine_start", "judging", "training", "training/reference_logps",
                   "training/train_steps", "training/checkpoint_save", "tracking"):
