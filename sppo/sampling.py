@@ -92,7 +92,10 @@ def sampling_params_kwargs(cfg: SamplingConfig, token_logps: bool = False) -> di
 
     No per-request seed: vLLM's CPU backend rejects it; the engine is seeded instead. With
     token_logps, logprobs=0: each sampled token's log-prob alone (vLLM's default logprobs_mode,
-    raw_logprobs, takes them from the model's logits before temperature and top-p).
+    raw_logprobs, takes them from the model's logits before temperature and top-p); and
+    detokenize=False, since vLLM would also decode the token of every log-prob (the texts are
+    decoded from the token ids once instead: 23% of sampling throughput lost, not 12%, measured
+    on the tiny policy on CPU).
     """
     if cfg.temperature < _GREEDY_BELOW:
         raise ValueError(
@@ -100,7 +103,7 @@ def sampling_params_kwargs(cfg: SamplingConfig, token_logps: bool = False) -> di
             f"candidates, got {cfg.temperature} (vLLM decodes greedily below it, n=1 only)"
         )
     kwargs = {"n": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
-    return {**kwargs, "logprobs": 0} if token_logps else kwargs
+    return {**kwargs, "logprobs": 0, "detokenize": False} if token_logps else kwargs
 
 
 def engine_kwargs(model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_code: bool = False) -> dict:
@@ -161,8 +164,14 @@ class VLLMEngine:
         outputs = self._llm.generate(requests, self._params, use_tqdm=True)  # in request order
         completions = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
         with_logps = self._params.logprobs is not None
+        if self._params.detokenize:
+            texts = [[c.text for c in cands] for cands in completions]
+        else:
+            flat = self._tokenizer.batch_decode([c.token_ids for cands in completions for c in cands],
+                                                skip_special_tokens=True)
+            texts = [flat[i * self._params.n : (i + 1) * self._params.n] for i in range(len(completions))]
         return Samples(
-            candidates=[[c.text for c in cands] for cands in completions],
+            candidates=texts,
             prompt_token_ids=[list(out.prompt_token_ids) for out in outputs],
             num_generated_tokens=sum(len(c.token_ids) for cands in completions for c in cands),
             engine_start_s=self._start_s,
