@@ -56,11 +56,11 @@ def with_sequential_passes(base):
                 tokens += sum(len(c.token_ids) for out in outputs for c in out.outputs)
             return tokens
 
-        def generate_with_token_logps(self, prompts: list[str]):
-            """`generate` as train.reference_logps 'sampler' runs it (logprobs=0)."""
+        def generate_with(self, prompts: list[str], params_kwargs: dict):
+            """`generate` with other sampling parameters, on the same engine."""
             from vllm import SamplingParams
 
-            plain, self._params = self._params, SamplingParams(**{**_params_kwargs(self), "logprobs": 0})
+            plain, self._params = self._params, SamplingParams(**params_kwargs)
             try:
                 return self.generate(prompts)
             finally:
@@ -169,8 +169,10 @@ def run(size: str = "full") -> dict:
         def ours_vllm_default() -> int:
             return ray.get(default_engine.generate.remote(prompts)).num_generated_tokens
 
+        with_token_logps = sampling_params_kwargs(cfg, token_logps=True)  # as train.reference_logps 'sampler' asks
+
         def ours_token_logps() -> int:
-            samples = ray.get(engine.generate_with_token_logps.remote(prompts))
+            samples = ray.get(engine.generate_with.remote(prompts, with_token_logps))
             assert sum(len(lp) for c in samples.token_logps for lp in c) == samples.num_generated_tokens
             return samples.num_generated_tokens
 
