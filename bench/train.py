@@ -171,7 +171,8 @@ def with_sampler_logps(policy_dir: str, rows: list[dict]) -> list[dict]:
             with torch.no_grad():
                 logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1]
             row[f"{side}_token_ids"] = ids
-            row[f"{side}_token_logps"] = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1).tolist()
+            token_logps = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+            row[f"{side}_token_logps"] = token_logps.tolist()
         out.append(row)
     return out
 
@@ -467,7 +468,8 @@ def run(size: str = "full", seed: int = 0) -> dict:
 def report(record: dict) -> None:
     r, inputs = record["results"], record["inputs"]
     names = {"ours": "ours (precomputed reference)",
-             "ours_sampler_reference": "ours (reference log-probs from the sampler)", "online_reference": "online reference model (reference's way)",
+             "ours_sampler_reference": "ours (reference log-probs from the sampler)",
+             "online_reference": "online reference model (reference's way)",
              "trl": "TRL DPOTrainer sppo_hard"}
     rows = []
     for key, v in r["runs"].items():

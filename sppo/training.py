@@ -242,7 +242,8 @@ def sampler_reference_logps(pairs: Sequence[EncodedPair], rows: Sequence[dict[st
     def kept(seq: EncodedSequence, logps: list[float]) -> float:
         return math.fsum(logps[: len(seq.input_ids) - seq.prompt_length])
 
-    return torch.tensor([[kept(pair.chosen, row["chosen_token_logps"]), kept(pair.rejected, row["rejected_token_logps"])]
+    return torch.tensor([[kept(pair.chosen, row["chosen_token_logps"]),
+                          kept(pair.rejected, row["rejected_token_logps"])]
                          for pair, row in zip(pairs, rows, strict=True)], dtype=torch.float32)
 
 

@@ -98,8 +98,8 @@ def test_reference_from_the_sampler_runs_end_to_end(live_stack, tmp_path):
     assert len(pairs) == len(samples) == 8
     for sample, pair in zip(samples, pairs, strict=True):
         assert sample["prompt"] == pair["prompt"]
-        tokens = {text: (ids, logps) for text, ids, logps in
-                  zip(sample["candidates"], sample["candidate_token_ids"], sample["candidate_token_logps"], strict=True)}
+        columns = (sample["candidates"], sample["candidate_token_ids"], sample["candidate_token_logps"])
+        tokens = {text: (ids, logps) for text, ids, logps in zip(*columns, strict=True)}
         for side in ("chosen", "rejected"):
             assert (pair[f"{side}_token_ids"], pair[f"{side}_token_logps"]) == tokens[pair[side]]
             assert all(v <= 0 for v in pair[f"{side}_token_logps"])

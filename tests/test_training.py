@@ -339,7 +339,8 @@ def test_sampler_reference_is_taken_as_given_and_no_reference_pass_runs(ray_clus
                          sampled_tokens=True)
     kept = [[-0.5 * (len(s.input_ids) - s.prompt_length) for s in (p.chosen, p.rejected)] for p in pairs]
     torch.testing.assert_close(torch.tensor(result.reference_logps), torch.tensor(kept))
-    assert any(len(p.chosen.input_ids) - p.chosen.prompt_length < len(r["chosen_token_ids"]) for p, r in zip(pairs, rows))
+    assert any(len(p.chosen.input_ids) - p.chosen.prompt_length < len(r["chosen_token_ids"])
+               for p, r in zip(pairs, rows))
     # Step 1 is pi_t against those values, far from the log-ratio 0 a real reference gives.
     assert abs(result.history[0]["train/chosen_logratio"]) > 1.0
     assert (Path(result.checkpoint_dir) / "model.safetensors").exists()
