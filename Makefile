@@ -9,14 +9,20 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/cpu.lock pyproject.toml | s
 STATE_DIR ?= .run
 OUTPUT_DIR ?= $(CURDIR)/outputs/tiny
 ITERS ?= 3
-DASHBOARD ?= http://127.0.0.1:8265
-MLFLOW ?= http://127.0.0.1:5000
+RAY_PORT ?= 6379
+DASHBOARD_PORT ?= 8265
+MLFLOW_PORT ?= 5000
+DASHBOARD := http://127.0.0.1:$(DASHBOARD_PORT)
+MLFLOW := http://127.0.0.1:$(MLFLOW_PORT)
 PYTEST_ARGS ?=
 
 # No model hub is needed: the tiny models are built from code.
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_AUTH_MODE := token
+# DeepSpeed's CPU op is built once at install into the venv, not into ~/.cache, so that every
+# process using this venv finds it whatever its home directory.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install demo test bench stop status
 
@@ -40,7 +46,8 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 	@echo ">> environment ready"
 
 demo: install
-	@$(PY) -m sppo.localstack start --state-dir $(STATE_DIR)
+	@$(PY) -m sppo.localstack start --state-dir $(STATE_DIR) \
+	  --ray-port $(RAY_PORT) --dashboard-port $(DASHBOARD_PORT) --mlflow-port $(MLFLOW_PORT)
 	$(VENV)/bin/ray job submit --address $(DASHBOARD) --working-dir . \
 	  --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "$(MLFLOW)", "HF_HUB_OFFLINE": "$(HF_HUB_OFFLINE)"}}' \
 	  -- python -m sppo.run --config configs/tiny.yaml --iters $(ITERS) --output-dir $(OUTPUT_DIR)
@@ -66,4 +73,5 @@ stop:
 	@test -x $(PY) && $(PY) -m sppo.localstack stop --state-dir $(STATE_DIR) || true
 
 status:
-	@$(PY) -m sppo.localstack status --state-dir $(STATE_DIR)
+	@$(PY) -m sppo.localstack status --state-dir $(STATE_DIR) \
+	  --ray-port $(RAY_PORT) --dashboard-port $(DASHBOARD_PORT) --mlflow-port $(MLFLOW_PORT)

@@ -1,9 +1,9 @@
 """A local Ray head and MLflow tracking server for the demo and the end-to-end tests.
 
 `python -m sppo.localstack start` starts whichever of the two is not already answering,
-binds both to 127.0.0.1, keeps Ray's token authentication on, and records the PIDs of
-exactly the processes it started in `<state_dir>/stack.json`; `stop` ends those and
-nothing else (never a blanket `ray stop`).
+binds both to 127.0.0.1, keeps Ray's token authentication on (creating the token on a
+machine that has none), and records the PIDs of exactly the processes it started in
+`<state_dir>/stack.json`; `stop` ends those and nothing else (never a blanket `ray stop`).
 """
 
 from __future__ import annotations
@@ -68,6 +68,32 @@ def _venv_env() -> dict[str, str]:
     return env
 
 
+def ensure_auth_token(env: dict[str, str]) -> str:
+    """Make sure the Ray token that `env` points at exists, creating it (owner-only) when not,
+    and say where it is. `ray start` with token auth refuses to start without one; only
+    `ray.init()` creates it by itself, so a fresh home directory never has one.
+
+    Ray reads RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token."""
+    if env.get("RAY_AUTH_TOKEN"):
+        return "Ray: token auth with the token in RAY_AUTH_TOKEN"
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        if not path.is_file() or not path.read_text().strip():
+            raise RuntimeError(f"RAY_AUTH_TOKEN_PATH={path} names no token file; unset it to use "
+                               f"~/.ray/auth_token, or create one there with `ray get-auth-token --generate`")
+        return f"Ray: token auth with the token in {path} (RAY_AUTH_TOKEN_PATH)"
+    path = Path(env.get("HOME") or Path.home()) / ".ray" / "auth_token"
+    if path.is_file() and path.read_text().strip():
+        return f"Ray: token auth with the token in {path}"
+    # Ray's own generator, with a umask so that the file (and ~/.ray if new) is never readable
+    # by others, not even between its creation and a chmod. Its stdout is the token: not shown.
+    done = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"],
+                          env=env, capture_output=True, text=True, preexec_fn=lambda: os.umask(0o077))
+    if done.returncode != 0 or not path.is_file():
+        raise RuntimeError(f"could not create a Ray auth token at {path}: {done.stderr.strip()[-2000:]}")
+    return f"Ray: created a token for token auth in {path} (readable by its owner only)"
+
+
 @dataclass
 class LocalStack:
     state_dir: Path
@@ -114,6 +140,7 @@ class LocalStack:
     def _start_ray(self) -> None:
         ray_bin = Path(sys.executable).parent / "ray"
         log = self.state_dir / "ray-start.log"
+        print(ensure_auth_token(_venv_env()))
         agent_port = free_port()
         cmd = [
             str(ray_bin), "start", "--head", f"--num-cpus={self.num_cpus}", f"--port={self.ray_port}",
@@ -147,6 +174,7 @@ class LocalStack:
         tag = self.ray_temp_dir.name.removeprefix("sppo-ray-")
         temp_dir = Path(f"/tmp/sppo-rayw{index}-{tag}")
         log = self.state_dir / f"ray-worker-{index}.log"
+        ensure_auth_token({**_venv_env(), **(env or {})})
         agent_port = free_port()
         cmd = [
             str(Path(sys.executable).parent / "ray"), "start", f"--address=127.0.0.1:{self.ray_port}",

@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -63,23 +66,60 @@ def s3_bucket(s3_server, monkeypatch, request) -> str:
     return s3_server.create_bucket(re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:50])
 
 
-@pytest.fixture(scope="module")
-def live_stack(tmp_path_factory):
-    """A real Ray head (token auth) and MLflow server on free loopback ports, stopped by PID."""
+@dataclass
+class Demo:
+    """What `make demo` left behind: its servers, its 3-iteration run and what it printed."""
+
+    stack: object  # sppo.localstack.LocalStack
+    output_dir: Path
+    home: Path
+    log: str
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The README's first command, `make demo`, run as a new user runs it: in an empty home
+    directory (no Ray token, no ~/.cache/sppo, nothing from earlier runs), its servers on free
+    loopback ports, secrets planted in its environment. Fails the tests that use it if the
+    demo fails. Its Ray head and MLflow server serve the whole session (`live_stack`); its run
+    is the 3-iteration job that every test of the demo's record reads."""
     import psutil
 
     from sppo.localstack import LocalStack, free_port
+    from tests.live_stack import REPO, SECRETS
 
-    stack = LocalStack(tmp_path_factory.mktemp("stack"), ray_port=free_port(), dashboard_port=free_port(),
+    root = tmp_path_factory.mktemp("demo")
+    home, output_dir = root / "home", root / "run"
+    home.mkdir()
+    stack = LocalStack(root / "stack", ray_port=free_port(), dashboard_port=free_port(),
                        mlflow_port=free_port(), num_cpus=2)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_AUTH_TOKEN", "SPPO_", "HF_HOME", "XDG_"))}
+    env.update(HOME=str(home), **SECRETS)
+    cmd = ["make", "--no-print-directory", "-C", str(REPO), "demo", f"STATE_DIR={stack.state_dir}",
+           f"OUTPUT_DIR={output_dir}", f"RAY_PORT={stack.ray_port}", f"DASHBOARD_PORT={stack.dashboard_port}",
+           f"MLFLOW_PORT={stack.mlflow_port}"]
     try:
-        stack.start()
-        yield stack
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        log = done.stdout + done.stderr
+        (root / "demo.log").write_text(log)
+        assert done.returncode == 0, f"`make demo` failed on an empty home directory:\n{log[-8000:]}"
+        # Every client in this session talks to the demo's cluster with the token the demo made.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("RAY_AUTH_TOKEN_PATH", str(home / ".ray" / "auth_token"))
+            yield Demo(stack, output_dir, home, log)
     finally:
+        stack._load()
         started = [pid for pids in stack.pids.values() for pid in pids]
         stack.stop()
-    # `stop` ends exactly what `start` started: every recorded daemon is gone.
+    # `make stop`'s code ends exactly what `make demo` started: every recorded daemon is gone.
     assert started and not [pid for pid in started if psutil.pid_exists(pid)
                             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     # Ray's temp dir (sockets, session logs) lies outside pytest's tmp_path; kept only on failure.
     shutil.rmtree(stack.ray_temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def live_stack(demo):
+    """The one real Ray head (token auth) and MLflow server of the test session: the demo's."""
+    return demo.stack

@@ -1,6 +1,7 @@
 """A live Ray head + MLflow server and the helpers that submit jobs to it and read MLflow's REST API.
 
-Shared by the end-to-end and fault-injection tests through the session fixture `live_stack`.
+Shared by the end-to-end and fault-injection tests through the session fixture `live_stack`
+(the servers `make demo` started in the fixture `demo`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""End to end: a real Ray head and MLflow server, the job submitted with `ray job submit`.
+"""End to end: the README's `make demo` on an empty home directory (a real Ray head and MLflow
+server, the 3-iteration job submitted with `ray job submit`), then its resume.
 
 Checks go through MLflow's REST API, as a user's tooling would see the record.
 """
@@ -15,12 +16,13 @@ from tests.live_stack import assert_no_secrets, nested_runs, rest, submit
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-def test_three_iterations_then_resume(live_stack, tmp_path):
-    stack = live_stack
-    output_dir = tmp_path / "run"
-    first = submit(stack, output_dir, "--iters", "3")
-    assert "SPPO finished" in first.stdout
-    assert_no_secrets("the job log", first.stdout + first.stderr)
+def test_three_iterations_then_resume(demo, tmp_path):
+    stack, output_dir = demo.stack, demo.output_dir
+    # The demo made its own Ray token in the empty home, readable by its owner only.
+    token = demo.home / ".ray" / "auth_token"
+    assert token.stat().st_mode & 0o077 == 0 and f"Ray: created a token for token auth in {token}" in demo.log
+    assert "SPPO finished" in demo.log and "MLflow UI:" in demo.log
+    assert_no_secrets("the demo's output and job log", demo.log)
 
     record = json.loads((output_dir / "run.json").read_text())
     parent = rest(stack, "runs/get", {"run_id": record["parent_run_id"]})["run"]
@@ -100,9 +102,9 @@ def test_three_iterations_then_resume(live_stack, tmp_path):
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
-def test_mlflow_ui_shows_the_run_in_a_real_browser(live_stack, tmp_path):
-    """Headless Chromium through the MLflow UI of the 3-iteration run above (same module, same
-    stack): the experiment, the parent run, and its iter-1..3 runs once the parent is expanded."""
+def test_mlflow_ui_shows_the_run_in_a_real_browser(demo, tmp_path):
+    """Headless Chromium through the MLflow UI of the demo's 3-iteration run: the experiment,
+    the parent run, and its iter-1..3 runs once the parent is expanded."""
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     assert not missing, f"{missing} missing: apt-get install chromium chromium-driver (.ci/run installs them)"
     from selenium import webdriver
@@ -111,11 +113,9 @@ def test_mlflow_ui_shows_the_run_in_a_real_browser(live_stack, tmp_path):
     from selenium.webdriver.support import expected_conditions as seen
     from selenium.webdriver.support.ui import WebDriverWait
 
-    stack = live_stack
-    experiment_id = rest(stack, "experiments/get-by-name", {"experiment_name": "sppo-tiny"})["experiment"]["experiment_id"]
-    last = rest(stack, "runs/search", body={"experiment_ids": [experiment_id], "filter": "tags.`sppo.iteration` = '3'",
-                                            "run_view_type": "ACTIVE_ONLY"})["runs"][0]
-    parent_id = {t["key"]: t["value"] for t in last["data"]["tags"]}["mlflow.parentRunId"]
+    stack = demo.stack
+    record = json.loads((demo.output_dir / "run.json").read_text())
+    experiment_id, parent_id = record["experiment_id"], record["parent_run_id"]
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)

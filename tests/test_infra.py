@@ -179,3 +179,11 @@ def test_mlflow_compose_uses_postgres_and_minio_with_pinned_images_and_no_inline
     example = (INFRA / "mlflow/.env.example").read_text()
     assert {"POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"} <= set(re.findall(r"^(\w+)=", example, re.M))
     assert (INFRA / "mlflow/.gitignore").read_text().split() == [".env"]
+
+
+def test_every_launcher_node_starts_with_token_auth_and_the_submitters_token():
+    launcher = load("cluster-launcher/aws.yaml")[0]
+    starts = [c for c in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+              if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+    assert launcher["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
