@@ -116,7 +116,7 @@ def run(size: str = "full") -> dict:
     prompts = bundled_prompts()[: setting["prompts"]]
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     engine, default_engine, bare = None, None, None
     try:
         # The options sample_candidates gives its engine actors.

@@ -369,7 +369,7 @@ def run(size: str = "full", seed: int = 0) -> dict:
     setting = SETTINGS[check_size(size)]
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=setting["num_workers"], include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=setting["num_workers"], include_dashboard=False, log_to_driver=False)
     cfg = TrainConfig(loss=LOSS, eta=20, learning_rate=1e-4, per_device_batch_size=setting["per_device_batch_size"],
                       num_workers=setting["num_workers"], max_length=setting["max_length"],
                       max_prompt_length=setting["max_prompt_length"], seed=seed)

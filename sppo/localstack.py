@@ -68,30 +68,31 @@ def _venv_env() -> dict[str, str]:
     return env
 
 
-def ensure_auth_token(env: dict[str, str]) -> str:
-    """Make sure the Ray token that `env` points at exists, creating it (owner-only) when not,
-    and say where it is. `ray start` with token auth refuses to start without one; only
-    `ray.init()` creates it by itself, so a fresh home directory never has one.
+def ensure_auth_token(env: dict[str, str]) -> tuple[Path | None, str]:
+    """Make sure the Ray token that `env` points at exists, creating it (owner-only) when not.
+    Returns its file (None when given as RAY_AUTH_TOKEN) and a line that says where it is.
+    `ray start` with token auth refuses to start without one; only `ray.init()` creates it by
+    itself, so a fresh home directory never has one.
 
     Ray reads RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token."""
     if env.get("RAY_AUTH_TOKEN"):
-        return "Ray: token auth with the token in RAY_AUTH_TOKEN"
+        return None, "Ray: token auth with the token in RAY_AUTH_TOKEN"
     if env.get("RAY_AUTH_TOKEN_PATH"):
         path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
         if not path.is_file() or not path.read_text().strip():
             raise RuntimeError(f"RAY_AUTH_TOKEN_PATH={path} names no token file; unset it to use "
                                f"~/.ray/auth_token, or create one there with `ray get-auth-token --generate`")
-        return f"Ray: token auth with the token in {path} (RAY_AUTH_TOKEN_PATH)"
+        return path, f"Ray: token auth with the token in {path} (RAY_AUTH_TOKEN_PATH)"
     path = Path(env.get("HOME") or Path.home()) / ".ray" / "auth_token"
     if path.is_file() and path.read_text().strip():
-        return f"Ray: token auth with the token in {path}"
+        return path, f"Ray: token auth with the token in {path}"
     # Ray's own generator, with a umask so that the file (and ~/.ray if new) is never readable
     # by others, not even between its creation and a chmod. Its stdout is the token: not shown.
     done = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"],
                           env=env, capture_output=True, text=True, preexec_fn=lambda: os.umask(0o077))
     if done.returncode != 0 or not path.is_file():
         raise RuntimeError(f"could not create a Ray auth token at {path}: {done.stderr.strip()[-2000:]}")
-    return f"Ray: created a token for token auth in {path} (readable by its owner only)"
+    return path, f"Ray: created a token for token auth in {path} (readable by its owner only)"
 
 
 @dataclass
@@ -102,6 +103,8 @@ class LocalStack:
     mlflow_port: int = 5000
     num_cpus: int = 2
     pids: dict[str, list[int]] = field(default_factory=dict)
+    # The token file the head was started with; a client elsewhere points RAY_AUTH_TOKEN_PATH at it.
+    auth_token_path: Path | None = None
 
     @property
     def dashboard_url(self) -> str:
@@ -126,7 +129,7 @@ class LocalStack:
 
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._load()
+        self.load()
         if self.ray_running():
             print(f"Ray: already running, dashboard {self.dashboard_url}")
         else:
@@ -140,7 +143,8 @@ class LocalStack:
     def _start_ray(self) -> None:
         ray_bin = Path(sys.executable).parent / "ray"
         log = self.state_dir / "ray-start.log"
-        print(ensure_auth_token(_venv_env()))
+        self.auth_token_path, said = ensure_auth_token(_venv_env())
+        print(said)
         agent_port = free_port()
         cmd = [
             str(ray_bin), "start", "--head", f"--num-cpus={self.num_cpus}", f"--port={self.ray_port}",
@@ -218,7 +222,7 @@ class LocalStack:
 
     def stop(self) -> None:
         """End exactly the processes `start` started (and their children)."""
-        self._load()
+        self.load()
         procs = []
         for pid in [p for pids in self.pids.values() for p in pids]:
             try:
@@ -245,12 +249,17 @@ class LocalStack:
         self._save()
 
     def _save(self) -> None:
-        (self.state_dir / STATE_FILE).write_text(json.dumps({"pids": self.pids}, indent=2))
+        token = str(self.auth_token_path) if self.auth_token_path else None
+        (self.state_dir / STATE_FILE).write_text(json.dumps({"pids": self.pids, "auth_token_path": token}, indent=2))
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """Read the PIDs that an earlier `start` recorded, by this process or another (`make demo`)."""
         state = self.state_dir / STATE_FILE
         if state.exists():
-            self.pids = json.loads(state.read_text())["pids"]
+            saved = json.loads(state.read_text())
+            self.pids = saved["pids"]
+            if saved.get("auth_token_path"):
+                self.auth_token_path = Path(saved["auth_token_path"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray cluster per test session and the embedded tiny models.
+"""Shared fixtures: `make demo` once per session (its servers serve every job test), one local
+Ray cluster per session for the stage tests, and the embedded tiny models.
 
 Everything here is real (Ray, vLLM, DeepSpeed, PairRM, MLflow); nothing is mocked.
 """
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -19,6 +21,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import pytest
 
+if TYPE_CHECKING:
+    from sppo.localstack import LocalStack
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
@@ -26,7 +31,7 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 
@@ -70,7 +75,7 @@ def s3_bucket(s3_server, monkeypatch, request) -> str:
 class Demo:
     """What `make demo` left behind: its servers, its 3-iteration run and what it printed."""
 
-    stack: object  # sppo.localstack.LocalStack
+    stack: LocalStack
     output_dir: Path
     home: Path
     log: str
@@ -104,12 +109,11 @@ def demo(tmp_path_factory):
         log = done.stdout + done.stderr
         (root / "demo.log").write_text(log)
         assert done.returncode == 0, f"`make demo` failed on an empty home directory:\n{log[-8000:]}"
-        # Every client in this session talks to the demo's cluster with the token the demo made.
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("RAY_AUTH_TOKEN_PATH", str(home / ".ray" / "auth_token"))
-            yield Demo(stack, output_dir, home, log)
+        # What `make demo` started and its token, for the tests that find its processes or submit.
+        stack.load()
+        yield Demo(stack, output_dir, home, log)
     finally:
-        stack._load()
+        stack.load()
         started = [pid for pids in stack.pids.values() for pid in pids]
         stack.stop()
     # `make stop`'s code ends exactly what `make demo` started: every recorded daemon is gone.

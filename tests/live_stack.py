@@ -28,11 +28,18 @@ SECRETS = {
 }
 
 
+def client_env(stack: LocalStack, **extra: str) -> dict[str, str]:
+    """This process's environment for a Ray client of `stack`: token auth on, with the token the
+    stack's head was started with (the demo's lies in its own empty home)."""
+    token = {"RAY_AUTH_TOKEN_PATH": str(stack.auth_token_path)} if stack.auth_token_path else {}
+    return {**os.environ, "RAY_AUTH_MODE": "token", **token, **extra}
+
+
 def submit_command(stack: LocalStack, output_dir: Path, *args: str, config: str = "configs/tiny.yaml",
                    job_env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """`ray job submit` of the tiny config, as `make demo` does, and the environment to run it in.
     job_env: extra variables for the job's driver and actors."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env = client_env(stack)
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": stack.mlflow_url, "HF_HUB_OFFLINE": "1", **SECRETS,
                                 **(job_env or {})}}
     cmd = [

@@ -15,8 +15,8 @@ def test_a_fresh_home_gets_an_owner_only_token_that_is_then_reused(tmp_path):
     env["HOME"] = str(tmp_path)
     token = tmp_path / ".ray" / "auth_token"
 
-    said = ensure_auth_token(env)
-    assert str(token) in said and "created" in said
+    path, said = ensure_auth_token(env)
+    assert path == token and str(token) in said and "created" in said
     assert token.read_text().strip()
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
     assert stat.S_IMODE(token.parent.stat().st_mode) & 0o077 == 0
@@ -24,14 +24,14 @@ def test_a_fresh_home_gets_an_owner_only_token_that_is_then_reused(tmp_path):
     assert token.read_text().strip() not in said
 
     first = token.read_text()
-    said = ensure_auth_token(env)
-    assert "created" not in said and str(token) in said
+    path, said = ensure_auth_token(env)
+    assert path == token and "created" not in said and str(token) in said
     assert token.read_text() == first
 
 
 def test_a_token_given_in_the_environment_is_used_as_is(tmp_path):
     env = {**os.environ, "HOME": str(tmp_path), "RAY_AUTH_TOKEN": "from-the-environment"}
-    assert "RAY_AUTH_TOKEN" in ensure_auth_token(env)
+    assert ensure_auth_token(env) == (None, "Ray: token auth with the token in RAY_AUTH_TOKEN")
     assert not (tmp_path / ".ray").exists()
 
     given = tmp_path / "elsewhere" / "token"
@@ -41,5 +41,6 @@ def test_a_token_given_in_the_environment_is_used_as_is(tmp_path):
         ensure_auth_token(env)
     given.parent.mkdir()
     given.write_text("abc")
-    assert str(given) in ensure_auth_token(env)
+    path, said = ensure_auth_token(env)
+    assert path == given and str(given) in said
     assert not (tmp_path / ".ray").exists()

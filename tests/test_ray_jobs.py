@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from ray_jobs.submit import (
     parse_env,
     secrets_from,
 )
-from tests.live_stack import REPO, SECRETS, VENV_BIN, assert_no_secrets
+from tests.live_stack import REPO, SECRETS, VENV_BIN, assert_no_secrets, client_env
 
 # ---------------------------------------------------------------- pure core
 
@@ -108,8 +107,8 @@ print('all checks passed in the job', flush=True)
 """
 
 
-def _helper_env() -> dict[str, str]:
-    return {**os.environ, "RAY_AUTH_MODE": "token", **SECRETS}
+def _helper_env(stack) -> dict[str, str]:
+    return client_env(stack, **SECRETS)
 
 
 def _helper_cmd(stack, *options: str) -> list[str]:
@@ -118,7 +117,7 @@ def _helper_cmd(stack, *options: str) -> list[str]:
 
 
 def _run_helper(stack, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(_helper_cmd(stack, *args), cwd=REPO, env=_helper_env(), capture_output=True,
+    done = subprocess.run(_helper_cmd(stack, *args), cwd=REPO, env=_helper_env(stack), capture_output=True,
                           text=True, timeout=600)
     assert_no_secrets("the submit helper's output", done.stdout + done.stderr)
     return done
@@ -153,7 +152,7 @@ def test_a_stopped_job_exits_non_zero(live_stack):
     proc = subprocess.Popen(
         _helper_cmd(live_stack, "--submission-id", job_id, "--", "python", "-c",
                     "import time; print('job started', flush=True); time.sleep(300)"),
-        cwd=REPO, env=_helper_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, env=_helper_env(live_stack), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     seen = []
     try:
@@ -162,7 +161,7 @@ def test_a_stopped_job_exits_non_zero(live_stack):
             if "job started" in line:
                 break
         subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", live_stack.dashboard_url, job_id],
-                       env=_helper_env(), capture_output=True, timeout=120, check=True)
+                       env=_helper_env(live_stack), capture_output=True, timeout=120, check=True)
         rest, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()

@@ -17,7 +17,6 @@ so that is what tells their copies apart).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from collections import Counter
@@ -27,7 +26,7 @@ import pytest
 
 from sppo.localstack import LocalStack, free_port
 from sppo.manifest import STAGE_FIELDS
-from tests.live_stack import REPO, VENV_BIN, nested_runs, rest, submit
+from tests.live_stack import REPO, VENV_BIN, client_env, nested_runs, rest, submit
 from tests.test_shared_storage import remote_files
 from tests.processes import wait_gone
 
@@ -86,7 +85,7 @@ def _ray_state(stack: LocalStack, resource: str, *filters: str,
            "--format", "json", "--limit", "1000"]
     for spec in filters:
         cmd += ["--filter", spec]
-    env = {**os.environ, "RAY_AUTH_MODE": auth_mode}
+    env = client_env(stack, RAY_AUTH_MODE=auth_mode)
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -110,7 +109,7 @@ def test_a_run_in_s3_storage_spreads_engines_and_training_workers_over_two_nodes
     # `--plan` sees both nodes and finds that each stage fits only when spread over them.
     plan = subprocess.run(
         [str(VENV_BIN / "python"), "-m", "sppo.run", "--plan", "--config", "configs/tiny.yaml", *RUN_ARGS],
-        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"127.0.0.1:{stack.ray_port}"},
+        env=client_env(stack, RAY_ADDRESS=f"127.0.0.1:{stack.ray_port}"),
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert plan.returncode == 0, plan.stdout + plan.stderr
