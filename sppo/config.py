@@ -175,6 +175,9 @@ class TrackingConfig(_Strict):
     run_name: str | None = None
     # Each iteration's checkpoint becomes a new version of this registered model (None: off).
     register_model: str | None = None
+    # The license named in each checkpoint's model card (an SPDX-style id such as apache-2.0, or
+    # the base model's, e.g. gemma); None leaves it out.
+    license: str | None = None
     # CPU, memory (and GPU) usage sampled into the parent run's system/* metrics.
     system_metrics: bool = True
 

@@ -28,6 +28,7 @@ from sppo.evaluation import eval_judgments_path, evaluate
 from sppo.faults import kill_point
 from sppo.judging import JUDGES
 from sppo.manifest import RunManifest
+from sppo.model_card import card_summary, registry_tags, write_card
 from sppo.pairs import hybrid_candidates, training_rows
 from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
 from sppo.sampling import sample_candidates
@@ -325,9 +326,12 @@ class IterationRecord:
         self.tracker.log_table(self.run_id, sample_table(read_parquet(self.it.judgments), read_parquet(self.it.pairs)),
                                "samples.json")
         kill_point("tracking")  # fault-injection tests only: data logged, checkpoint not yet
+        card = write_card(self.cfg, self.it)  # README.md, logged and registered with the checkpoint
         self.tracker.log_artifacts(self.run_id, self.it.checkpoint, "checkpoint")
         if self.cfg.tracking.register_model:
-            version = self.tracker.register_checkpoint(self.run_id, self.cfg.tracking.register_model, "checkpoint")
+            version = self.tracker.register_checkpoint(
+                self.run_id, self.cfg.tracking.register_model, "checkpoint", description=card_summary(card),
+                tags=registry_tags(self.it.read_metrics()))
             self.record({"registry/model_version": float(version)})
         # The parent run's per-iteration curves: step = iteration.
         curves = {k: v for k, v in self.it.read_metrics().items() if k.startswith("eval/") or k == "train/final_loss"}

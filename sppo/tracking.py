@@ -193,9 +193,10 @@ class Tracker:
     def log_table(self, run_id: str, data: Mapping[str, list], artifact_file: str) -> None:
         self.client.log_table(run_id, dict(data), artifact_file)
 
-    def register_checkpoint(self, run_id: str, model_name: str, artifact_path: str) -> str:
+    def register_checkpoint(self, run_id: str, model_name: str, artifact_path: str, description: str = "",
+                            tags: Mapping[str, str] | None = None) -> str:
         """A new version of registered model `model_name` (created if missing) from a logged
-        checkpoint; returns the version number."""
+        checkpoint, with a description and tags; returns the version number."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -203,7 +204,8 @@ class Tracker:
         except MlflowException:
             self.client.create_registered_model(model_name)
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-        return self.client.create_model_version(model_name, source, run_id=run_id).version
+        return self.client.create_model_version(model_name, source, run_id=run_id, tags=dict(tags or {}),
+                                                description=description or None).version
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         if (monitor := self._monitors.pop(run_id, None)) is not None:

@@ -7,9 +7,12 @@ Checks go through MLflow's REST API, as a user's tooling would see the record.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
 
 from tests.live_stack import assert_no_secrets, nested_runs, rest, submit
 
@@ -48,6 +51,8 @@ def test_three_iterations_then_resume(demo, tmp_path):
         local = download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(tmp_path / name),
                                    tracking_uri=stack.mlflow_url)
         assert AutoModelForCausalLM.from_pretrained(local).num_parameters() > 0
+        # The checkpoint went to MLflow with its model card.
+        assert ModelCard.load(Path(local) / "README.md").data.model_name == f"sppo-tiny-{name.replace('-', '')}"
         # The sample table, the held-out judgments and the driver's system metrics.
         table = json.loads(Path(download_artifacts(run_id=run_id, artifact_path="samples.json",
                                                    dst_path=str(tmp_path / name),
@@ -69,10 +74,30 @@ def test_three_iterations_then_resume(demo, tmp_path):
     series = rest(stack, "metrics/get-history", {"run_id": record["parent_run_id"],
                                                  "metric_key": "eval/win_rate_vs_base"})["metrics"]
     assert sorted((m["step"], m["value"]) for m in series) == list(zip((1, 2, 3), vs_base))
-    # Each iteration's checkpoint is a version of the registered model, in order.
+    # Each iteration's checkpoint is a version of the registered model, in order, described by
+    # its card and tagged with its win rates.
     versions = rest(stack, "model-versions/search", {"filter": "name = 'sppo-tiny'"})["model_versions"]
-    by_run = {v["run_id"]: v["source"] for v in versions}
-    assert all(by_run[runs[f"iter-{t}"]["info"]["run_id"]].endswith("/checkpoint") for t in (1, 2, 3))
+    by_run = {v["run_id"]: v for v in versions}
+    for t in (1, 2, 3):
+        version = by_run[runs[f"iter-{t}"]["info"]["run_id"]]
+        assert version["source"].endswith("/checkpoint")
+        assert version["description"].startswith(f"Iteration {t} of 3 of SPPO")
+        tags = {tag["key"]: tag["value"] for tag in version["tags"]}
+        assert float(tags["win_rate_vs_base"]) == pytest.approx(vs_base[t - 1], abs=1e-4)
+
+    # iter-3's card lists iterations 1-3 with the run's values; the export loads as it is.
+    card = ModelCard.load(output_dir / "iter-3" / "checkpoint" / "README.md")
+    for t in (1, 2, 3):
+        assert f"| {t} | {vs_base[t - 1]:.3f} [" in card.text
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["win_rate_vs_base"] == pytest.approx(vs_base[2], abs=1e-4)
+    assert card.data.base_model == "tiny:policy" and "- num_devices: 2" in card.text
+    exported = subprocess.run([sys.executable, "-m", "sppo.export", "--output-dir", str(output_dir), "--iteration",
+                               "3", "--to", str(tmp_path / "export")], capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").num_parameters() > 0
+    published = output_dir / "iter-3" / "checkpoint" / "README.md"
+    assert (tmp_path / "export" / "README.md").read_text() == published.read_text()
 
     # Re-submitting the finished job redoes nothing; --resume-from 3 redoes only iteration 3.
     submit(stack, output_dir, "--iters", "3")

