@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 # The PairRM judge runs in an actor, which the judging kill waits for.
 CONFIG = "configs/tiny-pairrm.yaml"
-ARGS = ("--iters", "1", "--set", "prompts.per_iteration=16")
+# Three epochs (6 optimizer steps) leave the training kill a few seconds after the first step.
+ARGS = ("--iters", "1", "--set", "prompts.per_iteration=16", "--set", "train.epochs=3")
 
 
 def _stages(out: Path) -> dict[str, dict]:
@@ -45,14 +47,36 @@ def _driver_of(output_dir: Path) -> psutil.Process:
     raise AssertionError(f"no driver process for {output_dir}")
 
 
-def _submit_and_kill(stack, out: Path, *, when_running: str | None = None, kill_at: str | None = None) -> None:
-    """Submit the job; SIGKILL its driver once a worker titled `when_running` runs, or let the
-    driver kill itself at the fault-injection point `kill_at`. The submission must fail."""
+def _wait_for_a_training_step(stack, out: Path, job: subprocess.Popen) -> None:
+    """Until the iteration run this attempt opened has logged an optimizer step: the training
+    workers are then in their loop. (Their `run_train_fn` title is too short-lived to wait for:
+    Ray Train runs the loop in a thread after that call returns.)"""
+    record = json.loads((out / "run.json").read_text())  # written by the first attempt
+    while True:
+        assert job.poll() is None, "the job ended before its first training step was logged"
+        running = rest(stack, "runs/search", body={
+            "experiment_ids": [record["experiment_id"]], "run_view_type": "ACTIVE_ONLY",
+            "filter": f"tags.mlflow.parentRunId = '{record['parent_run_id']}' and attributes.status = 'RUNNING'",
+        }).get("runs", [])
+        if any(rest(stack, "metrics/get-history", {"run_id": run["info"]["run_id"], "metric_key": "train/loss"})
+               .get("metrics") for run in running):
+            return
+        time.sleep(0.05)
+
+
+def _submit_and_kill(stack, out: Path, *, when_running: str | None = None, when_training: bool = False,
+                     kill_at: str | None = None) -> None:
+    """Submit the job; SIGKILL its driver once a worker titled `when_running` runs or once the
+    training workers logged a step, or let the driver kill itself at the fault-injection point
+    `kill_at`. The submission must fail."""
     cmd, env = submit_command(stack, out, *ARGS, config=CONFIG, job_env={KILL_AT_ENV: kill_at} if kill_at else None)
     job = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        if when_running:
-            wait_for_titled(stack.pids["ray"], when_running, still_running=lambda: job.poll() is None)
+        if when_running or when_training:
+            if when_running:
+                wait_for_titled(stack.pids["ray"], when_running, still_running=lambda: job.poll() is None)
+            else:
+                _wait_for_a_training_step(stack, out, job)
             _driver_of(out).kill()
         assert job.wait(timeout=900) != 0, "the submission did not report the killed job"
     finally:
@@ -73,7 +97,7 @@ def test_driver_killed_in_every_stage_resumes_to_the_uninterrupted_result(live_s
         ("sampling", {"when_running": "ray::VLLMEngine"}, [], ["samples.parquet"]),
         ("judging", {"when_running": "ray::PairRMJudgeActor"}, ["samples.parquet"], ["judgments.parquet"]),
         ("pairs", {"kill_at": "pairs"}, ["judgments.parquet"], ["pairs.parquet"]),
-        ("training", {"when_running": "ray::RayTrainWorker.run_train_fn"}, ["pairs.parquet"], ["checkpoint"]),
+        ("training", {"when_training": True}, ["pairs.parquet"], ["checkpoint"]),
         ("tracking", {"kill_at": "tracking"}, ["checkpoint/config.json"], []),
     ]
     recorded: dict[str, dict] = {}  # each stage's manifest entry when it was first done
