@@ -54,7 +54,7 @@ demo: install
 	@echo
 	@$(PY) -m sppo.report --output-dir $(OUTPUT_DIR)
 	@echo
-	@echo "MLflow UI:        $(MLFLOW)   (experiment 'sppo-tiny')"
+	@echo "MLflow server:    $(MLFLOW)   (experiment 'sppo-tiny'; the links above open its runs and curves)"
 	@echo "Ray dashboard:    $(DASHBOARD)"
 	@echo "Output directory: $(OUTPUT_DIR)"
 	@for d in $(OUTPUT_DIR)/iter-*/checkpoint; do echo "Checkpoint:       $$d"; done

@@ -180,6 +180,8 @@ def _run_iterations(cfg: RunConfig, out: Path, manifest: RunManifest, storage: S
                     resume_from: int | None) -> list[Path]:
     tracker = Tracker(cfg.tracking.resolved_uri, cfg.tracking.experiment, out, cfg.tracking.system_metrics)
     tracker.start_parent(cfg.tracking.run_name or out.name, cfg.flat())
+    links = tracker.ui_links()
+    log.info("MLflow: runs %s ; per-iteration curves %s", links["runs"], links["curves"])
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     first = resume_from or first_unfinished_iteration(out, tracker, cfg.iterations)
     if resume_from:  # an explicit restart redoes iteration N onwards; earlier outputs are kept aside

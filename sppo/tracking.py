@@ -81,6 +81,22 @@ def check_reachable(uri: str, attempts: int = 3, timeout_s: float = 5.0) -> None
                        f"tracking.tracking_uri): {error}")
 
 
+# MLflow's UI opens an experiment on the view its kind names; an untagged one opens on the GenAI
+# traces overview. Ours train models: the runs table, with the parent run and its iter-N runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+EXPERIMENT_KIND = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+
+
+def ui_links(tracking_uri: str, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """Where to watch a run in MLflow's UI: its runs table (parent and iter-N runs) and the parent's
+    per-iteration charts. `workflowType` picks the UI's model-training view: without it, MLflow
+    3.17 opens every experiment on its GenAI traces overview, whatever the experiment's kind."""
+    base = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}"
+    view = "?workflowType=machine_learning"
+    return {"runs": f"{base}/runs{view}", "curves": f"{base}/runs/{parent_run_id}/model-metrics{view}"}
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, output_dir: Path, system_metrics: bool = False):
         check_reachable(uri)
@@ -88,7 +104,12 @@ class Tracker:
         self.client = MlflowClient(uri)
         self.output_dir = Path(output_dir)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        if found is None:
+            self.experiment_id = self.client.create_experiment(experiment, tags=EXPERIMENT_KIND)
+        else:
+            self.experiment_id = found.experiment_id
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made before we tagged it; a kind set by hand stays
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         self.parent_id: str | None = None
         self.system_metrics = system_metrics
         self._monitors: dict[str, Any] = {}  # run id -> its SystemMetricsMonitor
@@ -118,6 +139,9 @@ class Tracker:
                 ),
             )
         return self.parent_id
+
+    def ui_links(self) -> dict[str, str]:
+        return ui_links(self.uri, self.experiment_id, self.parent_id)
 
     def finish_parent(self, status: str = "FINISHED") -> None:
         if self.parent_id:

@@ -7,6 +7,7 @@ Checks go through MLflow's REST API, as a user's tooling would see the record.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ def test_three_iterations_then_resume(demo, tmp_path):
     # The demo made its own Ray token in the empty home, readable by its owner only.
     token = demo.home / ".ray" / "auth_token"
     assert token.stat().st_mode & 0o077 == 0 and f"Ray: created a token for token auth in {token}" in demo.log
-    assert "SPPO finished" in demo.log and "MLflow UI:" in demo.log
+    assert "SPPO finished" in demo.log and "MLflow runs:" in demo.log
     assert_no_secrets("the demo's output and job log", demo.log)
 
     record = json.loads((output_dir / "run.json").read_text())
@@ -128,8 +129,10 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 
 
 def test_mlflow_ui_shows_the_run_in_a_real_browser(demo, tmp_path):
-    """Headless Chromium through the MLflow UI of the demo's 3-iteration run: the experiment,
-    the parent run, and its iter-1..3 runs once the parent is expanded."""
+    """Headless Chromium, on a new profile, follows the links the demo printed: the first lands on
+    the runs table of the model-training view (not MLflow's GenAI traces overview), with the
+    parent run and its iter-1..3 runs once expanded; the second on the parent's per-iteration
+    charts (held-out win rates with their intervals, final loss)."""
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     assert not missing, f"{missing} missing: apt-get install chromium chromium-driver (.ci/run installs them)"
     from selenium import webdriver
@@ -141,6 +144,8 @@ def test_mlflow_ui_shows_the_run_in_a_real_browser(demo, tmp_path):
     stack = demo.stack
     record = json.loads((demo.output_dir / "run.json").read_text())
     experiment_id, parent_id = record["experiment_id"], record["parent_run_id"]
+    links = dict(re.findall(r"^MLflow (runs|curves):\s+(\S+)$", demo.log, re.M))
+    assert links["runs"].startswith(f"{stack.mlflow_url}/#/experiments/{experiment_id}/runs"), demo.log[-3000:]
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
@@ -150,19 +155,30 @@ def test_mlflow_ui_shows_the_run_in_a_real_browser(demo, tmp_path):
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     wait = WebDriverWait(browser, 120)
-    screenshot = tmp_path / "mlflow-ui.png"
+    screenshots = [tmp_path / "mlflow-runs.png", tmp_path / "mlflow-curves.png"]
     try:
-        browser.get(stack.mlflow_url)
-        wait.until(seen.element_to_be_clickable((By.LINK_TEXT, "sppo-tiny"))).click()
-        wait.until(lambda b: f"/experiments/{experiment_id}" in b.current_url)
-        browser.get(f"{stack.mlflow_url}/#/experiments/{experiment_id}/runs")
-        parent = wait.until(seen.presence_of_element_located((By.CSS_SELECTOR, f"a[href$='/runs/{parent_id}']")))
+        browser.get(links["runs"])
+        parent = wait.until(seen.presence_of_element_located((By.CSS_SELECTOR, f"a[href*='/runs/{parent_id}']")))
+        landing = browser.find_element(By.TAG_NAME, "body").text
+        assert "Run Name" in landing and "Traces\n0" not in landing and "No data available" not in landing
+        assert f"/experiments/{experiment_id}/runs" in browser.current_url
         # The parent's name cell holds an expander button; expanded, the nested runs are rows too.
         parent.find_element(By.XPATH, "./ancestor::*[@role='gridcell'][1]").find_element(By.TAG_NAME, "button").click()
         for name in ("iter-1", "iter-2", "iter-3"):
             wait.until(seen.presence_of_element_located((By.LINK_TEXT, name)))
-        browser.save_screenshot(str(screenshot))
+        browser.save_screenshot(str(screenshots[0]))
+
+        browser.get(links["curves"])
+
+        def charted(*names: str):  # the UI renders the charts in view only
+            return lambda b: all(f"\n{name}\n" in b.find_element(By.TAG_NAME, "body").text for name in names)
+
+        wait.until(charted("win_rate_vs_base", "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high",
+                           "win_rate_vs_prev"))
+        browser.save_screenshot(str(screenshots[1]))
+        browser.execute_script("arguments[0].scrollIntoView()", browser.find_element(By.XPATH, "//*[text()='train']"))
+        wait.until(charted("final_loss"))
     finally:
         browser.quit()
-    print(f"MLflow UI screenshot: {screenshot}")
-    assert screenshot.stat().st_size > 10_000
+    print(f"MLflow UI screenshots: {screenshots}")
+    assert all(shot.stat().st_size > 10_000 for shot in screenshots)

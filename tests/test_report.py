@@ -37,11 +37,15 @@ def test_main_writes_the_png_and_logs_it_to_the_parent_run(tmp_path, capsys):
     client = MlflowClient(uri)
     experiment = client.create_experiment("report-test", artifact_location=str(tmp_path / "artifacts"))
     run_id = client.create_run(experiment).info.run_id
-    (tmp_path / "run.json").write_text(json.dumps({"parent_run_id": run_id, "tracking_uri": uri}))
+    (tmp_path / "run.json").write_text(json.dumps({"parent_run_id": run_id, "tracking_uri": uri,
+                                                   "experiment_id": experiment}))
 
     assert main(["--output-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "0.820 [0.77, 0.86]" in printed and f"logged to MLflow run {run_id}" in printed
+    # Links that open MLflow's model-training view: the runs table and the parent's curves.
+    assert f"MLflow runs:      {uri}/#/experiments/{experiment}/runs?workflowType=machine_learning" in printed
+    assert f"/#/experiments/{experiment}/runs/{run_id}/model-metrics?workflowType=machine_learning" in printed
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert [f.path for f in client.list_artifacts(run_id, "report")] == ["report/report.png"]

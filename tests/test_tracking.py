@@ -82,3 +82,21 @@ def test_params_never_carry_secrets(tmp_path, uri):
     params = MlflowClient(uri).get_run(parent).data.params
     assert "hunter2" not in json.dumps(params)
     assert params["train.eta"] == "1000"
+
+
+def test_experiments_are_marked_as_model_training_unless_a_kind_was_set(tmp_path, uri):
+    """MLflow's UI opens an experiment on the view its kind names: ours on the runs table."""
+    from sppo.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+
+    client = MlflowClient(uri)
+    out = tmp_path / "out"
+    out.mkdir()
+    made = Tracker(uri, "new", out).experiment_id
+    assert client.get_experiment(made).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    older = client.create_experiment("older")  # made before experiments were tagged
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(older).tags
+    Tracker(uri, "older", out)
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    Tracker(uri, "chosen", out)
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
