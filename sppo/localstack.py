@@ -235,7 +235,9 @@ class LocalStack:
                 proc.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=15)
+        # Ray's GCS server (and one of its Python helpers) can sit out a SIGTERM: the rest exit
+        # within a second or two, so a longer grace only delays the SIGKILL below.
+        _, alive = psutil.wait_procs(procs, timeout=5)
         for proc in alive:
             try:
                 proc.kill()
