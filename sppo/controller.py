@@ -32,8 +32,8 @@ from sppo.model_card import card_summary, registry_tags, write_card
 from sppo.pairs import hybrid_candidates, training_rows
 from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
 from sppo.sampling import sample_candidates
-from sppo.storage import (IterationDir, SharedStorage, StorageError, atomic_write_parquet, atomic_write_text,
-                          local_model, read_parquet)
+from sppo.storage import (RUN_CONFIG_FILE, IterationDir, SharedStorage, StorageError, atomic_write_parquet,
+                          atomic_write_text, local_model, read_parquet)
 from sppo.tracking import Tracker, sample_table
 from sppo.training import train_policy
 
@@ -182,7 +182,7 @@ def _run_iterations(cfg: RunConfig, out: Path, manifest: RunManifest, storage: S
     tracker.start_parent(cfg.tracking.run_name or out.name, cfg.flat())
     links = tracker.ui_links()
     log.info("MLflow: runs %s ; per-iteration curves %s", links["runs"], links["curves"])
-    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    atomic_write_text(out / RUN_CONFIG_FILE, cfg.to_yaml())
     first = resume_from or first_unfinished_iteration(out, tracker, cfg.iterations)
     if resume_from:  # an explicit restart redoes iteration N onwards; earlier outputs are kept aside
         for t in range(resume_from, cfg.iterations + 1):

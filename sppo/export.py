@@ -16,10 +16,8 @@ from pathlib import Path
 
 from sppo.config import ConfigError, load_config
 from sppo.manifest import MANIFEST_FILE, RunManifest
-from sppo.model_card import CARD_FILE, IterationResult, build_card, software_versions
-from sppo.storage import IterationDir
-
-RUN_CONFIG_FILE = "config.yaml"  # the resolved config the controller writes into the output directory
+from sppo.model_card import CARD_FILE, card_of
+from sppo.storage import RUN_CONFIG_FILE, IterationDir
 
 
 class ExportError(ValueError):
@@ -59,9 +57,7 @@ def export_iteration(output_dir: Path, iteration: int, target: Path) -> Path:
     try:
         shutil.copytree(it.checkpoint, staging, dirs_exist_ok=True)
         if not (staging / CARD_FILE).exists():  # a checkpoint published before cards were written
-            cfg = load_config(output_dir / RUN_CONFIG_FILE)
-            results = [IterationResult(t, IterationDir(output_dir, t).read_metrics()) for t in range(1, iteration + 1)]
-            (staging / CARD_FILE).write_text(str(build_card(cfg, iteration, results, software_versions())))
+            (staging / CARD_FILE).write_text(str(card_of(load_config(output_dir / RUN_CONFIG_FILE), it)))
         if target.exists():
             target.rmdir()  # empty, checked above
         staging.rename(target)

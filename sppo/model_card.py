@@ -225,11 +225,15 @@ def build_card(cfg: RunConfig, iteration: int, results: list[IterationResult],
     )
 
 
-def write_card(cfg: RunConfig, it: IterationDir) -> ModelCard:
-    """Build iteration it's card from the metrics every iteration so far recorded in the output
-    directory, and publish it as the checkpoint's README.md."""
+def card_of(cfg: RunConfig, it: IterationDir) -> ModelCard:
+    """Iteration it's card, from the metrics every iteration so far recorded in the output directory."""
     results = [IterationResult(t, IterationDir(it.root, t).read_metrics()) for t in range(1, it.iteration + 1)]
-    card = build_card(cfg, it.iteration, results, software_versions())
+    return build_card(cfg, it.iteration, results, software_versions())
+
+
+def write_card(cfg: RunConfig, it: IterationDir) -> ModelCard:
+    """Publish iteration it's card as its checkpoint's README.md."""
+    card = card_of(cfg, it)
     atomic_write_text(it.checkpoint / CARD_FILE, str(card))
     return card
 

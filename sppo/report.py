@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from sppo.storage import IterationDir
-from sppo.tracking import RUN_FILE, ui_links
+from sppo.tracking import RUN_FILE, run_links
 
 PLOT_FILE = "report.png"
 STAGES = ("sampling", "judging", "training", "evaluation")
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nplot: {out / PLOT_FILE}")
     if not args.no_mlflow and (out / RUN_FILE).exists():
         print(f"logged to MLflow run {log_to_mlflow(out, out / PLOT_FILE)} as report/{PLOT_FILE}")
-        record = json.loads((out / RUN_FILE).read_text())
-        links = ui_links(record["tracking_uri"], record["experiment_id"], record["parent_run_id"])
+        links = run_links(out)
         print(f"MLflow runs:      {links['runs']}\nMLflow curves:    {links['curves']}")
     return 0
 

@@ -7,7 +7,6 @@ run directly with no cluster it starts a local one.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -77,15 +76,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from sppo.tracking import RUN_FILE, ui_links
+    from sppo.tracking import run_links
 
     ray.init()
     checkpoints = run_sppo(cfg, resume_from=args.resume_from, force=args.force)
     print("SPPO finished. Checkpoints:")
     for t, path in enumerate(checkpoints, start=1):
         print(f"  iter-{t}: {path}")
-    record = json.loads((Path(cfg.output_dir).resolve() / RUN_FILE).read_text())
-    links = ui_links(record["tracking_uri"], record["experiment_id"], record["parent_run_id"])
+    links = run_links(Path(cfg.output_dir).resolve())
     print(f"MLflow (experiment {cfg.tracking.experiment!r}): runs {links['runs']}")
     print(f"  per-iteration curves {links['curves']}")
     return 0

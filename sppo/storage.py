@@ -73,6 +73,9 @@ def read_parquet(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+RUN_CONFIG_FILE = "config.yaml"  # the resolved config of the run, in its output directory
+
+
 @dataclass(frozen=True)
 class IterationDir:
     root: Path

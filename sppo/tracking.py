@@ -97,6 +97,12 @@ def ui_links(tracking_uri: str, experiment_id: str, parent_run_id: str) -> dict[
     return {"runs": f"{base}/runs{view}", "curves": f"{base}/runs/{parent_run_id}/model-metrics{view}"}
 
 
+def run_links(output_dir: Path) -> dict[str, str]:
+    """ui_links of the run an output directory records (its run.json)."""
+    record = json.loads((Path(output_dir) / RUN_FILE).read_text())
+    return ui_links(record["tracking_uri"], record["experiment_id"], record["parent_run_id"])
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, output_dir: Path, system_metrics: bool = False):
         check_reachable(uri)

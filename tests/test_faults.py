@@ -72,11 +72,11 @@ def _submit_and_kill(stack, out: Path, *, when_running: str | None = None, when_
     cmd, env = submit_command(stack, out, *ARGS, config=CONFIG, job_env={KILL_AT_ENV: kill_at} if kill_at else None)
     job = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        if when_running:
+            wait_for_titled(stack.pids["ray"], when_running, still_running=lambda: job.poll() is None)
+        elif when_training:
+            _wait_for_a_training_step(stack, out, job)
         if when_running or when_training:
-            if when_running:
-                wait_for_titled(stack.pids["ray"], when_running, still_running=lambda: job.poll() is None)
-            else:
-                _wait_for_a_training_step(stack, out, job)
             _driver_of(out).kill()
         assert job.wait(timeout=900) != 0, "the submission did not report the killed job"
     finally:
