@@ -6,7 +6,8 @@ Top-level numbers in the results file: judge_ratio, train_ratio_vs_online_ref,
 train_ratio_vs_trl, sample_ratio_vs_sequential (each ours / baseline throughput) and
 sample_overhead_vs_bare (the fraction of the bare engine's throughput lost); the two training
 ratios also with the reference log-probs from the sampler (`..._sampler_reference`), and
-sample_logprobs_overhead (what asking vLLM for them costs sampling).
+sample_logprobs_overhead (what asking vLLM for them costs sampling), and iteration_ratio (the
+tiny job's wall time with engines restarted per sampling call / kept for the whole job).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def summary(records: dict[str, dict]) -> dict[str, float]:
         out["sample_overhead_vs_bare"] = records["sample"]["results"]["overhead_vs_bare"]
         if "logprobs_overhead" in records["sample"]["results"]:  # older records do not have it
             out["sample_logprobs_overhead"] = records["sample"]["results"]["logprobs_overhead"]
+    if "iteration" in records and "iteration_ratio" in records["iteration"]["results"]:  # older records do not
+        out["iteration_ratio"] = records["iteration"]["results"]["iteration_ratio"]
     return out
 
 

@@ -1,12 +1,19 @@
-"""Where one iteration's time goes: one tiny SPPO iteration with the tiny PairRM judge
-(`python -m sppo.run --config configs/tiny-pairrm.yaml`), then its per-stage wall times read
-back from the iteration's MLflow run, where every run logs them.
+"""Where a job's time goes, and what keeping the vLLM engines saves: the tiny 3-iteration job
+(`python -m sppo.run --config configs/tiny.yaml`) twice on one local Ray head and MLflow server
+(`sppo.localstack`), first with `sampling.engine_mode=restart` (engines started for every
+sampling call: each iteration's sampling and each policy's held-out samples), then with
+`resident` (one engine start per job, each new policy loaded in place).
 
-Stages: prompt selection is not timed; `time/sampling_s` holds `time/engine_start_s`;
-`time/training_s` holds `time/training/{setup,reference_logps,train_steps,checkpoint_save}_s`
-(the rest of it is starting the Ray Train workers); `time/tracking_s` is the artifact upload.
+Per side: the job's wall time (`python -m sppo.run`, Ray already up), its engine starts and its
+per-stage seconds summed over the iterations, read back from the iterations' MLflow runs, where
+every run logs them. `iteration_ratio` = restart wall time / resident wall time.
 
-    python -m bench.iteration
+Stages: prompt selection is not timed; `time/sampling_s` holds `time/sampling/engine_start_s`
+and `time/sampling/weights_load_s`; `time/training_s` holds `time/training/{worker_start,
+imports,setup,reference_logps,train_steps,checkpoint_save}_s`; `time/tracking_s` is the
+artifact upload.
+
+    python -m bench.iteration [--size full|smoke]
 """
 
 from __future__ import annotations
@@ -19,38 +26,77 @@ from pathlib import Path
 
 from bench.common import Timer, check_size, cli, envelope, print_table
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-pairrm.yaml"
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "tiny.yaml"
+MODES = ("restart", "resident")
+SETTINGS = {
+    "full": {"iterations": 3, "overrides": []},
+    # One iteration, few prompts, short answers: restart still starts 3 engines (sampling, pi_0's
+    # and pi_1's held-out samples), resident 1.
+    "smoke": {"iterations": 1, "overrides": ["prompts.per_iteration=8", "prompts.eval_size=4",
+                                             "sampling.max_tokens=8", "train.epochs=1",
+                                             "train.per_device_batch_size=2"]},
+}
+
+
+def _job(stack, out: Path, mode: str, setting: dict) -> dict:
+    from mlflow import MlflowClient
+
+    experiment = f"sppo-bench-{mode}"
+    command = [sys.executable, "-m", "sppo.run", "--config", str(CONFIG), "--iters", str(setting["iterations"]),
+               "--output-dir", str(out), "--set", f"tracking.experiment={experiment}",
+               "--set", f"sampling.engine_mode={mode}", "--set", "tracking.register_model=null"]
+    for override in setting["overrides"]:
+        command += ["--set", override]
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{stack.ray_port}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(stack.auth_token_path), "MLFLOW_TRACKING_URI": stack.mlflow_url,
+           "HF_HUB_OFFLINE": "1"}
+    with Timer() as wall:
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    client = MlflowClient(stack.mlflow_url)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                              filter_string="tags.mlflow.runName LIKE 'iter-%'")
+    stages: dict[str, float] = {}
+    starts = 0
+    for run in runs:
+        metrics = run.data.metrics
+        for key, value in metrics.items():
+            if key.startswith("time/"):
+                stages[key] = stages.get(key, 0.0) + value
+        starts += int(metrics.get("sampling/engine_starts", 0) + metrics.get("eval/engine_starts", 0))
+    return {"job_wall_s": wall.seconds, "engine_starts": starts, "iterations": len(runs),
+            "stage_seconds": dict(sorted(stages.items()))}
 
 
 def run(size: str = "full") -> dict:
-    from mlflow import MlflowClient
+    from sppo.localstack import LocalStack, free_port
 
-    check_size(size)
+    setting = SETTINGS[check_size(size)]
     with tempfile.TemporaryDirectory(prefix="sppo-bench-iteration-") as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
-        # A local sqlite store: no server needed; artifacts go under the working directory.
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
-        command = [sys.executable, "-m", "sppo.run", "--config", str(CONFIG), "--iters", "1",
-                   "--output-dir", f"{tmp}/out", "--set", "tracking.experiment=sppo-bench"]
-        if size == "smoke":
-            command += ["--set", "prompts.per_iteration=8", "--set", "train.per_device_batch_size=2"]
-        with Timer() as wall:
-            done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-        client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name("sppo-bench")
-        (run_,) = client.search_runs([experiment.experiment_id], filter_string="tags.mlflow.runName = 'iter-1'")
-        times = {k: v for k, v in sorted(run_.data.metrics.items()) if k.startswith("time/")}
-    inputs = {"config": f"configs/{CONFIG.name}", "iterations": 1, "size": size, "tracking": "MLflow, sqlite store"}
-    return envelope("iteration", size, inputs, {"stage_seconds": times, "job_wall_s": wall.seconds})
+        stack = LocalStack(Path(tmp) / "stack", ray_port=free_port(), dashboard_port=free_port(),
+                           mlflow_port=free_port())
+        try:
+            stack.start()
+            sides = {mode: _job(stack, Path(tmp) / mode, mode, setting) for mode in MODES}
+        finally:
+            stack.stop()
+    inputs = {"config": f"configs/{CONFIG.name}", "size": size, **setting, "cluster_cpus": stack.num_cpus,
+              "tracking": "MLflow server (sppo.localstack)"}
+    results = {"sides": sides, "iteration_ratio": sides["restart"]["job_wall_s"] / sides["resident"]["job_wall_s"]}
+    return envelope("iteration", size, inputs, results)
 
 
 def report(record: dict) -> None:
-    r = record["results"]
-    rows = [[name, seconds] for name, seconds in r["stage_seconds"].items()]
-    rows.append(["whole job (python -m sppo.run, Ray start included)", r["job_wall_s"]])
-    print_table("one tiny-config iteration, from its MLflow run", ["metric", "seconds"], rows)
+    sides = record["results"]["sides"]
+    keys = sorted({key for side in sides.values() for key in side["stage_seconds"]})
+    rows = [[key] + [sides[mode]["stage_seconds"].get(key, 0.0) for mode in MODES] for key in keys]
+    rows.append(["engine starts"] + [sides[mode]["engine_starts"] for mode in MODES])
+    rows.append(["whole job (python -m sppo.run, Ray up)"] + [sides[mode]["job_wall_s"] for mode in MODES])
+    print_table(f"the tiny job, {record['inputs']['iterations']} iteration(s), seconds summed over iterations",
+                ["metric", "engine_mode restart", "engine_mode resident"], rows)
+    print(f"iteration_ratio={record['results']['iteration_ratio']:.3f}")
 
 
 if __name__ == "__main__":

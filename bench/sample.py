@@ -42,29 +42,19 @@ def with_sequential_passes(base):
     """Our engine actor class, plus the reference's K sequential n=1 passes on the same engine."""
 
     class Engine(base):
-        def generate_sequential(self, prompts: list[str], k: int) -> int:
+        def generate_sequential(self, prompts: list[str], params_kwargs: dict, k: int) -> int:
             """K passes of one n=1 request per prompt; generated tokens."""
             from vllm import SamplingParams, TokensPrompt
 
             from sppo.chat import render_prompt_ids
 
-            params = SamplingParams(**{**_params_kwargs(self), "n": 1})
+            params = SamplingParams(**{**params_kwargs, "n": 1})
             requests = [TokensPrompt(prompt_token_ids=ids) for ids in render_prompt_ids(self._tokenizer, prompts)]
             tokens = 0
             for _ in range(k):
                 outputs = self._llm.generate(requests, params, use_tqdm=False)
                 tokens += sum(len(c.token_ids) for out in outputs for c in out.outputs)
             return tokens
-
-        def generate_with(self, prompts: list[str], params_kwargs: dict):
-            """`generate` with other sampling parameters, on the same engine."""
-            from vllm import SamplingParams
-
-            plain, self._params = self._params, SamplingParams(**params_kwargs)
-            try:
-                return self.generate(prompts)
-            finally:
-                self._params = plain
 
         def threads(self) -> dict:
             import torch
@@ -93,11 +83,6 @@ def flops_per_generated_token(model_dir: str) -> int:
         return counted_flops(lambda: model(input_ids=torch.zeros(1, 1, dtype=torch.long, device="meta")))
 
 
-def _params_kwargs(engine) -> dict:
-    p = engine._params
-    return {"n": p.n, "temperature": p.temperature, "top_p": p.top_p, "max_tokens": p.max_tokens}
-
-
 def run(size: str = "full") -> dict:
     import ray
     from transformers import AutoTokenizer
@@ -123,10 +108,10 @@ def run(size: str = "full") -> dict:
         actor_cls = ray.remote(num_cpus=cfg.cpus_per_engine, num_gpus=cfg.gpus_per_engine,
                                runtime_env={"env_vars": engine_env(cfg)})(with_sequential_passes(VLLMEngine))
         with Timer() as actor_start:
-            engine = actor_cls.remote(model_dir, cfg, SEED)
+            engine = actor_cls.remote(model_dir, cfg)
             threads = ray.get(engine.threads.remote())
         # Started and waited for here, so that nothing else runs while the matmul peak is measured.
-        default_engine = actor_cls.remote(model_dir, cfg.model_copy(update={"max_num_seqs": None}), SEED)
+        default_engine = actor_cls.remote(model_dir, cfg.model_copy(update={"max_num_seqs": None}))
         vllm_default_seqs = ray.get(default_engine.max_num_seqs.remote())
         # The bare engine gets the actor's environment: thread count, KV cache size, and CPU
         # priority: Ray starts its workers at niceness 15, which on a shared machine alone makes
@@ -157,22 +142,20 @@ def run(size: str = "full") -> dict:
         params = SamplingParams(**sampling_params_kwargs(cfg))
 
         def ours() -> int:
-            return ray.get(engine.generate.remote(prompts)).num_generated_tokens
+            return ray.get(engine.generate.remote(model_dir, prompts, SEED)).num_generated_tokens
 
         def sequential() -> int:
-            return ray.get(engine.generate_sequential.remote(prompts, k))
+            return ray.get(engine.generate_sequential.remote(prompts, sampling_params_kwargs(cfg), k))
 
         def bare_engine() -> int:
             outputs = bare.generate(requests, params, use_tqdm=False)
             return sum(len(c.token_ids) for out in outputs for c in out.outputs)
 
         def ours_vllm_default() -> int:
-            return ray.get(default_engine.generate.remote(prompts)).num_generated_tokens
+            return ray.get(default_engine.generate.remote(model_dir, prompts, SEED)).num_generated_tokens
 
-        with_token_logps = sampling_params_kwargs(cfg, token_logps=True)  # as train.reference_logps 'sampler' asks
-
-        def ours_token_logps() -> int:
-            samples = ray.get(engine.generate_with.remote(prompts, with_token_logps))
+        def ours_token_logps() -> int:  # as train.reference_logps 'sampler' asks
+            samples = ray.get(engine.generate.remote(model_dir, prompts, SEED, token_logps=True))
             assert sum(len(lp) for c in samples.token_logps for lp in c) == samples.num_generated_tokens
             return samples.num_generated_tokens
 

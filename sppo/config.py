@@ -74,9 +74,15 @@ class SamplingConfig(_Strict):
     max_num_seqs: int | None = Field(default=1024, ge=1)
     # vLLM's CPU backend: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs.
     cpu_kvcache_gib: int = Field(default=1, ge=1)
-    # Ray restarts a crashed engine actor this often and retries its shard on it (same seed,
-    # so the same candidates); a shard is never lost or sampled twice.
+    # Ray restarts a crashed engine actor this often and retries its shard on it (same policy
+    # and seed, so the same candidates); a shard is never lost or sampled twice.
     max_restarts: int = Field(default=1, ge=0)
+    # How long engines live (sppo/sampling.py). resident: one start per job, each new policy
+    # loaded in place; sleep: resident, but asleep during training (vLLM sleep mode, CUDA only;
+    # CPU engines restart instead); restart: started and stopped for every sampling call.
+    # auto: resident on CPUs, restart on GPUs. Kept engines hold their Ray resources for the
+    # whole job: judging and training must fit beside them (`--plan` checks).
+    engine_mode: Literal["auto", "resident", "sleep", "restart"] = "auto"
 
 
 class RuleJudgeConfig(_Strict):

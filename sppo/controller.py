@@ -31,7 +31,7 @@ from sppo.manifest import RunManifest
 from sppo.model_card import card_summary, registry_tags, write_card
 from sppo.pairs import hybrid_candidates, training_rows
 from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
-from sppo.sampling import sample_candidates
+from sppo.sampling import EnginePool, Samples
 from sppo.storage import (RUN_CONFIG_FILE, IterationDir, SharedStorage, StorageError, atomic_write_parquet,
                           atomic_write_text, local_model, read_parquet)
 from sppo.tracking import Tracker, sample_table
@@ -40,22 +40,23 @@ from sppo.training import train_policy
 log = logging.getLogger("sppo")
 
 
-def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: str) -> str:
+def run_iteration(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: str, judge: str) -> str:
     """One SPPO iteration, pi_t -> pi_{t+1}. A stage whose output was published by an earlier
     attempt is skipped. policy is the base model's spec or pi_t's checkpoint directory."""
     it = rec.it
     if not it.samples.exists():
-        sample_stage(cfg, rec, policy)          # y_1..y_K ~ pi_t(. | x) for x in D_t
+        sample_stage(cfg, rec, engines, policy)  # y_1..y_K ~ pi_t(. | x) for x in D_t
     if not it.judgments.exists():
         judge_stage(cfg, rec, judge)            # P_ij = P(y_i beats y_j | x)
     if not it.pairs.exists():
         pairs_stage(cfg, rec)                   # (y_w, y_l, P(y_w beats pi_t), P(y_l beats pi_t))
     if not it.trained:
+        engines.release()                       # sleep mode: the accelerators go to the trainer
         train_stage(cfg, rec, policy)           # pi_{t+1} = argmin SPPO loss, ref = pi_t
     else:  # trained by an earlier attempt: its per-step curve goes into this run too
         rec.tracker.log_history(rec.run_id, json.loads(it.train_history.read_text()))
     if (heldout := heldout_prompts(cfg.prompts)) and not eval_judgments_path(it.root, it.iteration).exists():
-        evaluation_stage(cfg, rec, policy, judge, heldout)  # pi_{t+1} vs pi_t and pi_0
+        evaluation_stage(cfg, rec, engines, policy, judge, heldout)  # pi_{t+1} vs pi_t and pi_0
     with rec.stage("tracking"):
         rec.log_outputs()
     return str(it.checkpoint)
@@ -65,22 +66,21 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: st
 # Engines, judges and train workers get models and directories as `rec.for_workers` names them.
 
 
-def sample_stage(cfg: RunConfig, rec: "IterationRecord", policy: str) -> None:
+def sample_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: str) -> None:
     it, t, remote_code = rec.it, rec.it.iteration, cfg.policy.trust_remote_code
     selection = iteration_prompts(cfg.prompts, t, too_long=prompt_length_filter(
         AutoTokenizer.from_pretrained(local_model(policy), trust_remote_code=remote_code), cfg.train.max_prompt_length))
     rec.record({f"prompts/{k}": v for k, v in selection.counts.items()})
     prompts, token_logps = selection.prompts, cfg.train.reference_logps == "sampler"
     with rec.stage("sampling", samples=it.samples):
-        samples = sample_candidates(rec.for_workers(policy), prompts, cfg.sampling, seed=cfg.sampling.seed + 1000 * t,
-                                    timeout_s=cfg.timeouts.sampling_s, trust_remote_code=remote_code,
-                                    token_logps=token_logps)
+        samples = engines.sample(rec.for_workers(policy), prompts, seed=cfg.sampling.seed + 1000 * t,
+                                 timeout_s=cfg.timeouts.sampling_s, token_logps=token_logps)
         rows = [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)]
         if token_logps:  # log pi_t of the sampled tokens: the trainer's reference log-probs
             for row, ids, logps in zip(rows, samples.token_ids, samples.token_logps, strict=True):
                 row.update(candidate_token_ids=ids, candidate_token_logps=logps)
         rec.publish(it.samples, rows, {**sampling_metrics(samples.candidates, samples.num_generated_tokens),
-                                       "time/engine_start_s": samples.engine_start_s})
+                                       **engine_metrics("sampling", samples)})
 
 
 def judge_stage(cfg: RunConfig, rec: "IterationRecord", judge: str) -> None:
@@ -133,12 +133,13 @@ def sampled_tokens(samples_path: Path) -> tuple[list, list]:
     return _columns(sampled, "candidate_token_ids", "candidate_token_logps")
 
 
-def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", policy: str, judge: str, heldout: list[str]) -> None:
+def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: str, judge: str,
+                     heldout: list[str]) -> None:
     # The new policy against this iteration's input and the base, on prompts never trained on.
     it, t = rec.it, rec.it.iteration
     policies = {0: cfg.policy.path, t - 1: rec.for_workers(policy), t: rec.for_workers(str(it.checkpoint))}
     with rec.stage("evaluation", eval_judgments=eval_judgments_path(it.root, t)):
-        rec.publish(eval_judgments_path(it.root, t), *evaluate(cfg, it.root, t, policies, judge, heldout))
+        rec.publish(eval_judgments_path(it.root, t), *evaluate(cfg, it.root, t, policies, judge, heldout, engines))
 
 
 def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = False,
@@ -192,14 +193,17 @@ def _run_iterations(cfg: RunConfig, out: Path, manifest: RunManifest, storage: S
     policy = cfg.policy.path if first == 1 else str(IterationDir(out, first - 1).checkpoint)
     judge = cfg.judge.model_path or ""  # each judge actor resolves it on its node
     status = "FAILED"
+    # One set of vLLM engines for the whole job: each iteration's stages load the policy they need.
+    engines = EnginePool(cfg.sampling, cfg.policy.trust_remote_code)
     try:
         for t in range(first, cfg.iterations + 1):
             log.info("=== iteration %d/%d: policy %s", t, cfg.iterations, policy)
             with IterationRecord.open(tracker, manifest, IterationDir(out, t), cfg, policy, storage) as rec:
-                policy = run_iteration(cfg, rec, policy, judge)
+                policy = run_iteration(cfg, rec, engines, policy, judge)
             log.info("=== iteration %d done: %s", t, rec.summary())
         status = "FINISHED"
     finally:
+        engines.close()
         tracker.finish_parent(status)
     return [IterationDir(out, t).checkpoint for t in range(1, cfg.iterations + 1)]
 
@@ -256,6 +260,12 @@ def sampling_metrics(candidates: list[list[str]], generated_tokens: int) -> dict
         "sampling/mean_response_tokens": generated_tokens / max(len(flat), 1),
         "sampling/mean_response_chars": float(np.mean([len(c) for c in flat])) if flat else 0.0,
     }
+
+
+def engine_metrics(stage: str, samples: Samples) -> dict[str, float]:
+    """What starting engines and loading the policy cost a stage (0 starts: engines were kept)."""
+    return {f"{stage}/engine_starts": samples.engine_starts, f"time/{stage}/engine_start_s": samples.engine_start_s,
+            f"time/{stage}/weights_load_s": samples.weights_load_s}
 
 
 def pair_metrics(rows: list[dict]) -> dict[str, float]:

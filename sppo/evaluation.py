@@ -11,7 +11,10 @@ Each policy's samples are drawn once: pi_t's (`iter-t/eval_samples.parquet`) ser
 in the next iteration, and pi_0's lie in `iter-0/`.
 
 - Pure core: `block_win_rates`, `bootstrap_interval`, `win_rate_metrics`, `response_length_metrics`.
-- `evaluate`: the stage, with vLLM engines (sppo.sampling) and the judge (sppo.judging.JUDGES).
+- `evaluate`: the stage, with the job's vLLM engines (sppo.sampling.EnginePool) and the judge
+  (sppo.judging.JUDGES). Policies are sampled oldest first: the engines still hold pi_{t-1}
+  (or pi_0) from this iteration's sampling, so each iteration loads new weights once, for pi_t,
+  and the next iteration samples from them without another load.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sppo.config import EvalConfig, RunConfig
+from sppo.sampling import EnginePool
 from sppo.storage import IterationDir, atomic_write_parquet, read_parquet
 
 log = logging.getLogger("sppo.evaluation")
@@ -86,13 +90,11 @@ def eval_judgments_path(out: Path, t: int) -> Path:
     return IterationDir(out, t).path / EVAL_JUDGMENTS
 
 
-def ensure_eval_samples(path: Path, model_dir: str, prompts: list[str], cfg: RunConfig, seed: int) -> list[dict]:
-    """The held-out samples at `path`, drawn from `model_dir` when missing (published atomically)."""
-    from sppo.sampling import sample_candidates
-
+def ensure_eval_samples(path: Path, engines: EnginePool, policy: str, prompts: list[str], cfg: RunConfig,
+                        seed: int) -> list[dict]:
+    """The held-out samples at `path`, drawn from `policy` when missing (published atomically)."""
     if not path.exists():
-        samples = sample_candidates(model_dir, prompts, cfg.sampling, seed=seed, timeout_s=cfg.timeouts.sampling_s,
-                                    trust_remote_code=cfg.policy.trust_remote_code)
+        samples = engines.sample(policy, prompts, seed=seed, timeout_s=cfg.timeouts.sampling_s)
         atomic_write_parquet(path, [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)])
     rows = read_parquet(path)
     if [r["prompt"] for r in rows] != prompts:
@@ -100,15 +102,17 @@ def ensure_eval_samples(path: Path, model_dir: str, prompts: list[str], cfg: Run
     return rows
 
 
-def evaluate(cfg: RunConfig, out: Path, t: int, policies: dict[int, str], judge: str, prompts: list[str]):
+def evaluate(cfg: RunConfig, out: Path, t: int, policies: dict[int, str], judge: str, prompts: list[str],
+             engines: EnginePool):
     """Judge pi_t's held-out samples against pi_{t-1}'s and pi_0's; `policies` maps 0, t-1 and t
     to their model directories. Returns the judgment rows and the iteration's eval metrics."""
     from sppo.judging import JUDGES
 
     k = cfg.sampling.k
-    groups = sorted({t, t - 1, 0}, reverse=True)  # new first: t, t-1, 0
-    rows = {g: ensure_eval_samples(eval_samples_path(out, g), policies[g], prompts, cfg,
-                                   seed=cfg.eval.seed + 1000 * g) for g in groups}
+    starts_before = engines.starts
+    rows = {g: ensure_eval_samples(eval_samples_path(out, g), engines, policies[g], prompts, cfg,
+                                   seed=cfg.eval.seed + 1000 * g) for g in sorted({0, t - 1, t})}
+    groups = sorted(rows, reverse=True)  # new first in the matrix: t, t-1, 0
     combined = [[c for g in groups for c in rows[g][n]["candidates"]] for n in range(len(prompts))]
     matrices = JUDGES[cfg.judge.kind](judge, prompts, combined, cfg.judge, timeout_s=cfg.timeouts.judging_s)
     new = slice(0, k)
@@ -119,6 +123,7 @@ def evaluate(cfg: RunConfig, out: Path, t: int, policies: dict[int, str], judge:
         **win_rate_metrics("win_rate_vs_base", win_rate(vs_base, cfg.eval)),
         **win_rate_metrics("win_rate_vs_prev", win_rate(vs_prev, cfg.eval)),
         **response_length_metrics([r["candidates"] for r in rows[t]]),
+        "eval/engine_starts": engines.starts - starts_before,
     }
     judged = [{"prompt": p, "candidates": c, "policies": [g for g in groups for _ in range(k)],
                "win_matrix": np.asarray(m).tolist(), "win_rate_vs_base": b, "win_rate_vs_prev": v}

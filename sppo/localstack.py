@@ -101,7 +101,9 @@ class LocalStack:
     ray_port: int = 6379
     dashboard_port: int = 8265
     mlflow_port: int = 5000
-    num_cpus: int = 2
+    # Logical CPUs, not cores: the tiny job's resident vLLM engine (1) holds its CPU while it
+    # idles beside the two training workers (1 each), so 2 cores serve 3 reservations.
+    num_cpus: int = 3
     pids: dict[str, list[int]] = field(default_factory=dict)
     # The token file the head was started with; a client elsewhere points RAY_AUTH_TOKEN_PATH at it.
     auth_token_path: Path | None = None
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-port", type=int, default=6379)
     parser.add_argument("--dashboard-port", type=int, default=8265)
     parser.add_argument("--mlflow-port", type=int, default=5000)
-    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--num-cpus", type=int, default=LocalStack.num_cpus, help="logical CPUs of the head")
     args = parser.parse_args(argv)
     stack = LocalStack(Path(args.state_dir), args.ray_port, args.dashboard_port, args.mlflow_port, args.num_cpus)
     if args.action == "start":

@@ -1,8 +1,10 @@
 """The per-stage resource plan of a run, and whether it fits a cluster: `python -m sppo.run --plan`.
 
-Stages run one after another and each releases its actors before the next starts (sampling
-kills its engines, judging its judge actor, and Ray Train removes its workers' placement group
-when `fit` returns), so the cluster must hold each stage on its own, not their sum.
+Stages run one after another and each releases its actors before the next starts (judging
+kills its judge actor, and Ray Train removes its workers' placement group when `fit` returns),
+so the cluster must hold each stage on its own, not their sum. The exception is the vLLM
+engines: unless `sampling.engine_mode` restarts them per call, they live for the whole job, so
+judging and training must fit beside them.
 
 Pure core (no Ray): `resource_plan`, `config_problems`, `parse_node`, `placeable`, `check_fit`,
 `format_plan`. Ray shell: `cluster_nodes`, the alive nodes of the cluster this process reaches.
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sppo.config import RunConfig
+from sppo.sampling import engine_mode
 from sppo.training import worker_resources
 
 # Floating-point slack when dividing capacities by fractional demands (e.g. 0.1 CPU).
@@ -37,6 +40,8 @@ class StagePlan:
     gpus: float
     fields: dict[str, str]
     detail: str = ""
+    # Its actors stay for the whole job (kept vLLM engines), holding their resources.
+    kept: bool = False
 
     @property
     def total_cpus(self) -> float:
@@ -56,7 +61,8 @@ def resource_plan(cfg: RunConfig) -> list[StagePlan]:
             "sampling", "vLLM engine", s.num_engines, s.cpus_per_engine, s.gpus_per_engine,
             {"count": f"sampling.num_engines={s.num_engines}", "CPU": f"sampling.cpus_per_engine={s.cpus_per_engine:g}",
              "GPU": f"sampling.gpus_per_engine={s.gpus_per_engine:g}"},
-            f"tensor_parallel_size={s.tensor_parallel_size}, {s.dtype}, k={s.k}",
+            f"tensor_parallel_size={s.tensor_parallel_size}, {s.dtype}, k={s.k}, engine_mode {engine_mode(s)}",
+            kept=engine_mode(s) != "restart",
         ),
         StagePlan(
             "judging", "PairRM judge", 1, j.num_cpus, j.num_gpus,
@@ -126,12 +132,27 @@ def _binding_resource(stage: StagePlan, nodes: Sequence[dict[str, float]]) -> st
     return min(room, key=room.get)
 
 
+def left_beside(stage: StagePlan, nodes: Sequence[dict[str, float]]) -> list[dict[str, float]]:
+    """The nodes' resources once the stage's actors are placed, first fit, node by node."""
+    left = [dict(node) for node in nodes]
+    for _ in range(stage.count):
+        node = next((n for n in left if placeable(stage, n) >= 1), None)
+        if node is None:
+            break
+        node["CPU"] = node.get("CPU", 0.0) - stage.cpus
+        node["GPU"] = node.get("GPU", 0.0) - stage.gpus
+    return left
+
+
 def check_fit(plan: Sequence[StagePlan], nodes: Sequence[dict[str, float]]) -> list[str]:
-    """One message per stage that the nodes cannot hold, naming the stage and config fields."""
-    problems = []
+    """One message per stage that the nodes cannot hold, naming the stage and config fields.
+    Stages after kept actors must fit in what those leave."""
+    problems, kept = [], None
     for stage in plan:
         fits = sum(placeable(stage, node) for node in nodes)
         if fits >= stage.count:
+            if stage.kept:
+                kept, nodes = stage, left_beside(stage, nodes)
             continue
         resource = _binding_resource(stage, nodes)
         per_actor = stage.cpus if resource == "CPU" else stage.gpus
@@ -143,19 +164,26 @@ def check_fit(plan: Sequence[StagePlan], nodes: Sequence[dict[str, float]]) -> l
             f"cluster can place {fits} ({total:g} {resource} over {len(nodes)} node(s), at most {biggest:g} on one); "
             f"lower {(stage.fields['count'] if stage.count > 1 else stage.fields[resource]).split('=')[0]} "
             f"or add {resource}s"
+            + (f" (beside the kept {kept.role}s: {kept.fields[resource]}; sampling.engine_mode=restart frees them "
+               "between stages)" if kept else "")
         )
     return problems
 
 
 def format_plan(cfg: RunConfig, plan: Sequence[StagePlan], nodes: Sequence[dict[str, float]] | None) -> str:
-    lines = [f"Resource plan ({cfg.iterations} iteration(s); stages run in turn, each frees its resources):"]
+    lines = [f"Resource plan ({cfg.iterations} iteration(s); stages run in turn, each frees its resources"
+             + (", but the vLLM engines stay for the whole job):" if plan[0].kept else "):")]
     for stage in plan:
         lines.append(
             f"  {stage.stage:<9} {stage.count:>3} x {stage.role:<14} {stage.cpus:>5g} CPU {stage.gpus:>4g} GPU each"
             f"  = {stage.total_cpus:g} CPU, {stage.total_gpus:g} GPU   ({stage.detail})"
         )
-    lines.append(f"  peak: {max(s.total_cpus for s in plan):g} CPU, {max(s.total_gpus for s in plan):g} GPU "
-                 "(the largest single stage; the job's driver reserves none by default)")
+    kept = [s for s in plan if s.kept]
+    peak_cpus = sum(s.total_cpus for s in kept) + max(s.total_cpus for s in plan if not s.kept)
+    peak_gpus = sum(s.total_gpus for s in kept) + max(s.total_gpus for s in plan if not s.kept)
+    lines.append(f"  peak: {peak_cpus:g} CPU, {peak_gpus:g} GPU "
+                 f"({'the kept engines plus ' if kept else ''}the largest single stage; "
+                 "the job's driver reserves none by default)")
     if nodes is not None:
         cpus = sum(n.get("CPU", 0.0) for n in nodes)
         gpus = sum(n.get("GPU", 0.0) for n in nodes)

@@ -1,9 +1,20 @@
 """Sampling stage: K candidate responses per prompt from the current policy pi_t.
 
-Pure core (`shard`, `sampling_params_kwargs`, `engine_kwargs`, `engine_env`, `Samples`):
-no Ray, no vLLM. `VLLMEngine` wraps one vLLM `LLM` and is made a Ray actor by
-`sample_candidates`, the Ray shell, which shards the prompts over `cfg.num_engines` engines
-and always kills them afterwards so their CPUs/GPUs are free for the judge and trainer.
+Pure core (`shard`, `sampling_params_kwargs`, `engine_kwargs`, `engine_env`, `engine_mode`,
+`Samples`): no Ray, no vLLM. `VLLMEngine` wraps one vLLM `LLM`; `EnginePool`, the Ray shell,
+holds `cfg.num_engines` of them as Ray actors and shards each call's prompts over them.
+
+How long engines live is `sampling.engine_mode` (see `engine_mode`):
+- resident: started once per job; a new policy is loaded into them in place (vLLM's
+  `reload_weights`), so sampling and evaluation of every iteration share one start;
+- sleep: as resident, but asleep during training (vLLM sleep mode, level 2: weights and KV
+  cache leave the GPU) and woken with the next policy's weights; CUDA only;
+- restart: started for each sampling call and killed after it (their CPUs/GPUs go back to Ray).
+
+Every call names the policy it samples from and its seed: an engine loads that policy if it
+holds another, and re-seeds before generating, so a call draws the same candidates on a fresh
+engine, a reused one, or one Ray restarted after a crash (which starts on the pool's first
+policy and then loads the call's).
 
 Prompts reach vLLM as token ids rendered by `sppo.chat.render_prompt_ids` (the template
 carries the single BOS), so sampling and training see the same prompt tokens.
@@ -53,8 +64,11 @@ class Samples:
     candidates: list[list[str]]
     prompt_token_ids: list[list[int]]
     num_generated_tokens: int
-    # Seconds the slowest engine took to load its model and start (they start in parallel).
+    # Seconds the slowest engine took to start, and how many started, for this call (0 when
+    # every engine was already running); seconds the slowest took to load the call's policy.
     engine_start_s: float = 0.0
+    engine_starts: int = 0
+    weights_load_s: float = 0.0
     token_ids: list[list[list[int]]] = field(default_factory=list)
     token_logps: list[list[list[float]]] = field(default_factory=list)
 
@@ -66,6 +80,8 @@ class Samples:
             prompt_token_ids=[ids for part in parts for ids in part.prompt_token_ids],
             num_generated_tokens=sum(part.num_generated_tokens for part in parts),
             engine_start_s=max((part.engine_start_s for part in parts), default=0.0),
+            engine_starts=sum(part.engine_starts for part in parts),
+            weights_load_s=max((part.weights_load_s for part in parts), default=0.0),
             token_ids=[ids for part in parts for ids in part.token_ids],
             token_logps=[logps for part in parts for logps in part.token_logps],
         )
@@ -106,7 +122,8 @@ def sampling_params_kwargs(cfg: SamplingConfig, token_logps: bool = False) -> di
     return {**kwargs, "logprobs": 0, "detokenize": False} if token_logps else kwargs
 
 
-def engine_kwargs(model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_code: bool = False) -> dict:
+def engine_kwargs(model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_code: bool = False,
+                  sleep_mode: bool = False) -> dict:
     """Arguments of vLLM's `LLM` for a policy checkpoint (tokenizer from the same directory)."""
     kwargs = {
         "model": model_dir,
@@ -121,7 +138,22 @@ def engine_kwargs(model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_c
         kwargs["max_model_len"] = cfg.max_model_len
     if cfg.max_num_seqs is not None:  # else vLLM's default for the hardware
         kwargs["max_num_seqs"] = cfg.max_num_seqs
+    if sleep_mode:
+        kwargs["enable_sleep_mode"] = True
     return kwargs
+
+
+def engine_mode(cfg: SamplingConfig) -> str:
+    """The engine lifetime a config runs with. `auto` is resident on CPUs, where an idle engine
+    costs memory only, and restart on GPUs, where a kept engine's GPUs are not the trainer's
+    (sleep mode frees their memory, but Ray still counts them as the engine's: it needs the
+    engines and the trainer to fit the GPUs together, see docs/configs.md). Sleep mode is CUDA
+    only: CPU engines asked to sleep restart per call instead."""
+    if cfg.engine_mode == "auto":
+        return "restart" if cfg.gpus_per_engine > 0 else "resident"
+    if cfg.engine_mode == "sleep" and cfg.gpus_per_engine == 0:
+        return "restart"
+    return cfg.engine_mode
 
 
 def engine_env(cfg: SamplingConfig) -> dict[str, str]:
@@ -138,47 +170,82 @@ def engine_env(cfg: SamplingConfig) -> dict[str, str]:
     return env
 
 
+def _seed_worker(worker, seed: int) -> None:
+    """Runs on every vLLM worker (`collective_rpc`): the sampler draws from the global RNGs."""
+    from vllm.utils.torch_utils import set_random_seed
+
+    set_random_seed(seed)
+
+
 class VLLMEngine:
-    """One vLLM engine over a policy checkpoint; a Ray actor when wrapped with `ray.remote`."""
+    """One vLLM engine; a Ray actor when wrapped with `ray.remote`. Starts on `policy` and
+    loads whichever policy a `generate` call names."""
 
-    def __init__(self, model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_code: bool = False,
-                 token_logps: bool = False):
+    def __init__(self, policy: str, cfg: SamplingConfig, trust_remote_code: bool = False, sleep_mode: bool = False):
         from transformers import AutoTokenizer
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
-        model_dir = local_model(model_dir)  # a storage URI is fetched to this node first
-        self._params = SamplingParams(**sampling_params_kwargs(cfg, token_logps))
-        # The same tokenizer class the trainer loads, so prompt ids match token for token.
+        model_dir = local_model(policy)  # a storage URI is fetched to this node first
+        self._cfg = cfg
+        # The same tokenizer class the trainer loads, so prompt ids match token for token. Every
+        # checkpoint of a run keeps the base model's tokenizer.
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         started = time.monotonic()
-        self._llm = LLM(**engine_kwargs(model_dir, cfg, seed, trust_remote_code))
+        self._llm = LLM(**engine_kwargs(model_dir, cfg, cfg.seed, trust_remote_code, sleep_mode))
         self._start_s = time.monotonic() - started
+        self._unreported_start = True  # the next Samples report this start
+        self._policy: str | None = policy  # None: asleep, no weights held
 
-    def generate(self, prompts: list[str]) -> Samples:
-        """K completions per prompt, in input order, from one n=K request per prompt."""
-        from vllm import TokensPrompt
+    def load(self, policy: str) -> float:
+        """Hold `policy`'s weights (woken first if asleep); seconds spent, 0 if already held."""
+        if policy == self._policy:
+            return 0.0
+        started = time.monotonic()
+        if self._policy is None:
+            self._llm.wake_up()
+        self._llm.collective_rpc("reload_weights", kwargs={"weights_path": local_model(policy)})
+        self._policy = policy
+        return time.monotonic() - started
 
+    def sleep(self) -> None:
+        """Level 2: weights and KV cache are dropped (the next policy is loaded on wake-up)."""
+        if self._policy is not None:
+            self._llm.sleep(level=2)
+            self._policy = None
+
+    def generate(self, policy: str, prompts: list[str], seed: int, token_logps: bool = False) -> Samples:
+        """K completions per prompt from `policy`, in input order, from one n=K request per prompt."""
+        from vllm import SamplingParams, TokensPrompt
+
+        load_s = self.load(policy)
+        self._llm.collective_rpc(_seed_worker, args=(seed,))
+        # Cached prefixes may come from earlier weights, and a warm cache changes what is
+        # recomputed: every call starts from an empty cache, as a fresh engine does.
+        self._llm.reset_prefix_cache()
+        params = SamplingParams(**sampling_params_kwargs(self._cfg, token_logps))
         prompt_ids = render_prompt_ids(self._tokenizer, prompts)
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         # vLLM's own progress line (done/total prompts, rate, ETA) goes to the job log.
-        outputs = self._llm.generate(requests, self._params, use_tqdm=True)  # in request order
+        outputs = self._llm.generate(requests, params, use_tqdm=True)  # in request order
         completions = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
-        with_logps = self._params.logprobs is not None
-        if self._params.detokenize:
+        if params.detokenize:
             texts = [[c.text for c in cands] for cands in completions]
         else:
             flat = self._tokenizer.batch_decode([c.token_ids for cands in completions for c in cands],
                                                 skip_special_tokens=True)
-            texts = [flat[i * self._params.n : (i + 1) * self._params.n] for i in range(len(completions))]
+            texts = [flat[i * params.n : (i + 1) * params.n] for i in range(len(completions))]
+        started_here, self._unreported_start = self._unreported_start, False
         return Samples(
             candidates=texts,
             prompt_token_ids=[list(out.prompt_token_ids) for out in outputs],
             num_generated_tokens=sum(len(c.token_ids) for cands in completions for c in cands),
-            engine_start_s=self._start_s,
-            token_ids=[[list(c.token_ids) for c in cands] for cands in completions] if with_logps else [],
+            engine_start_s=self._start_s if started_here else 0.0,
+            engine_starts=int(started_here),
+            weights_load_s=load_s,
+            token_ids=[[list(c.token_ids) for c in cands] for cands in completions] if token_logps else [],
             # logprobs=0: each position's dict holds the sampled token alone.
             token_logps=[[[step[t].logprob for t, step in zip(c.token_ids, c.logprobs)] for c in cands]
-                         for cands in completions] if with_logps else [],
+                         for cands in completions] if token_logps else [],
         )
 
     def close(self) -> None:
@@ -187,85 +254,121 @@ class VLLMEngine:
         self._llm.llm_engine.engine_core.shutdown(timeout=_ENGINE_SHUTDOWN_S)
 
 
-def sample_candidates(
-    model_dir: str,
-    prompts: list[str],
-    cfg: SamplingConfig,
-    seed: int,
-    timeout_s: float | None = None,
-    trust_remote_code: bool = False,
-    token_logps: bool = False,
-) -> Samples:
-    """Sample cfg.k candidates per prompt with cfg.num_engines vLLM engine actors.
+class EnginePool:
+    """`cfg.num_engines` vLLM engine actors, started on first use and kept as `engine_mode`
+    says; `close` (or leaving a `with` block) stops them."""
 
-    Engine i is seeded with seed + i and gets the i-th contiguous shard of the prompts. With
-    token_logps the samples also carry each candidate's token ids and their log-probs.
-    `timeout_s` bounds the whole stage, engine start included. On return and on error the
-    engines are shut down and their actors killed, releasing their CPUs/GPUs.
-    """
-    import ray
+    def __init__(self, cfg: SamplingConfig, trust_remote_code: bool = False):
+        self.cfg, self.mode, self._trust_remote_code = cfg, engine_mode(cfg), trust_remote_code
+        self._engines: list = []
+        self.starts = 0  # engine starts (Ray's restarts after a crash included) since the pool was made
 
-    if not prompts:
-        return Samples(candidates=[], prompt_token_ids=[], num_generated_tokens=0)
-    sampling_params_kwargs(cfg)  # fail on the driver, before any engine starts
-    shards = [part for part in shard(prompts, cfg.num_engines) if part]
-    engine_cls = ray.remote(
-        num_cpus=cfg.cpus_per_engine,
-        num_gpus=cfg.gpus_per_engine,
-        runtime_env={"env_vars": engine_env(cfg)},
-        # A crashed engine is restarted (same seed) and its in-flight shard retried on it.
-        max_restarts=cfg.max_restarts,
-        max_task_retries=cfg.max_restarts,
-    )(VLLMEngine)
+    def __enter__(self) -> EnginePool:
+        return self
 
-    started = time.monotonic()
-    engines = []
-    idle: set[int] = set()  # engines not busy with a request, safe to close
-    try:
-        engines = [engine_cls.remote(model_dir, cfg, seed + i, trust_remote_code, token_logps)
-                   for i in range(len(shards))]
-        logger.info(
-            "sampling: started %d vLLM engine(s) on %s (seeds %d..%d) for %d prompts x k=%d",
-            len(engines), model_dir, seed, seed + len(engines) - 1, len(prompts), cfg.k,
-        )
-        pending = {engine.generate.remote(part): i for i, (engine, part) in enumerate(zip(engines, shards))}
-        results: list[Samples | None] = [None] * len(shards)
-        while pending:
-            left = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - started))
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=left)
-            if not done:
-                raise TimeoutError(
-                    f"sampling: {len(pending)} of {len(shards)} vLLM engine(s) did not finish "
-                    f"within timeout_s={timeout_s} (engines {sorted(pending.values())}, "
-                    f"model {model_dir})"
-                )
-            i = pending.pop(done[0])
-            idle.add(i)
-            try:
-                results[i] = ray.get(done[0])
-            except ray.exceptions.RayError as err:
-                raise RuntimeError(
-                    f"sampling: vLLM engine {i} (seed {seed + i}, {len(shards[i])} prompts, "
-                    f"model {model_dir}) failed: {err}"
-                ) from err
-            logger.info(
-                "sampling: shard %d/%d done: %d prompts, %d candidates, %d tokens, %.1fs",
-                i + 1, len(shards), len(shards[i]), sum(map(len, results[i].candidates)),
-                results[i].num_generated_tokens, time.monotonic() - started,
-            )
-        return Samples.concat(results)
-    finally:
-        _stop_engines(engines, [engines[i] for i in idle])
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def sample(self, policy: str, prompts: list[str], seed: int, timeout_s: float | None = None,
+               token_logps: bool = False) -> Samples:
+        """cfg.k candidates per prompt from `policy`: engine i samples the i-th contiguous shard
+        with seed + i. With token_logps the samples also carry each candidate's token ids and
+        their log-probs. `timeout_s` bounds the whole call, engine start included. On error the
+        engines are stopped (the next call starts new ones); in restart mode, always."""
+        import ray
+
+        if not prompts:
+            return Samples(candidates=[], prompt_token_ids=[], num_generated_tokens=0)
+        sampling_params_kwargs(self.cfg)  # fail on the driver, before any engine starts
+        shards = [part for part in shard(prompts, self.cfg.num_engines) if part]
+        started = time.monotonic()
+        idle = set(range(len(self._engines)))  # engines not busy with a request, safe to close
+        try:
+            if not self._engines:
+                self._start(policy, len(shards))
+                idle = set(range(len(self._engines)))
+            logger.info("sampling: %d prompts x k=%d from %s on %d vLLM engine(s) (seeds %d..%d)",
+                        len(prompts), self.cfg.k, policy, len(shards), seed, seed + len(shards) - 1)
+            pending = {engine.generate.remote(policy, part, seed + i, token_logps): i
+                       for i, (engine, part) in enumerate(zip(self._engines, shards))}
+            idle -= set(pending.values())
+            results: list[Samples | None] = [None] * len(shards)
+            while pending:
+                left = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - started))
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+                if not done:
+                    raise TimeoutError(
+                        f"sampling: {len(pending)} of {len(shards)} vLLM engine(s) did not finish "
+                        f"within timeout_s={timeout_s} (engines {sorted(pending.values())}, model {policy})"
+                    )
+                i = pending.pop(done[0])
+                idle.add(i)
+                try:
+                    results[i] = ray.get(done[0])
+                except ray.exceptions.RayError as err:
+                    raise RuntimeError(f"sampling: vLLM engine {i} (seed {seed + i}, {len(shards[i])} prompts, "
+                                       f"model {policy}) failed: {err}") from err
+                logger.info("sampling: shard %d/%d done: %d prompts, %d candidates, %d tokens, %.1fs",
+                            i + 1, len(shards), len(shards[i]), sum(map(len, results[i].candidates)),
+                            results[i].num_generated_tokens, time.monotonic() - started)
+        except BaseException:
+            self._stop(idle)
+            raise
+        if self.mode == "restart":
+            self.close()
+        samples = Samples.concat(results)
+        self.starts += samples.engine_starts
+        if samples.weights_load_s > 0:
+            logger.info("sampling: vLLM engine(s) loaded %s in %.1f s", policy, samples.weights_load_s)
+        return samples
+
+    def release(self) -> None:
+        """Before training: free what the engines hold on the accelerators (sleep mode)."""
+        if self.mode == "sleep" and self._engines:
+            import ray
+
+            ray.get([engine.sleep.remote() for engine in self._engines])
+            logger.info("sampling: %d vLLM engine(s) asleep during training", len(self._engines))
+
+    def close(self) -> None:
+        self._stop(set(range(len(self._engines))))
+
+    def _start(self, policy: str, count: int) -> None:
+        import ray
+
+        engine_cls = ray.remote(
+            num_cpus=self.cfg.cpus_per_engine,
+            num_gpus=self.cfg.gpus_per_engine,
+            runtime_env={"env_vars": engine_env(self.cfg)},
+            # A crashed engine is restarted and its in-flight call retried on it: the call names
+            # its policy and seed, so the restarted engine loads that policy and draws the same.
+            max_restarts=self.cfg.max_restarts,
+            max_task_retries=self.cfg.max_restarts,
+        )(VLLMEngine)
+        # Restart mode starts only the engines this call's shards need.
+        count = count if self.mode == "restart" else self.cfg.num_engines
+        self._engines = [engine_cls.remote(policy, self.cfg, self._trust_remote_code, self.mode == "sleep")
+                         for _ in range(count)]
+        logger.info("sampling: starting %d vLLM engine(s) on %s (engine_mode %s)", count, policy, self.mode)
+
+    def _stop(self, idle: set[int]) -> None:
+        """Close idle engines' vLLM cores cleanly, then kill every engine actor. A busy engine
+        (timeout, driver interrupted) would only answer after its request, so it is killed as is."""
+        import ray
+
+        engines, self._engines = self._engines, []
+        if not engines:
+            return
+        closing = [engines[i].close.remote() for i in sorted(idle)]
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=_CLOSE_GRACE_S)
+        for engine in engines:
+            ray.kill(engine)
+        logger.info("sampling: stopped %d vLLM engine(s)", len(engines))
 
 
-def _stop_engines(engines: list, idle: list) -> None:
-    """Close idle engines' vLLM cores cleanly, then kill every engine actor. A busy engine
-    (timeout, driver interrupted) would only answer after its request, so it is killed as is."""
-    import ray
-
-    if idle:
-        closing = [engine.close.remote() for engine in idle]
-        ray.wait(closing, num_returns=len(closing), timeout=_CLOSE_GRACE_S)
-    for engine in engines:
-        ray.kill(engine)
-    logger.info("sampling: stopped %d vLLM engine(s)", len(engines))
+def sample_candidates(policy: str, prompts: list[str], cfg: SamplingConfig, seed: int, timeout_s: float | None = None,
+                      trust_remote_code: bool = False, token_logps: bool = False) -> Samples:
+    """One sampling call on engines started for it and stopped after it (`EnginePool.sample`)."""
+    with EnginePool(cfg.model_copy(update={"engine_mode": "restart"}), trust_remote_code) as pool:
+        return pool.sample(policy, prompts, seed, timeout_s, token_logps)

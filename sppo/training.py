@@ -324,10 +324,12 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
+    entered = time.time()  # wall clock: the driver's submit time is on the same clock
     import deepspeed
     import ray.train
     import torch.distributed as dist
     from transformers import AutoConfig, AutoTokenizer
+    imported = time.time()
 
     cfg = TrainConfig.model_validate(config["cfg"])
     rows, policy_dir = config["rows"], local_model(config["policy_dir"])  # from shared storage if a URI
@@ -350,6 +352,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     probs = torch.tensor([[r["chosen_probs_win"], r["chosen_probs_lose"], r["chosen_probs"]] for r in rows])
     per_epoch = steps_per_epoch(len(rows), cfg)
     total_steps = per_epoch * cfg.epochs
+    encoded = time.monotonic()
 
     engine, hf_ds_config = _load_engine(policy_dir, cfg, total_steps, remote_code)
     # The checkpoint is saved in the dtype the policy came in, whatever the training dtype.
@@ -445,7 +448,11 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     trained = time.monotonic()
     _publish_checkpoint(engine, rank, policy_dir, config["checkpoint_dir"], save_dtype)
-    timings = {"setup": loaded - started, "reference_logps": referenced - loaded, "train_steps": trained - referenced,
+    # worker_start: from fit() to this function (Ray Train's controller, the workers' processes,
+    # the process group); setup = data (tokenize the pairs) + model_load (weights into ZeRO-3).
+    timings = {"worker_start": entered - config["submitted_at"], "imports": imported - entered,
+               "setup": loaded - started, "data": encoded - started, "model_load": loaded - encoded,
+               "reference_logps": referenced - loaded, "train_steps": trained - referenced,
                "checkpoint_save": time.monotonic() - trained}
     engine.destroy()
     del hf_ds_config
@@ -634,6 +641,7 @@ def train_policy(
             "deadline": time.time() + timeout_s if timeout_s is not None else math.inf,
             "timeout_s": timeout_s,
             "trust_remote_code": trust_remote_code,
+            "submitted_at": time.time(),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources

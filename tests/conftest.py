@@ -97,7 +97,7 @@ def demo(tmp_path_factory):
     home, output_dir = root / "home", root / "run"
     home.mkdir()
     stack = LocalStack(root / "stack", ray_port=free_port(), dashboard_port=free_port(),
-                       mlflow_port=free_port(), num_cpus=2)
+                       mlflow_port=free_port())
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_AUTH_TOKEN", "SPPO_", "HF_HOME", "XDG_"))}
     env.update(HOME=str(home), **SECRETS)

@@ -82,7 +82,8 @@ def test_make_bench_smoke_writes_every_key(tmp_path, capsys):
     has_trl = importlib.util.find_spec("trl") is not None
     path = main(["--size", "smoke", "--out", str(tmp_path / "latest.json")])
     results = json.loads(path.read_text())
-    keys = ["judge_ratio", "train_ratio_vs_online_ref", "sample_ratio_vs_sequential", "sample_overhead_vs_bare"]
+    keys = ["judge_ratio", "train_ratio_vs_online_ref", "sample_ratio_vs_sequential", "sample_overhead_vs_bare",
+            "iteration_ratio"]
     for key in keys + (["train_ratio_vs_trl"] if has_trl else []):
         assert np.isfinite(results[key]), key
     assert set(results["benchmarks"]) == {"judge", "train", "sample", "iteration"}
@@ -119,9 +120,15 @@ def test_make_bench_smoke_writes_every_key(tmp_path, capsys):
     assert (seqs["actor"], seqs["bare"]) == (expected, expected) and seqs["vllm_default"] >= 1
     assert sample["ratio_vs_vllm_default_max_num_seqs"] > 0
     assert sample["runs"]["ours_token_logps"]["tokens_per_s"] > 0 and np.isfinite(results["sample_logprobs_overhead"])
-    stages = results["benchmarks"]["iteration"]["results"]["stage_seconds"]
-    for stage in ("sampling", "engine_start", "judging", "training", "training/reference_logps",
-                  "training/train_steps", "training/checkpoint_save", "tracking"):
-        assert stages[f"time/{stage}_s"] > 0, stage
+    # One iteration both ways: restart starts an engine for sampling and for pi_0's and pi_1's
+    # held-out samples, resident one for all three.
+    iteration = results["benchmarks"]["iteration"]["results"]
+    assert {mode: side["engine_starts"] for mode, side in iteration["sides"].items()} == {"restart": 3, "resident": 1}
+    for side in iteration["sides"].values():
+        for stage in ("sampling", "sampling/engine_start", "judging", "training", "training/worker_start",
+                      "training/model_load", "training/reference_logps", "training/train_steps",
+                      "training/checkpoint_save", "evaluation", "tracking"):
+            assert side["stage_seconds"][f"time/{stage}_s"] > 0, stage
+    assert np.isfinite(results["iteration_ratio"]) and results["iteration_ratio"] > 0
     out = capsys.readouterr().out
     assert out.count("\nratio=") == 3  # judge, train, sample each end with their ratio line

@@ -72,6 +72,16 @@ def test_three_iterations_then_resume(demo, tmp_path):
         found = {m["key"]: m["value"] for m in runs[f"iter-{t}"]["data"]["metrics"]}
         assert found["eval/win_rate_vs_base_ci_low"] <= vs_base[t - 1] <= found["eval/win_rate_vs_base_ci_high"]
         assert {"eval/win_rate_vs_prev", "eval/mean_response_chars"} <= set(found)
+    # One vLLM engine (sampling.num_engines=1) started for the whole job: every later sampling
+    # and evaluation ran on it, loading pi_1, pi_2 and pi_3 in place, one load an iteration.
+    found = {t: {m["key"]: m["value"] for m in runs[f"iter-{t}"]["data"]["metrics"]} for t in (1, 2, 3)}
+    starts = [found[t]["sampling/engine_starts"] + found[t]["eval/engine_starts"] for t in (1, 2, 3)]
+    assert starts == [1, 0, 0], starts
+    # Evaluation loaded pi_t; iteration t+1 sampled from it without another load.
+    assert all(found[t]["time/sampling/weights_load_s"] == 0 for t in (1, 2, 3))
+    assert demo.log.count("sampling: starting 1 vLLM engine(s)") == 1
+    loads = re.findall(r"sampling: vLLM engine\(s\) loaded (\S+) in", demo.log)
+    assert loads == [str(output_dir / f"iter-{t}" / "checkpoint") for t in (1, 2, 3)], loads
     series = rest(stack, "metrics/get-history", {"run_id": record["parent_run_id"],
                                                  "metric_key": "eval/win_rate_vs_base"})["metrics"]
     assert sorted((m["step"], m["value"]) for m in series) == list(zip((1, 2, 3), vs_base))

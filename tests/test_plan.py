@@ -43,7 +43,7 @@ def test_a_stage_that_does_not_fit_is_named_with_its_config_fields():
     assert problems[0].startswith("stage 'sampling' does not fit") and "sampling.num_engines=8" in problems[0]
     assert "sampling.gpus_per_engine=1" in problems[0] and "can place 4" in problems[0]
     assert problems[1].startswith("stage 'training' does not fit") and "train.num_workers=8" in problems[1]
-    judge_cpus = check_fit(resource_plan(config("tiny.yaml", **{"judge.num_cpus": 3})), parse_node("CPU=2"))
+    judge_cpus = check_fit(resource_plan(config("tiny.yaml", **{"judge.num_cpus": 3})), parse_node("CPU=3"))
     assert len(judge_cpus) == 1 and "stage 'judging'" in judge_cpus[0] and "judge.num_cpus=3" in judge_cpus[0]
 
 
@@ -63,7 +63,20 @@ def test_fractional_demands_and_cpu_only_stages():
     sampling = resource_plan(cfg)[0]
     assert placeable(sampling, {"CPU": 2.0}) == 4 and placeable(sampling, {"CPU": 1.9}) == 3
     assert placeable(sampling, {"GPU": 8.0}) == 0  # it asks for CPUs, and this node has none
-    assert check_fit(resource_plan(config("tiny.yaml")), [{"CPU": 2.0}]) == []
+    assert check_fit(resource_plan(config("tiny.yaml")), [{"CPU": 3.0}]) == []
+
+
+def test_kept_engines_hold_their_resources_while_later_stages_run():
+    # tiny: one resident engine (1 CPU) stays through training (2 workers x 1 CPU).
+    kept = resource_plan(config("tiny.yaml"))
+    assert kept[0].kept and not kept[1].kept and not kept[2].kept
+    [problem] = check_fit(kept, parse_node("CPU=2"))
+    assert problem.startswith("stage 'training' does not fit") and "can place 1" in problem
+    assert "beside the kept vLLM engines: sampling.cpus_per_engine=1" in problem
+    assert "sampling.engine_mode=restart" in problem
+    assert check_fit(resource_plan(config("tiny.yaml", **{"sampling.engine_mode": "restart"})), parse_node("CPU=2")) == []
+    # Two nodes: the engine takes one CPU of the first, training still fits over both.
+    assert check_fit(kept, parse_node("2x CPU=2")) == []
 
 
 def test_tensor_parallel_engines_need_as_many_gpus():

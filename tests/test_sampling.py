@@ -20,9 +20,11 @@ import pytest
 from sppo.chat import render_prompt_ids
 from sppo.config import SamplingConfig
 from sppo.sampling import (
+    EnginePool,
     Samples,
     engine_env,
     engine_kwargs,
+    engine_mode,
     sample_candidates,
     sampling_params_kwargs,
     shard,
@@ -88,6 +90,20 @@ def test_engine_kwargs_map_the_config_and_seed():
     assert "max_num_seqs" not in engine_kwargs("/models/pi_1", SamplingConfig(max_num_seqs=None), seed=0)
     assert "max_model_len" not in engine_kwargs("/models/pi_1", SamplingConfig(), seed=0)
     assert engine_kwargs("/models/pi_1", cfg, seed=7, trust_remote_code=True)["trust_remote_code"] is True
+
+
+@pytest.mark.parametrize("asked,gpus,runs", [
+    ("auto", 0.0, "resident"), ("auto", 1.0, "restart"), ("resident", 1.0, "resident"),
+    ("sleep", 1.0, "sleep"), ("sleep", 0.0, "restart"),  # vLLM's sleep mode is CUDA only
+    ("restart", 0.0, "restart"), ("restart", 1.0, "restart"),
+])
+def test_engine_mode_keeps_engines_on_cpus_and_restarts_them_on_gpus_unless_asked(asked, gpus, runs):
+    assert engine_mode(SamplingConfig(engine_mode=asked, gpus_per_engine=gpus)) == runs
+
+
+def test_only_sleep_mode_asks_vllm_for_it():
+    assert engine_kwargs("/m", SamplingConfig(), seed=0, sleep_mode=True)["enable_sleep_mode"] is True
+    assert "enable_sleep_mode" not in engine_kwargs("/m", SamplingConfig(), seed=0)
 
 
 def test_engine_env_bounds_the_cpu_kv_cache_and_keeps_the_engine_core_in_process():
@@ -341,3 +357,55 @@ def test_a_killed_engine_is_restarted_and_its_shard_retried(ray_cluster, tiny_po
     assert all(len(c) == cfg.k for c in samples.candidates)
     assert samples.prompt_token_ids == render_prompt_ids(tokenizer, prompts)  # none missing, none twice
     assert _wait_for_cpus(ray_cluster, total_cpus) == total_cpus
+
+
+@pytest.fixture(scope="module")
+def other_policy_dir(tiny_policy_dir, tmp_path_factory) -> str:
+    """The tiny policy with every weight re-drawn: same shapes and tokenizer, other samples."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("other-policy")
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_policy_dir).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.slow
+def test_kept_engines_load_each_policy_in_place_and_a_restarted_one_loads_the_current(
+        ray_cluster, tiny_policy_dir, other_policy_dir):
+    """One resident engine samples pi_a, then pi_b (loaded in place), then pi_a again; then it is
+    SIGKILLed while sampling pi_b. Every call must equal what a fresh engine started on that
+    policy draws with the same seed: the reload takes the new weights (not cached ones), reuse
+    changes nothing, and the engine Ray restarts (on the pool's first policy, pi_a) loads pi_b
+    before it retries the call. At temperature 1 and top_p 1, equal draws need equal seeds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sppo.tiny.policy import bundled_prompts
+    from tests.processes import wait_for_titled, wait_gone
+
+    prompts = bundled_prompts()[:64]  # a few seconds of generation to land the kill in
+    cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1, "max_tokens": 32, "top_p": 1.0,
+                                         "engine_mode": "resident"})
+    fresh_b = sample_candidates(other_policy_dir, prompts, cfg, seed=5)
+    with EnginePool(cfg) as pool, ThreadPoolExecutor(1) as thread:
+        first_a = pool.sample(tiny_policy_dir, prompts, seed=5)
+        b = pool.sample(other_policy_dir, prompts, seed=5)
+        again_a = pool.sample(tiny_policy_dir, prompts, seed=5)
+        assert (first_a.engine_starts, b.engine_starts, again_a.engine_starts) == (1, 0, 0)
+        assert first_a.weights_load_s == 0.0 and b.weights_load_s > 0.0
+        sampling = thread.submit(pool.sample, other_policy_dir, prompts, 5)
+        victim = wait_for_titled([os.getpid()], "ray::VLLMEngine.generate", still_running=lambda: not sampling.done())
+        victim.kill()
+        assert not wait_gone([victim], timeout_s=30)
+        after_kill = sampling.result(timeout=900)
+        assert pool.starts == 2  # the first start and Ray's restart
+    assert b.candidates != first_a.candidates  # the two policies differ
+    assert b.candidates == fresh_b.candidates
+    assert again_a.candidates == first_a.candidates
+    assert after_kill.candidates == fresh_b.candidates and after_kill.engine_starts == 1

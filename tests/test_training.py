@@ -302,6 +302,11 @@ def test_steps_schedule_and_metrics(trained):
     logged = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
     assert [m.step for m in logged] == [1, 2, 3, 4]
     assert [m.value for m in logged] == pytest.approx(losses)
+    # Where the stage's time went, the start of Ray Train's worker group included.
+    phases = {"worker_start", "imports", "setup", "data", "model_load", "reference_logps", "train_steps",
+              "checkpoint_save"}
+    assert set(result.timings) == phases and all(s >= 0 for s in result.timings.values())
+    assert result.timings["setup"] == pytest.approx(result.timings["data"] + result.timings["model_load"], abs=0.1)
 
 
 @pytest.mark.slow

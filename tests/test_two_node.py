@@ -34,12 +34,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 NODE_CPUS = 2
 # Two iterations (the second reads pi_1 from storage), few prompts, short answers, no held-out
-# evaluation; each engine and worker needs a whole node's CPUs.
+# evaluation; each engine and worker needs a whole node's CPUs, so the engines restart per stage
+# (kept ones would leave no CPU for training): each iteration starts them anew, on both nodes.
 ITERATIONS = 2
 RUN_ARGS = (
     "--iters", str(ITERATIONS),
     "--set", "prompts.per_iteration=16", "--set", "sampling.max_tokens=16", "--set", "prompts.eval_size=0",
     "--set", "sampling.num_engines=2", "--set", f"sampling.cpus_per_engine={NODE_CPUS}",
+    "--set", "sampling.engine_mode=restart",
     "--set", "train.num_workers=2", "--set", f"train.cpus_per_worker={NODE_CPUS}",
 )
 # Ray starts its workers at nice 15. Both nodes share this machine's 2 cores with the test
