@@ -65,7 +65,7 @@ def _job(stack, out: Path, mode: str, setting: dict) -> dict:
         for key, value in metrics.items():
             if key.startswith("time/"):
                 stages[key] = stages.get(key, 0.0) + value
-        starts += int(metrics.get("sampling/engine_starts", 0) + metrics.get("eval/engine_starts", 0))
+        starts += int(metrics.get("sampling/engine_starts", 0) + metrics.get("evaluation/engine_starts", 0))
     return {"job_wall_s": wall.seconds, "engine_starts": starts, "iterations": len(runs),
             "stage_seconds": dict(sorted(stages.items()))}
 

@@ -64,7 +64,10 @@ class SamplingConfig(_Strict):
     cpus_per_engine: float = Field(default=1.0, ge=0.0)
     gpus_per_engine: float = Field(default=0.0, ge=0.0)
     tensor_parallel_size: int = Field(default=1, ge=1)
-    dtype: str = "auto"
+    # The engines' weights and activations. float32: their sampled-token log-probs equal the
+    # trainer's float32 values to 1e-5 (train.reference_logps: sampler). The GPU configs take
+    # bfloat16; auto is vLLM's choice (bfloat16 for a float32 checkpoint on CPUs).
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     max_model_len: int | None = Field(default=None, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     # Sequences an engine decodes at once (vLLM's max_num_seqs), up to what its KV cache holds;

@@ -123,7 +123,7 @@ def evaluate(cfg: RunConfig, out: Path, t: int, policies: dict[int, str], judge:
         **win_rate_metrics("win_rate_vs_base", win_rate(vs_base, cfg.eval)),
         **win_rate_metrics("win_rate_vs_prev", win_rate(vs_prev, cfg.eval)),
         **response_length_metrics([r["candidates"] for r in rows[t]]),
-        "eval/engine_starts": engines.starts - starts_before,
+        "evaluation/engine_starts": engines.starts - starts_before,
     }
     judged = [{"prompt": p, "candidates": c, "policies": [g for g in groups for _ in range(k)],
                "win_matrix": np.asarray(m).tolist(), "win_rate_vs_base": b, "win_rate_vs_prev": v}

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from sppo.config import ConfigError, load_config, parse_override
+from sppo.logs import LOG_FORMAT, THIRD_PARTY_LOG, VERBOSE_ENV, job_runtime_env, quiet_driver, verbose
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print each stage's resources (engines, judge, training workers), check them against "
                         "the running cluster (or the --node descriptions) and exit without running anything: "
                         "0 fits, 1 does not fit, 2 nothing to check against")
+    parser.add_argument("--verbose", action="store_true",
+                        help="stream the engines', judge's and trainers' third-party output (vLLM, DeepSpeed, "
+                        "transformers) into the job's log too; by default it goes to sppo-third-party-<pid>.log "
+                        "files beside Ray's worker logs (also SPPO_VERBOSE=1)")
     parser.add_argument("--node", dest="nodes", action="append", default=[], metavar="[Nx] RES=N,...",
                         help="with --plan: describe the cluster instead of connecting to one, e.g. "
                         "--node '2x CPU=96,GPU=8' (repeatable, one description per node type)")
@@ -48,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    quiet_driver()
     try:
         overrides = dict(parse_override(text) for text in args.overrides)
         if args.iters is not None:
@@ -78,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from sppo.tracking import run_links
 
-    ray.init()
+    ray.init(runtime_env=job_runtime_env())
+    if not verbose():
+        logging.getLogger("sppo").info("third-party output of the job's actors goes to %s files in Ray's "
+                                       "log directory (--verbose streams it here)",
+                                       THIRD_PARTY_LOG.format(pid="<pid>"))
     checkpoints = run_sppo(cfg, resume_from=args.resume_from, force=args.force)
     print("SPPO finished. Checkpoints:")
     for t, path in enumerate(checkpoints, start=1):

@@ -31,6 +31,7 @@ from typing import TypeVar
 
 from sppo.chat import render_prompt_ids
 from sppo.config import SamplingConfig
+from sppo.progress import LoggedProgress
 from sppo.storage import local_model
 
 logger = logging.getLogger("sppo.sampling")
@@ -225,8 +226,8 @@ class VLLMEngine:
         params = SamplingParams(**sampling_params_kwargs(self._cfg, token_logps))
         prompt_ids = render_prompt_ids(self._tokenizer, prompts)
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
-        # vLLM's own progress line (done/total prompts, rate, ETA) goes to the job log.
-        outputs = self._llm.generate(requests, params, use_tqdm=True)  # in request order
+        # vLLM's progress (done/total prompts, rate, ETA) as our log lines, every 30 s.
+        outputs = self._llm.generate(requests, params, use_tqdm=LoggedProgress)  # in request order
         completions = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
         if params.detokenize:
             texts = [[c.text for c in cands] for cands in completions]
@@ -349,7 +350,8 @@ class EnginePool:
         count = count if self.mode == "restart" else self.cfg.num_engines
         self._engines = [engine_cls.remote(policy, self.cfg, self._trust_remote_code, self.mode == "sleep")
                          for _ in range(count)]
-        logger.info("sampling: starting %d vLLM engine(s) on %s (engine_mode %s)", count, policy, self.mode)
+        logger.info("sampling: starting %d vLLM engine(s) on %s (engine_mode %s, dtype %s)", count, policy,
+                    self.mode, self.cfg.dtype)
 
     def _stop(self, idle: set[int]) -> None:
         """Close idle engines' vLLM cores cleanly, then kill every engine actor. A busy engine

@@ -36,7 +36,7 @@ from sppo.losses import (
     sequence_wpo_logweights,
     wpo_pair_weights,
 )
-from sppo.progress import progress
+from sppo.progress import PROGRESS_EVERY_S, progress
 from sppo.storage import is_local_path, is_uri, local_model, upload_dir
 
 logger = logging.getLogger("sppo.training")
@@ -376,7 +376,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         logger.info("reference log-probs of %d pairs (%s) in %.1fs", len(pairs), cfg.reference_logps,
                     time.monotonic() - loaded)
-    referenced = time.monotonic()
+    referenced = reported = time.monotonic()
 
     loss_fn, loss_params = get_loss(cfg.loss), LossParams(beta=cfg.beta, gamma=cfg.simpo_gamma)
     tracker = _MlflowTracker(config["mlflow_tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
@@ -443,8 +443,10 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
             history.append(metrics)
             if tracker is not None:
                 tracker.log(metrics, step)
-                logger.info("training: %s, loss %.4g, lr %.3g", progress(step, total_steps,
-                            time.monotonic() - referenced, "steps"), loss, learning_rate)
+                if step in (1, total_steps) or time.monotonic() - reported >= PROGRESS_EVERY_S:
+                    logger.info("training: %s, loss %.4g, lr %.3g", progress(step, total_steps,
+                                time.monotonic() - referenced, "steps"), loss, learning_rate)
+                    reported = time.monotonic()
 
     trained = time.monotonic()
     _publish_checkpoint(engine, rank, policy_dir, config["checkpoint_dir"], save_dtype)

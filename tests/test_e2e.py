@@ -27,6 +27,18 @@ def test_three_iterations_then_resume(demo, tmp_path):
     assert token.stat().st_mode & 0o077 == 0 and f"Ray: created a token for token auth in {token}" in demo.log
     assert "SPPO finished" in demo.log and "MLflow runs:" in demo.log
     assert_no_secrets("the demo's output and job log", demo.log)
+    # The job's log tells the story in our own lines; vLLM's, DeepSpeed's and torch's output is
+    # in the actors' third-party logs beside Ray's worker logs, not streamed.
+    job_log = demo.log[demo.log.index("=== iteration 1/3"):demo.log.index("SPPO finished")]
+    for noise in ("Attempted to load weight", "FutureWarning", "deepspeed_shm_comm_op", "Processed prompts",
+                  "Loading safetensors", "Initializing a V1 LLM engine"):
+        assert noise not in job_log, noise
+    for noise in ("mlflow.system_metrics", "View run", "Writing model shards"):  # the driver's own third parties
+        assert noise not in job_log, noise
+    assert len(job_log.splitlines()) <= 3 * 30, job_log  # a few dozen lines an iteration
+    third_party = list((stack.ray_temp_dir / "session_latest" / "logs").glob("sppo-third-party-*.log"))
+    assert any("Initializing a V1 LLM engine" in path.read_text() for path in third_party), third_party
+    assert "engine_mode resident, dtype float32" in demo.log
 
     record = json.loads((output_dir / "run.json").read_text())
     parent = rest(stack, "runs/get", {"run_id": record["parent_run_id"]})["run"]
@@ -75,7 +87,7 @@ def test_three_iterations_then_resume(demo, tmp_path):
     # One vLLM engine (sampling.num_engines=1) started for the whole job: every later sampling
     # and evaluation ran on it, loading pi_1, pi_2 and pi_3 in place, one load an iteration.
     found = {t: {m["key"]: m["value"] for m in runs[f"iter-{t}"]["data"]["metrics"]} for t in (1, 2, 3)}
-    starts = [found[t]["sampling/engine_starts"] + found[t]["eval/engine_starts"] for t in (1, 2, 3)]
+    starts = [found[t]["sampling/engine_starts"] + found[t]["evaluation/engine_starts"] for t in (1, 2, 3)]
     assert starts == [1, 0, 0], starts
     # Evaluation loaded pi_t; iteration t+1 sampled from it without another load.
     assert all(found[t]["time/sampling/weights_load_s"] == 0 for t in (1, 2, 3))

@@ -73,7 +73,7 @@ def test_evaluate_judges_new_against_previous_and_base_samples_already_drawn(tmp
     assert metrics["eval/win_rate_vs_base"] > 0.99
     assert 0.7 < metrics["eval/win_rate_vs_prev"] < 0.8  # ties with "words", beats the noise
     assert metrics["eval/mean_response_chars"] == 10.0 and metrics["eval/prompts"] == 3
-    assert metrics["eval/engine_starts"] == 0
+    assert metrics["evaluation/engine_starts"] == 0
     assert rows[0]["policies"] == [2, 2, 1, 1, 0, 0] and len(rows[0]["win_matrix"]) == 6
     # Samples of other prompts are not silently reused.
     with pytest.raises(ValueError, match="not the current held-out prompts"):

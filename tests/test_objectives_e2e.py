@@ -31,6 +31,8 @@ def test_objective_config_runs_end_to_end(live_stack, tmp_path, objective):
     out = tmp_path / objective
     done = submit(live_stack, out, config=f"configs/tiny-{objective}.yaml")
     assert "SPPO finished" in done.stdout
+    # vLLM's own lines stay in the engine's third-party log, out of the job's.
+    assert "Initializing a V1 LLM engine" not in done.stdout and "sampling: starting 1 vLLM engine" in done.stdout
 
     record = json.loads((out / "run.json").read_text())
     assert rest(live_stack, "runs/get", {"run_id": record["parent_run_id"]})["run"]["info"]["status"] == "FINISHED"
@@ -83,9 +85,11 @@ def test_reference_from_the_sampler_runs_end_to_end(live_stack, tmp_path):
     them as pi_ref. At step 1 pi_theta is pi_t, so the IPO loss is (0 - 1)^2 = 1 to the
     precision at which vLLM's float32 log-probs equal the ZeRO-3 trainer's."""
     out = tmp_path / "sampler-reference"
-    done = submit(live_stack, out, "--set", "train.reference_logps=sampler", "--set", "sampling.dtype=float32",
+    # float32, the default engine dtype; --verbose streams the actors' third-party output too.
+    done = submit(live_stack, out, "--set", "train.reference_logps=sampler", "--verbose",
                   config="configs/tiny-ipo.yaml")
     assert "SPPO finished" in done.stdout
+    assert "Initializing a V1 LLM engine" in done.stdout and "dtype=torch.float32" in done.stdout
     record = json.loads((out / "run.json").read_text())
     run = nested_runs(live_stack, record["experiment_id"], record["parent_run_id"])["iter-1"]
     params = {p["key"]: p["value"] for p in run["data"]["params"]}

@@ -116,8 +116,8 @@ def test_cli_prints_the_plan_and_exits_by_fit(tmp_path):
 
 @pytest.mark.slow
 def test_plan_against_the_running_cluster(ray_cluster):
-    nodes = cluster_nodes()  # the fixture's cluster: one node with 2 CPUs
-    assert len(nodes) == 1 and nodes[0]["CPU"] == 2.0
+    nodes = cluster_nodes()  # the fixture's cluster: one node with 3 CPUs
+    assert len(nodes) == 1 and nodes[0]["CPU"] == 3.0
     assert ray_cluster.is_initialized()  # reading the cluster leaves the connection as it was
     assert check_fit(resource_plan(config("tiny.yaml")), nodes) == []
     problems = check_fit(resource_plan(config("tiny.yaml", **{"train.num_workers": 3})), nodes)

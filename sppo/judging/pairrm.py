@@ -27,13 +27,12 @@ import numpy as np
 from sppo.config import JudgeConfig
 from sppo.judging.actor import actor_judge, check_inputs
 from sppo.judging.llm_blender_compat import import_llm_blender
-from sppo.progress import progress
+from sppo.progress import PROGRESS_EVERY_S, progress
 from sppo.storage import local_model
 
 log = logging.getLogger("sppo.judging")
 
 # Seconds between progress lines while judging.
-PROGRESS_EVERY_S = 10.0
 
 
 def ordered_pairs(k: int) -> list[tuple[int, int]]:
