@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,8 +31,9 @@ from sppo.model_card import card_summary, registry_tags, write_card
 from sppo.pairs import hybrid_candidates, training_rows
 from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
 from sppo.sampling import EnginePool, Samples
-from sppo.storage import (RUN_CONFIG_FILE, IterationDir, SharedStorage, StorageError, atomic_write_parquet,
-                          atomic_write_text, local_model, read_parquet)
+from sppo.preflight import preflight
+from sppo.storage import (RUN_CONFIG_FILE, IterationDir, SharedStorage, atomic_write_parquet, atomic_write_text,
+                          local_model, read_parquet)
 from sppo.tracking import Tracker, sample_table
 from sppo.training import train_policy
 
@@ -55,7 +55,8 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, p
         train_stage(cfg, rec, policy)           # pi_{t+1} = argmin SPPO loss, ref = pi_t
     else:  # trained by an earlier attempt: its per-step curve goes into this run too
         rec.tracker.log_history(rec.run_id, json.loads(it.train_history.read_text()))
-    if (heldout := heldout_prompts(cfg.prompts)) and not eval_judgments_path(it.root, it.iteration).exists():
+    if not eval_judgments_path(it.root, it.iteration).exists() and (
+            heldout := heldout_prompts(cfg.prompts, too_long=too_long_filter(cfg, cfg.policy.path))):
         evaluation_stage(cfg, rec, engines, policy, judge, heldout)  # pi_{t+1} vs pi_t and pi_0
     with rec.stage("tracking"):
         rec.log_outputs()
@@ -67,9 +68,8 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, p
 
 
 def sample_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: str) -> None:
-    it, t, remote_code = rec.it, rec.it.iteration, cfg.policy.trust_remote_code
-    selection = iteration_prompts(cfg.prompts, t, too_long=prompt_length_filter(
-        AutoTokenizer.from_pretrained(local_model(policy), trust_remote_code=remote_code), cfg.train.max_prompt_length))
+    it, t = rec.it, rec.it.iteration
+    selection = iteration_prompts(cfg.prompts, t, too_long=too_long_filter(cfg, policy))
     rec.record({f"prompts/{k}": v for k, v in selection.counts.items()})
     prompts, token_logps = selection.prompts, cfg.train.reference_logps == "sampler"
     with rec.stage("sampling", samples=it.samples):
@@ -124,6 +124,12 @@ def train_stage(cfg: RunConfig, rec: "IterationRecord", policy: str) -> None:
                 **{f"time/training/{phase}_s": s for phase, s in result.timings.items()}})
 
 
+def too_long_filter(cfg: RunConfig, policy: str):
+    """Is a prompt, rendered with the policy's chat template, over train.max_prompt_length tokens?"""
+    tokenizer = AutoTokenizer.from_pretrained(local_model(policy), trust_remote_code=cfg.policy.trust_remote_code)
+    return prompt_length_filter(tokenizer, cfg.train.max_prompt_length)
+
+
 def sampled_tokens(samples_path: Path) -> tuple[list, list]:
     """Every candidate's token ids and log-probs as the sampling stage recorded them."""
     sampled = read_parquet(samples_path)
@@ -140,30 +146,6 @@ def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool
     policies = {0: cfg.policy.path, t - 1: rec.for_workers(policy), t: rec.for_workers(str(it.checkpoint))}
     with rec.stage("evaluation", eval_judgments=eval_judgments_path(it.root, t)):
         rec.publish(eval_judgments_path(it.root, t), *evaluate(cfg, it.root, t, policies, judge, heldout, engines))
-
-
-def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = False,
-              storage: SharedStorage | None = None) -> RunManifest:
-    """Checks that need no cluster: readable local models, a writable output directory (and
-    storage, whose run output_dir is then made equal to), a --resume-from that can be honoured
-    and an unchanged lineage (recorded on first use)."""
-    out = Path(cfg.output_dir).resolve()
-    for field, spec in (("policy.path", cfg.policy.path), ("judge.path", cfg.judge.model_path)):
-        if spec is not None:
-            check_model_dir(field, spec)
-    if storage is not None:  # output_dir first becomes what the storage holds
-        check_writable(out)
-        try:
-            storage.check_writable()
-            storage.sync_down()
-        except StorageError as err:
-            raise PreflightError(str(err)) from err
-    if resume_from is not None:
-        check_resume(out, resume_from, cfg.iterations)
-    check_writable(out)
-    manifest = RunManifest(out)
-    manifest.check_lineage(cfg, force=force)
-    return manifest
 
 
 def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False) -> list[Path]:
@@ -206,40 +188,6 @@ def _run_iterations(cfg: RunConfig, out: Path, manifest: RunManifest, storage: S
         engines.close()
         tracker.finish_parent(status)
     return [IterationDir(out, t).checkpoint for t in range(1, cfg.iterations + 1)]
-
-
-class PreflightError(ValueError):
-    """A precondition of the run that does not hold (models, output directory, --resume-from)."""
-
-
-def check_model_dir(field: str, spec: str) -> None:
-    """A local model path (absolute, ./ or ~) must be a readable model directory; hub ids and
-    tiny: models are resolved later."""
-    if not spec.startswith(("/", "./", "../", "~")):
-        return
-    path = Path(spec).expanduser()
-    if not (path / "config.json").is_file():
-        raise PreflightError(f"{field}: {path} is not a readable model directory (no config.json)")
-
-
-def check_writable(out: Path) -> None:
-    # Trying beats os.access: root passes permission checks that a read-only mount still fails.
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
-            pass
-    except OSError as err:
-        raise PreflightError(f"output_dir: {out} is not writable: {err.strerror or err}") from err
-
-
-def check_resume(out: Path, resume_from: int, iterations: int) -> None:
-    if not 1 <= resume_from <= iterations:
-        raise PreflightError(f"--resume-from {resume_from}: must be between 1 and the number of iterations ({iterations})")
-    if resume_from > 1 and not IterationDir(out, resume_from - 1).trained:
-        raise PreflightError(
-            f"--resume-from {resume_from}: iteration {resume_from - 1}'s checkpoint "
-            f"{IterationDir(out, resume_from - 1).checkpoint} is missing or incomplete"
-        )
 
 
 def first_unfinished_iteration(out: Path, tracker: Tracker, iterations: int) -> int:

@@ -22,6 +22,7 @@ from sppo.config import RunConfig
 from sppo.sampling import engine_mode
 from sppo.training import worker_resources
 
+JUDGE_ROLES = {"pairrm": "PairRM judge", "reward_model": "reward-model judge", "rule": "rule judge"}
 # Floating-point slack when dividing capacities by fractional demands (e.g. 0.1 CPU).
 _EPS = 1e-9
 
@@ -65,7 +66,7 @@ def resource_plan(cfg: RunConfig) -> list[StagePlan]:
             kept=engine_mode(s) != "restart",
         ),
         StagePlan(
-            "judging", "PairRM judge", 1, j.num_cpus, j.num_gpus,
+            "judging", JUDGE_ROLES[j.kind], 1, j.num_cpus, j.num_gpus,
             {"count": "judge", "CPU": f"judge.num_cpus={j.num_cpus:g}", "GPU": f"judge.num_gpus={j.num_gpus:g}"},
             f"batch_size={j.batch_size}",
         ),

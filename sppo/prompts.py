@@ -53,8 +53,11 @@ def _load(cfg: PromptsConfig, iteration: int | None = None, split: str | None = 
         raw = _read_column(source, split, cfg.column)
     seen: set[str] = set()
     prompts, empty = [], 0
-    for text in raw:
-        if not isinstance(text, str) or not text.strip():
+    for row, text in enumerate(raw):
+        if text is not None and not isinstance(text, str):
+            raise PromptSourceError(f"prompts.source {source}: row {row} of column {cfg.column!r} (prompts.column) "
+                                    f"holds a {type(text).__name__}, not a string")
+        if text is None or not text.strip():
             empty += 1
         elif text not in seen:
             seen.add(text)
@@ -98,14 +101,23 @@ def _read_column(source: str, split: str, column: str, setting: str = "prompts.c
     if source.startswith(HUB_PREFIX):
         import datasets
 
-        return _dataset_column(datasets.load_dataset(source[len(HUB_PREFIX):], split=split), source, column, setting)
+        try:
+            loaded = datasets.load_dataset(source[len(HUB_PREFIX):], split=split)
+        except Exception as err:  # datasets raises many kinds: offline, no such repo or split, ...
+            raise PromptSourceError(f"prompts.source {source}: cannot load split {split!r} (prompts.split): "
+                                    f"{type(err).__name__}: {err}") from err
+        return _dataset_column(loaded, source, column, setting)
     path = Path(source)
     if not path.exists():
         raise PromptSourceError(f"prompts.source: {path} does not exist")
     if path.is_dir():
         import datasets
 
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as err:  # not a saved dataset, or a damaged one
+            raise PromptSourceError(f"prompts.source {path}: not a readable saved-dataset directory "
+                                    f"(datasets.save_to_disk): {type(err).__name__}: {err}") from err
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise PromptSourceError(
@@ -114,20 +126,45 @@ def _read_column(source: str, split: str, column: str, setting: str = "prompts.c
             loaded = loaded[split]
         return _dataset_column(loaded, source, column, setting)
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = _read_jsonl(path)
         if rows and column not in rows[0]:
             raise PromptSourceError(f"prompts.source {path}: no column {column!r} ({setting})")
         return [row.get(column) for row in rows]
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:
+            raise PromptSourceError(f"prompts.source {path}: not a readable parquet file: {err}") from err
         if column not in table.column_names:
             raise PromptSourceError(f"prompts.source {path}: no column {column!r} ({setting})")
         return table.column(column).to_pylist()
     raise PromptSourceError(
         f"prompts.source {path}: unsupported (use .jsonl, .parquet, a saved-dataset directory or hf:<repo>)"
     )
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per non-empty line; a bad line is named by its number."""
+    rows = []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise PromptSourceError(f"prompts.source {path}: cannot read: {err}") from err
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptSourceError(f"prompts.source {path}, line {number}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise PromptSourceError(f"prompts.source {path}, line {number}: expected a JSON object, "
+                                    f"got a {type(row).__name__}")
+        rows.append(row)
+    return rows
 
 
 def _dataset_column(dataset, source: str, column: str, setting: str) -> list:
@@ -151,14 +188,23 @@ def _ready_splits(cfg: PromptsConfig) -> bool:
     return ITERATION_MARK in cfg.source or ITERATION_MARK in cfg.split
 
 
-def heldout_prompts(cfg: PromptsConfig) -> list[str]:
-    """Evaluation prompts: never part of any iteration's training prompts."""
+def heldout_prompts(cfg: PromptsConfig, too_long=None) -> list[str]:
+    """Evaluation prompts: never part of any iteration's training prompts. With `too_long`, those
+    it rejects are left out, as they are from training."""
     if _ready_splits(cfg):
-        return load_prompts(cfg, iteration=1, split=cfg.eval_split) if cfg.eval_split else []
-    pool = load_prompts(cfg)
-    order = list(range(len(pool)))
-    random.Random(cfg.seed).shuffle(order)
-    return [pool[i] for i in order[: cfg.eval_size]]
+        chosen = load_prompts(cfg, iteration=1, split=cfg.eval_split) if cfg.eval_split else []
+    else:
+        pool = load_prompts(cfg)
+        order = list(range(len(pool)))
+        random.Random(cfg.seed).shuffle(order)
+        chosen = [pool[i] for i in order[: cfg.eval_size]]
+    if too_long is None or not chosen:
+        return chosen
+    fitting = [p for p in chosen if not too_long(p)]
+    if not fitting:
+        raise PromptSourceError(f"prompts: all {len(chosen)} held-out prompts (prompts.eval_size / eval_split) are "
+                                "longer than train.max_prompt_length tokens")
+    return fitting
 
 
 def iteration_prompts(cfg: PromptsConfig, iteration: int, too_long=None) -> PromptSelection:

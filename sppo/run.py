@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: Exception) -> str:
+    """A user error as the single line it is reported in (library messages may span several)."""
+    return " ".join(str(err).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
@@ -66,21 +71,24 @@ def main(argv: list[str] | None = None) -> int:
             overrides["output_dir"] = args.output_dir
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    from sppo.controller import run_sppo
+    from sppo.manifest import LineageError
+    from sppo.preflight import PreflightError, check_run, preflight
+
+    try:  # before any cluster or server is touched; --plan writes nothing
+        if args.plan:
+            check_run(cfg, args.resume_from)
+        else:
+            preflight(cfg, args.resume_from, args.force)
+    except (PreflightError, LineageError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     if args.plan:
         from sppo.plan import plan_main
 
         return plan_main(cfg, args.nodes)
-
-    from sppo.controller import PreflightError, preflight, run_sppo
-    from sppo.manifest import LineageError
-
-    try:
-        preflight(cfg, args.resume_from, args.force)  # before any cluster or server is touched
-    except (PreflightError, LineageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
     import ray
 

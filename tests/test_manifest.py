@@ -4,10 +4,16 @@ import json
 import pytest
 
 from sppo.config import load_config
-from sppo.controller import preflight
+from sppo.preflight import preflight
 from sppo.manifest import LineageError, RunManifest, content_hash
 from tests.test_config import CONFIGS
 from tests.test_run_cli import run_cli
+
+
+@pytest.fixture(autouse=True)
+def tracking_store(tmp_path, monkeypatch):
+    """Preflight checks the tracking URI: a local sqlite store (preflight does not create it)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
 
 
 def tiny(tmp_path, **overrides):
@@ -28,9 +34,8 @@ def test_lineage_change_is_refused_unless_forced(tmp_path):
 
 def test_cli_refuses_a_changed_lineage_before_ray_starts(tmp_path):
     preflight(tiny(tmp_path))
-    done = run_cli("--config", "configs/tiny.yaml", "--output-dir", str(tmp_path / "out"),
-                   "--set", "prompts.source=/data/other.jsonl")
-    assert done.returncode == 2 and "prompts.source" in done.stderr and "--force" in done.stderr
+    done = run_cli("--config", "configs/tiny.yaml", "--output-dir", str(tmp_path / "out"), "--set", "sampling.k=3")
+    assert done.returncode == 2 and "sampling.k: 4 -> 3" in done.stderr and "--force" in done.stderr
 
 
 def test_stage_records_hash_outputs(tmp_path):

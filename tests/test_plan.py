@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,10 @@ def test_plan_reads_each_stage_from_the_config():
     assert (training.stage, training.count, training.cpus, training.gpus) == ("training", 8, 4.0, 1.0)
     tiny = resource_plan(config("tiny.yaml"))
     assert [(s.count, s.cpus, s.gpus) for s in tiny] == [(1, 1.0, 0.0), (1, 1.0, 0.0), (2, 1.0, 0.0)]
+    # The judging role is the configured judge's.
+    assert (judging.role, tiny[1].role) == ("PairRM judge", "rule judge")
+    reward = resource_plan(config("tiny.yaml", **{"judge.kind": "reward_model", "judge.path": "tiny:reward"}))
+    assert reward[1].role == "reward-model judge"
 
 
 @pytest.mark.parametrize("name", PRODUCTION)
@@ -95,8 +101,11 @@ def test_node_descriptions():
 
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sppo.run", "--plan", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    """--plan runs the run's checks too: the production configs' hub datasets are not reachable
+    here, so they take the bundled prompts; the tracking store is a sqlite file never created."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tempfile.gettempdir()}/sppo-plan-unused.db"}
+    return subprocess.run([sys.executable, "-m", "sppo.run", "--plan", "--set", "prompts.source=builtin:tiny", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_cli_prints_the_plan_and_exits_by_fit(tmp_path):

@@ -133,3 +133,12 @@ def test_counts_and_length_filter(tmp_path, tiny_policy_dir):
                                 "heldout_dropped": 0, "too_long_dropped": 1, "selected": 2, "heldout": 0}
     with pytest.raises(PromptSourceError, match="all 3 prompts of iteration 1 are longer than train.max_prompt_length"):
         iteration_prompts(cfg, 1, too_long=prompt_length_filter(AutoTokenizer.from_pretrained(tiny_policy_dir), 2))
+
+
+def test_heldout_prompts_are_length_filtered_like_training_prompts():
+    cfg = PromptsConfig(eval_size=40)
+    plain = heldout_prompts(cfg)
+    filtered = heldout_prompts(cfg, too_long=lambda prompt: len(prompt) > 60)
+    assert filtered == [p for p in plain if len(p) <= 60] and 0 < len(filtered) < len(plain)
+    with pytest.raises(PromptSourceError, match="all 40 held-out prompts"):
+        heldout_prompts(cfg, too_long=lambda prompt: True)

@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from sppo.config import RunConfig, load_config
-from sppo.controller import PreflightError, preflight
+from sppo.preflight import PreflightError, preflight
 from sppo.storage import (IterationDir, SharedStorage, atomic_write_parquet, atomic_write_text,
                           local_model, read_parquet, upload_dir)
 

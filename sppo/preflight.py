@@ -1,0 +1,226 @@
+"""Everything about a run that can be known before compute, checked before Ray or MLflow is used.
+
+`check_run` raises `PreflightError` with one line that names the field, file (and line or row)
+at fault and what to do. It writes nothing: a run that fails it leaves no lineage, no MLflow
+run and no state behind, so fixing the input and submitting again in the same output directory
+works. `preflight` (with shared storage, after syncing output_dir from it) runs it, then makes
+the output directory and checks and records the lineage. `python -m sppo.run --plan` runs
+`check_run` too.
+
+Checks, in order: flags (--resume-from), model directories (config, safetensors headers,
+tokenizer, the policy's chat template), the judge's settings for its kind, the output
+directory's state files (`manifest.json`, `run.json`), every iteration's prompts and the
+held-out prompts (readable, strings, enough for one global batch after de-duplication,
+held-out and length filtering), the tracking URI (a supported scheme that answers) and the
+names MLflow validates later (experiment, registered model), then whether output_dir is writable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from sppo.config import RunConfig
+from sppo.manifest import MANIFEST_FILE, RunManifest
+from sppo.prompts import (PromptSourceError, dataset_responses, heldout_prompts, iteration_prompts,
+                          prompt_length_filter)
+from sppo.storage import IterationDir, SharedStorage, StorageError
+from sppo.tracking import RUN_FILE, check_reachable
+
+# MLflow stores a run's records in one of these; anything else fails only when the job logs.
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+# Model ids of the judge kinds, so a judge.path of the other kind is caught before any compute.
+PAIRRM_MODELS = ("tiny:pairrm", "llm-blender/PairRM")
+REWARD_MODELS = ("tiny:reward",)
+
+
+class PreflightError(ValueError):
+    """A precondition of the run that does not hold; the message names the field or file."""
+
+
+def check_run(cfg: RunConfig, resume_from: int | None = None) -> None:
+    """Every check that needs no cluster and writes nothing (see the module's docstring)."""
+    out = Path(cfg.output_dir).resolve()
+    if resume_from is not None:
+        check_resume(out, resume_from, cfg.iterations)
+    check_judge(cfg)
+    policy_dir = check_model_dir("policy.path", cfg.policy.path, cfg.policy.trust_remote_code, chat_template=True)
+    if cfg.judge.model_path is not None:
+        check_model_dir("judge.path", cfg.judge.model_path, cfg.judge.trust_remote_code)
+    check_state_files(out)
+    check_prompts(cfg, policy_dir)
+    check_tracking(cfg)
+    check_writable(out)
+
+
+def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = False,
+              storage: SharedStorage | None = None) -> RunManifest:
+    """`check_run`, then the output directory (and storage, whose run output_dir is then made
+    equal to) and the lineage, refused when changed and recorded on first use."""
+    out = Path(cfg.output_dir).resolve()
+    if storage is not None:  # output_dir first becomes what the storage holds
+        check_writable(out)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            storage.check_writable()
+            storage.sync_down()
+        except StorageError as err:
+            raise PreflightError(str(err)) from err
+    check_run(cfg, resume_from)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = RunManifest(out)
+    manifest.check_lineage(cfg, force=force)  # refused before anything is recorded
+    return manifest
+
+
+def check_resume(out: Path, resume_from: int, iterations: int) -> None:
+    if not 1 <= resume_from <= iterations:
+        raise PreflightError(f"--resume-from {resume_from}: must be between 1 and the number of iterations ({iterations})")
+    if resume_from > 1 and not IterationDir(out, resume_from - 1).trained:
+        raise PreflightError(
+            f"--resume-from {resume_from}: iteration {resume_from - 1}'s checkpoint "
+            f"{IterationDir(out, resume_from - 1).checkpoint} is missing or incomplete"
+        )
+
+
+def check_judge(cfg: RunConfig) -> None:
+    """A judge.path that belongs to the other judge kind (the default path is PairRM's)."""
+    kind, path = cfg.judge.kind, cfg.judge.path
+    if kind == "reward_model" and path in PAIRRM_MODELS:
+        raise PreflightError(f"judge.path: judge.kind 'reward_model' needs a reward model (e.g. tiny:reward or "
+                             f"RLHFlow/ArmoRM-Llama3-8B-v0.1), but judge.path is the PairRM model {path!r}")
+    if kind == "pairrm" and path in REWARD_MODELS:
+        raise PreflightError(f"judge.path: judge.kind 'pairrm' needs a PairRM model (e.g. llm-blender/PairRM), "
+                             f"but judge.path is the reward model {path!r}; or set judge.kind: reward_model")
+
+
+def local_model_dir(spec: str) -> Path | None:
+    """The directory a model spec names on this machine: a local path, or a tiny: model (built
+    on first use); None for hub ids and storage URIs, which are fetched where they are used."""
+    if spec.startswith(("/", "./", "../", "~")):
+        return Path(spec).expanduser()
+    if spec.startswith("tiny:"):
+        from sppo.tiny import resolve_model
+
+        return Path(resolve_model(spec))
+    return None
+
+
+def check_model_dir(field: str, spec: str, trust_remote_code: bool = False, chat_template: bool = False) -> Path | None:
+    """A local model directory must hold a readable config, weights whose safetensors headers
+    parse, and a tokenizer (with a chat template where prompts are rendered with one). Returns
+    the directory, or None for a model that is not on this machine."""
+    path = local_model_dir(spec)
+    if path is None:
+        return None
+    if not (path / "config.json").is_file():
+        raise PreflightError(f"{field}: {path} is not a readable model directory (no config.json)")
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise PreflightError(f"{field}: {path / 'config.json'} is not readable JSON: {err}") from err
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not list(path.glob("*.bin")):
+        raise PreflightError(f"{field}: {path} holds no weights (*.safetensors or *.bin)")
+    from safetensors import safe_open
+
+    for file in weights:
+        try:
+            with safe_open(str(file), "pt") as opened:
+                opened.keys()
+        except Exception as err:  # safetensors raises its own error types for a bad header
+            raise PreflightError(f"{field}: {file} is not a readable safetensors file: {err}") from err
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises many kinds for a broken tokenizer
+        raise PreflightError(f"{field}: {path} has no loadable tokenizer: {err}") from err
+    if chat_template and not tokenizer.chat_template:
+        raise PreflightError(f"{field}: {path}'s tokenizer has no chat template (prompts are rendered with it)")
+    return path
+
+
+def check_state_files(out: Path) -> None:
+    """The output directory's own records, when present, must parse and have their shape."""
+    shapes = {MANIFEST_FILE: ("lineage", "iterations"), RUN_FILE: ("parent_run_id", "experiment_id")}
+    for name, keys in shapes.items():
+        path = out / name
+        if not path.exists():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise PreflightError(f"{path}: not readable JSON ({err}); move it aside to start this output "
+                                 "directory afresh") from err
+        if not isinstance(data, dict) or any(key not in data for key in keys):
+            raise PreflightError(f"{path}: not a {name} written by sppo (expected the keys {', '.join(keys)}); "
+                                 "move it aside or use another --output-dir")
+
+
+def check_prompts(cfg: RunConfig, policy_dir: Path | None) -> None:
+    """Every iteration's prompts read, and hold at least one global batch after filtering; the
+    held-out prompts, length-filtered the same way, are not all too long."""
+    too_long = None
+    if policy_dir is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(policy_dir), trust_remote_code=cfg.policy.trust_remote_code)
+        too_long = prompt_length_filter(tokenizer, cfg.train.max_prompt_length)
+    batch = cfg.train.global_batch_size
+    try:
+        for t in range(1, cfg.iterations + 1):
+            selection = iteration_prompts(cfg.prompts, t, too_long=too_long)
+            dataset_responses(cfg.prompts, t)  # hybrid candidates' column, when configured
+            if len(selection.prompts) < batch:
+                raise PreflightError(
+                    f"prompts: iteration {t} keeps {len(selection.prompts)} prompts after de-duplication, held-out "
+                    f"and length filtering ({selection.counts}), fewer than one global batch of {batch} "
+                    "(train.per_device_batch_size x gradient_accumulation_steps x num_workers); use a larger "
+                    "prompts.source or prompts.per_iteration, or a smaller batch"
+                )
+        if cfg.prompts.eval_size or cfg.prompts.eval_split:
+            heldout_prompts(cfg.prompts, too_long=too_long)
+    except PromptSourceError as err:
+        raise PreflightError(str(err)) from err
+
+
+def check_tracking(cfg: RunConfig) -> None:
+    """A tracking URI MLflow can store runs in, that answers; names MLflow would refuse later."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_experiment_name, _validate_model_name
+
+    uri = cfg.tracking.resolved_uri
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    field = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.tracking_uri"
+    if scheme.split("+")[0] not in TRACKING_SCHEMES:
+        raise PreflightError(f"{field}: {uri!r} has the scheme {scheme!r}, which MLflow cannot track to "
+                             f"(use one of {', '.join(TRACKING_SCHEMES)})")
+    try:
+        check_reachable(uri, attempts=1)
+    except RuntimeError as err:
+        raise PreflightError(f"{field}: {err}") from err
+    # MLflow's own validators: the same rules its server applies when the job gets there.
+    for name, value, validate in (("tracking.experiment", cfg.tracking.experiment, _validate_experiment_name),
+                                  ("tracking.register_model", cfg.tracking.register_model, _validate_model_name)):
+        if value is None:
+            continue
+        try:
+            validate(value)
+        except MlflowException as err:
+            raise PreflightError(f"{name}: {err.message}") from err
+
+
+def check_writable(out: Path) -> None:
+    """output_dir, or the nearest existing directory above it, takes a file; nothing is left."""
+    # Trying beats os.access: root passes permission checks that a read-only mount still fails.
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise PreflightError(f"output_dir: {existing} is a file, not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".sppo-write-check-"):
+            pass
+    except OSError as err:
+        raise PreflightError(f"output_dir: {out} is not writable: {err.strerror or err}") from err
