@@ -189,6 +189,10 @@ class TrackingConfig(_Strict):
     license: str | None = None
     # CPU, memory (and GPU) usage sampled into the parent run's system/* metrics.
     system_metrics: bool = True
+    # How long every MLflow call (the driver's and the training workers') keeps retrying while
+    # the tracking server does not answer; past it the job stops, its outputs kept on disk, and
+    # re-submitting continues. MLflow's own retries with exponential backoff (sppo/tracking.py).
+    outage_limit_s: float = Field(default=240.0, gt=0.0)
 
     @property
     def resolved_uri(self) -> str:
@@ -202,6 +206,9 @@ class TimeoutsConfig(_Strict):
     sampling_s: float = Field(default=24 * 3600.0, gt=0.0)
     judging_s: float = Field(default=24 * 3600.0, gt=0.0)
     training_s: float = Field(default=48 * 3600.0, gt=0.0)
+    # A job's lease on its output directory (sppo/lease.py) is taken over by another job once
+    # its driver has not renewed it for this long (it renews every quarter of it).
+    lease_s: float = Field(default=60.0, gt=0.0)
 
 
 class EvalConfig(_Strict):

@@ -28,10 +28,14 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
-def job_runtime_env() -> dict:
+def job_runtime_env(env_vars: dict[str, str] | None = None) -> dict:
     """The runtime env the driver adds to the job (`ray.init`): Ray merges it with the
-    submission's and every task and actor of the job inherits it."""
-    return {} if verbose() else {"worker_process_setup_hook": "sppo.logs.route_third_party_output"}
+    submission's (whose variables must not be given again) and every task and actor of the job
+    inherits it."""
+    runtime_env = {"env_vars": dict(env_vars)} if env_vars else {}
+    if not verbose():
+        runtime_env["worker_process_setup_hook"] = "sppo.logs.route_third_party_output"
+    return runtime_env
 
 
 def quiet_driver() -> None:

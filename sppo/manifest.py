@@ -85,8 +85,9 @@ class RunManifest:
                 f"{self.path}: the config changes what earlier iterations were made from ({details}). "
                 "Use a new --output-dir, or --force to continue with the new values anyway"
             )
-        self.data["lineage"] = current
-        self._save()
+        if recorded != current:  # unchanged: nothing is written (another driver may be writing)
+            self.data["lineage"] = current
+            self._save()
 
     def record_stage(self, iteration: int, stage: str, cfg: RunConfig, outputs: dict[str, Path],
                      mlflow_run_id: str) -> None:

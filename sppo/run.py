@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    from sppo.controller import run_sppo
+    from sppo.lease import LeaseError, OutputLease
     from sppo.manifest import LineageError
     from sppo.preflight import PreflightError, check_run, preflight
 
@@ -90,16 +90,45 @@ def main(argv: list[str] | None = None) -> int:
 
         return plan_main(cfg, args.nodes)
 
+    lease = OutputLease.for_run(Path(cfg.output_dir), cfg.storage_uri, cfg.timeouts.lease_s)
+    try:  # one job per output directory, before any Ray work
+        lease.acquire()
+    except LeaseError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    try:
+        return run_job(cfg, args.resume_from, args.force)
+    finally:
+        lease.release()
+
+
+def run_job(cfg, resume_from: int | None, force: bool) -> int:
+    """The job itself, on the Ray cluster this process reaches (or a new local one)."""
     import ray
 
-    from sppo.tracking import run_links
+    from sppo.controller import run_sppo
+    from sppo.tracking import answers, retry_env, run_links
 
-    ray.init(runtime_env=job_runtime_env())
+    # Every MLflow client of the job (driver and training workers) retries for outage_limit_s;
+    # values the submission set itself are kept (and Ray refuses to set them twice).
+    retries = {k: v for k, v in retry_env(cfg.tracking.outage_limit_s).items() if k not in os.environ}
+    os.environ.update(retries)
+    ray.init(runtime_env=job_runtime_env(retries))
     if not verbose():
         logging.getLogger("sppo").info("third-party output of the job's actors goes to %s files in Ray's "
                                        "log directory (--verbose streams it here)",
                                        THIRD_PARTY_LOG.format(pid="<pid>"))
-    checkpoints = run_sppo(cfg, resume_from=args.resume_from, force=args.force)
+    uri = cfg.tracking.resolved_uri
+    try:
+        checkpoints = run_sppo(cfg, resume_from=resume_from, force=force)
+    except Exception as err:
+        if answers(uri):
+            raise
+        print(f"error: the MLflow tracking server {uri} did not answer for tracking.outage_limit_s="
+              f"{cfg.tracking.outage_limit_s:g} s ({type(err).__name__}). Everything published so far is kept in "
+              f"{Path(cfg.output_dir).resolve()}; once the server answers, submit the same command again to "
+              "continue", file=sys.stderr)
+        return 1
     print("SPPO finished. Checkpoints:")
     for t, path in enumerate(checkpoints, start=1):
         print(f"  iter-{t}: {path}")

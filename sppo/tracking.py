@@ -10,6 +10,7 @@ shows exactly one `iter-N` run per iteration.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import urllib.error
@@ -23,6 +24,8 @@ from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from sppo.storage import atomic_write_text
+
+log = logging.getLogger("sppo.tracking")
 
 RUN_FILE = "run.json"
 # MLflow caps a param value at 6000 characters and a log_batch at 100 params / 1000 metrics.
@@ -79,6 +82,30 @@ def check_reachable(uri: str, attempts: int = 3, timeout_s: float = 5.0) -> None
             time.sleep(1.0 + attempt)
     raise RuntimeError(f"MLflow tracking server {uri} is not reachable (MLFLOW_TRACKING_URI / "
                        f"tracking.tracking_uri): {error}")
+
+
+def answers(uri: str) -> bool:
+    """Does the tracking server answer now (one try)? Non-HTTP stores always do."""
+    try:
+        check_reachable(uri, attempts=1)
+    except RuntimeError:
+        return False
+    return True
+
+
+# MLflow's HTTP client (urllib3) sleeps 0 s before its first retry, then backoff_factor x 2^(n-1)
+# before retry n, at most 120 s each.
+_BACKOFF_FACTOR, _BACKOFF_MAX_S = 2, 120
+
+
+def retry_env(outage_limit_s: float) -> dict[str, str]:
+    """MLflow's retry settings (environment variables, read by every MLflow client in the job)
+    whose waits add up to at least `outage_limit_s`."""
+    retries, waited = 1, 0.0
+    while waited < outage_limit_s:
+        retries += 1
+        waited += min(_BACKOFF_FACTOR * 2 ** (retries - 1), _BACKOFF_MAX_S)
+    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(_BACKOFF_FACTOR)}
 
 
 # MLflow's UI opens an experiment on the view its kind names; an untagged one opens on the GenAI
@@ -150,8 +177,16 @@ class Tracker:
         return ui_links(self.uri, self.experiment_id, self.parent_id)
 
     def finish_parent(self, status: str = "FINISHED") -> None:
-        if self.parent_id:
+        if self.parent_id and self._answers(self.parent_id):
             self.client.set_terminated(self.parent_id, status=status)
+
+    def _answers(self, run_id: str) -> bool:
+        """Ending a run needs the server; one that does not answer (the job is stopping because
+        of it) would only make each end wait out tracking.outage_limit_s again."""
+        if answers(self.uri):
+            return True
+        log.warning("MLflow run %s stays RUNNING: the tracking server %s does not answer", run_id, self.uri)
+        return False
 
     # -- nested iteration runs ------------------------------------------------------------
     def iteration_runs(self) -> dict[int, Any]:
@@ -238,6 +273,9 @@ class Tracker:
                                                 description=description or None).version
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        if (monitor := self._monitors.pop(run_id, None)) is not None:
+        monitor = self._monitors.pop(run_id, None)
+        if not self._answers(run_id):
+            return  # the monitor's thread is a daemon: left behind, not waited for
+        if monitor is not None:
             monitor.finish()
         self.client.set_terminated(run_id, status=status)

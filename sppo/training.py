@@ -523,10 +523,13 @@ class _MlflowTracker:
 
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items() if key != "step"]
-        try:
+        try:  # MLflow's client retries for tracking.outage_limit_s first
             self._client.log_batch(self._run_id, metrics=batch)
         except Exception as err:  # any transport or server error: the driver still gets the history
-            logger.warning("MLflow log_batch for run %s at step %d failed: %s", self._run_id, step, err)
+            logger.warning("MLflow log_batch for run %s at step %d failed, no more live steps from this "
+                           "attempt (the driver logs the whole curve when the run is resumed): %s",
+                           self._run_id, step, err)
+            self._client = None  # each later step would wait out the limit again
 
 
 def _publish_checkpoint(engine, rank: int, policy_dir: str, checkpoint_dir: str, dtype: torch.dtype) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -84,3 +85,23 @@ def nested_runs(stack: LocalStack, experiment_id: str, parent_id: str) -> dict[s
     names = [r["info"]["run_name"] for r in runs]
     assert len(names) == len(set(names)), f"duplicated nested runs: {names}"
     return {r["info"]["run_name"]: r for r in runs}
+
+
+def wait_for_a_training_step(stack: LocalStack, out: Path, job: subprocess.Popen) -> None:
+    """Until the iteration run this job opened has logged an optimizer step: the training
+    workers are then in their loop. (Their `run_train_fn` title is too short-lived to wait for:
+    Ray Train runs the loop in a thread after that call returns.)"""
+    while not (out / "run.json").exists():
+        assert job.poll() is None, "the job ended before it opened its MLflow run"
+        time.sleep(0.1)
+    record = json.loads((out / "run.json").read_text())
+    while True:
+        assert job.poll() is None, "the job ended before its first training step was logged"
+        running = rest(stack, "runs/search", body={
+            "experiment_ids": [record["experiment_id"]], "run_view_type": "ACTIVE_ONLY",
+            "filter": f"tags.mlflow.parentRunId = '{record['parent_run_id']}' and attributes.status = 'RUNNING'",
+        }).get("runs", [])
+        if any(rest(stack, "metrics/get-history", {"run_id": run["info"]["run_id"], "metric_key": "train/loss"})
+               .get("metrics") for run in running):
+            return
+        time.sleep(0.05)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import psutil
 
@@ -46,3 +47,13 @@ def wait_gone(procs: Iterable[psutil.Process], timeout_s: float = 120.0) -> list
     """Processes still alive (not zombies) after timeout_s."""
     _, alive = psutil.wait_procs(list(procs), timeout=timeout_s)
     return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def driver_of(output_dir: Path) -> psutil.Process:
+    """A job's driver: the `python -m sppo.run ... --output-dir <output_dir>` process."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if ("sppo.run" in cmd and str(output_dir) in cmd and "submit" not in cmd
+                and Path(cmd[0]).name.startswith("python")):
+            return proc
+    raise AssertionError(f"no driver process for {output_dir}")

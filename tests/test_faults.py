@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
 
 from sppo.faults import KILL_AT_ENV
-from tests.live_stack import REPO, nested_runs, rest, submit, submit_command
-from tests.processes import descendants_titled, wait_for_titled, wait_gone
+from tests.live_stack import REPO, nested_runs, rest, submit, submit_command, wait_for_a_training_step
+from tests.processes import descendants_titled, driver_of, wait_for_titled, wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -37,33 +35,6 @@ def _stages(out: Path) -> dict[str, dict]:
     return json.loads(manifest.read_text())["iterations"].get("1", {}).get("stages", {})
 
 
-def _driver_of(output_dir: Path) -> psutil.Process:
-    """The job's driver: the `python -m sppo.run ... --output-dir <output_dir>` process."""
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if ("sppo.run" in cmd and str(output_dir) in cmd and "submit" not in cmd
-                and Path(cmd[0]).name.startswith("python")):
-            return proc
-    raise AssertionError(f"no driver process for {output_dir}")
-
-
-def _wait_for_a_training_step(stack, out: Path, job: subprocess.Popen) -> None:
-    """Until the iteration run this attempt opened has logged an optimizer step: the training
-    workers are then in their loop. (Their `run_train_fn` title is too short-lived to wait for:
-    Ray Train runs the loop in a thread after that call returns.)"""
-    record = json.loads((out / "run.json").read_text())  # written by the first attempt
-    while True:
-        assert job.poll() is None, "the job ended before its first training step was logged"
-        running = rest(stack, "runs/search", body={
-            "experiment_ids": [record["experiment_id"]], "run_view_type": "ACTIVE_ONLY",
-            "filter": f"tags.mlflow.parentRunId = '{record['parent_run_id']}' and attributes.status = 'RUNNING'",
-        }).get("runs", [])
-        if any(rest(stack, "metrics/get-history", {"run_id": run["info"]["run_id"], "metric_key": "train/loss"})
-               .get("metrics") for run in running):
-            return
-        time.sleep(0.05)
-
-
 def _submit_and_kill(stack, out: Path, *, when_running: str | None = None, when_training: bool = False,
                      kill_at: str | None = None) -> None:
     """Submit the job; SIGKILL its driver once a worker titled `when_running` runs or once the
@@ -75,9 +46,9 @@ def _submit_and_kill(stack, out: Path, *, when_running: str | None = None, when_
         if when_running:
             wait_for_titled(stack.pids["ray"], when_running, still_running=lambda: job.poll() is None)
         elif when_training:
-            _wait_for_a_training_step(stack, out, job)
+            wait_for_a_training_step(stack, out, job)
         if when_running or when_training:
-            _driver_of(out).kill()
+            driver_of(out).kill()
         assert job.wait(timeout=900) != 0, "the submission did not report the killed job"
     finally:
         if job.poll() is None:

@@ -100,3 +100,12 @@ def test_experiments_are_marked_as_model_training_unless_a_kind_was_set(tmp_path
     chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
     Tracker(uri, "chosen", out)
     assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_retry_env_waits_out_the_outage_limit():
+    from sppo.tracking import retry_env
+
+    # MLflow's own default: 7 retries wait 4 + 8 + 16 + 32 + 64 + 120 = 244 s.
+    assert retry_env(240.0) == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}
+    assert retry_env(20.0)["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "4"  # 4 + 8 + 16 = 28 s
+    assert retry_env(3.0)["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
