@@ -25,7 +25,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 # The PairRM judge runs in an actor, which the judging kill waits for.
 CONFIG = "configs/tiny-pairrm.yaml"
 # Three epochs (6 optimizer steps) leave the training kill a few seconds after the first step.
-ARGS = ("--iters", "1", "--set", "prompts.per_iteration=16", "--set", "train.epochs=3")
+# A killed driver's lease on the output directory (sppo/lease.py) is taken over once unrenewed
+# for timeouts.lease_s: 5 s here, less than a re-submission takes to reach it.
+ARGS = ("--iters", "1", "--set", "prompts.per_iteration=16", "--set", "train.epochs=3",
+        "--set", "timeouts.lease_s=5")
 
 
 def _stages(out: Path) -> dict[str, dict]:
