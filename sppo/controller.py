@@ -148,12 +148,14 @@ def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool
         rec.publish(eval_judgments_path(it.root, t), *evaluate(cfg, it.root, t, policies, judge, heldout, engines))
 
 
-def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False) -> list[Path]:
-    """Run iterations until cfg.iterations; returns every iteration's checkpoint directory."""
+def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False, checked: bool = False) -> list[Path]:
+    """Run iterations until cfg.iterations; returns every iteration's checkpoint directory.
+    checked: the caller ran `preflight` on output_dir already (the CLI does, before Ray starts)."""
     out = Path(cfg.output_dir).resolve()
     storage = SharedStorage.open(cfg.storage_uri, out)
     try:
-        return _run_iterations(cfg, out, preflight(cfg, resume_from, force, storage), storage, resume_from)
+        manifest = preflight(cfg, resume_from, force, storage, checked=checked)
+        return _run_iterations(cfg, out, manifest, storage, resume_from)
     finally:
         if storage:
             storage.close()

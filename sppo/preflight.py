@@ -46,19 +46,21 @@ def check_run(cfg: RunConfig, resume_from: int | None = None) -> None:
     if resume_from is not None:
         check_resume(out, resume_from, cfg.iterations)
     check_judge(cfg)
-    policy_dir = check_model_dir("policy.path", cfg.policy.path, cfg.policy.trust_remote_code, chat_template=True)
+    tokenizer = check_model_dir("policy.path", cfg.policy.path, cfg.policy.trust_remote_code, chat_template=True)
     if cfg.judge.model_path is not None:
         check_model_dir("judge.path", cfg.judge.model_path, cfg.judge.trust_remote_code)
     check_state_files(out)
-    check_prompts(cfg, policy_dir)
+    check_prompts(cfg, tokenizer)
     check_tracking(cfg)
     check_writable(out)
 
 
 def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = False,
-              storage: SharedStorage | None = None) -> RunManifest:
+              storage: SharedStorage | None = None, checked: bool = False) -> RunManifest:
     """`check_run`, then the output directory (and storage, whose run output_dir is then made
-    equal to) and the lineage, refused when changed and recorded on first use."""
+    equal to) and the lineage, refused when changed and recorded on first use. checked: an
+    earlier preflight passed on this output directory; `check_run` (which reads and tokenizes
+    every iteration's prompts) is then run again only after storage changed the directory."""
     out = Path(cfg.output_dir).resolve()
     if storage is not None:  # output_dir first becomes what the storage holds
         check_writable(out)
@@ -68,7 +70,8 @@ def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = Fals
             storage.sync_down()
         except StorageError as err:
             raise PreflightError(str(err)) from err
-    check_run(cfg, resume_from)
+    if not checked or storage is not None:
+        check_run(cfg, resume_from)
     out.mkdir(parents=True, exist_ok=True)
     manifest = RunManifest(out)
     manifest.check_lineage(cfg, force=force)  # refused before anything is recorded
@@ -108,10 +111,10 @@ def local_model_dir(spec: str) -> Path | None:
     return None
 
 
-def check_model_dir(field: str, spec: str, trust_remote_code: bool = False, chat_template: bool = False) -> Path | None:
+def check_model_dir(field: str, spec: str, trust_remote_code: bool = False, chat_template: bool = False):
     """A local model directory must hold a readable config, weights whose safetensors headers
     parse, and a tokenizer (with a chat template where prompts are rendered with one). Returns
-    the directory, or None for a model that is not on this machine."""
+    the loaded tokenizer, or None for a model that is not on this machine."""
     path = local_model_dir(spec)
     if path is None:
         return None
@@ -140,7 +143,7 @@ def check_model_dir(field: str, spec: str, trust_remote_code: bool = False, chat
         raise PreflightError(f"{field}: {path} has no loadable tokenizer: {err}") from err
     if chat_template and not tokenizer.chat_template:
         raise PreflightError(f"{field}: {path}'s tokenizer has no chat template (prompts are rendered with it)")
-    return path
+    return tokenizer
 
 
 def check_state_files(out: Path) -> None:
@@ -160,15 +163,11 @@ def check_state_files(out: Path) -> None:
                                  "move it aside or use another --output-dir")
 
 
-def check_prompts(cfg: RunConfig, policy_dir: Path | None) -> None:
+def check_prompts(cfg: RunConfig, tokenizer) -> None:
     """Every iteration's prompts read, and hold at least one global batch after filtering; the
-    held-out prompts, length-filtered the same way, are not all too long."""
-    too_long = None
-    if policy_dir is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(policy_dir), trust_remote_code=cfg.policy.trust_remote_code)
-        too_long = prompt_length_filter(tokenizer, cfg.train.max_prompt_length)
+    held-out prompts, length-filtered the same way (with the policy's tokenizer, None for a policy
+    not on this machine: no length filter), are not all too long."""
+    too_long = prompt_length_filter(tokenizer, cfg.train.max_prompt_length) if tokenizer is not None else None
     batch = cfg.train.global_batch_size
     try:
         for t in range(1, cfg.iterations + 1):

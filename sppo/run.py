@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
-    quiet_driver()
     try:
         overrides = dict(parse_override(text) for text in args.overrides)
         if args.iters is not None:
@@ -73,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    quiet_driver()  # after the config, so that a config error stays fast; before MLflow is imported
     from sppo.lease import LeaseError, OutputLease
     from sppo.manifest import LineageError
     from sppo.preflight import PreflightError, check_run, preflight
@@ -120,7 +120,7 @@ def run_job(cfg, resume_from: int | None, force: bool) -> int:
                                        THIRD_PARTY_LOG.format(pid="<pid>"))
     uri = cfg.tracking.resolved_uri
     try:
-        checkpoints = run_sppo(cfg, resume_from=resume_from, force=force)
+        checkpoints = run_sppo(cfg, resume_from=resume_from, force=force, checked=True)
     except Exception as err:
         if answers(uri):
             raise

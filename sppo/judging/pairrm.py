@@ -32,8 +32,6 @@ from sppo.storage import local_model
 
 log = logging.getLogger("sppo.judging")
 
-# Seconds between progress lines while judging.
-
 
 def ordered_pairs(k: int) -> list[tuple[int, int]]:
     """Every (i, j) with i != j, row-major: the order in which llm-blender compares them."""
