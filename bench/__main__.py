@@ -1,6 +1,11 @@
 """`python -m bench`: every benchmark in turn, then bench/results/latest.json.
 
-    python -m bench [--size full|smoke] [--only judge,train,sample,iteration] [--out PATH]
+    python -m bench [--size full|smoke] [--only judge,train,sample,iteration,scale] [--out PATH]
+
+The scale benchmarks run only when named in --only: `scale` (an iteration at 1,000 to 20,000
+prompts) and `checkpoint` (a checkpoint of about 1B parameters through save, upload, registry
+and a vLLM engine). Their records also go to scale.json beside the results file, whose top level
+holds scale_ratio, driver_peak_rss_mib, mlflow_table_rows and checkpoint_publish_vs_cp.
 
 Top-level numbers in the results file: judge_ratio, train_ratio_vs_online_ref,
 train_ratio_vs_trl, sample_ratio_vs_sequential (each ours / baseline throughput) and
@@ -18,10 +23,13 @@ import os
 import traceback
 from pathlib import Path
 
-from bench import iteration, judge, sample, train
+from bench import checkpoint, iteration, judge, sample, scale, train
 from bench.common import LATEST, write_latest
 
-BENCHMARKS = {"judge": judge, "train": train, "sample": sample, "iteration": iteration}
+BENCHMARKS = {"judge": judge, "train": train, "sample": sample, "iteration": iteration, "scale": scale,
+              "checkpoint": checkpoint}
+DEFAULT = ("judge", "train", "sample", "iteration")
+SCALE_FILE = "scale.json"  # beside the results file: the scale and checkpoint records
 
 
 def summary(records: dict[str, dict]) -> dict[str, float]:
@@ -45,13 +53,18 @@ def summary(records: dict[str, dict]) -> dict[str, float]:
             out["sample_logprobs_overhead"] = records["sample"]["results"]["logprobs_overhead"]
     if "iteration" in records and "iteration_ratio" in records["iteration"]["results"]:  # older records do not
         out["iteration_ratio"] = records["iteration"]["results"]["iteration_ratio"]
+    if "scale" in records:
+        out.update({key: records["scale"]["results"][key]
+                    for key in ("scale_ratio", "driver_peak_rss_mib", "mlflow_table_rows")})
+    if "checkpoint" in records:
+        out["checkpoint_publish_vs_cp"] = records["checkpoint"]["results"]["checkpoint_publish_vs_cp"]
     return out
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["full", "smoke"], default="full")
-    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated benchmarks to run")
+    parser.add_argument("--only", default=",".join(DEFAULT), help=f"comma-separated, of {list(BENCHMARKS)}")
     parser.add_argument("--out", type=Path, default=LATEST)
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -70,8 +83,12 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"\nbenchmark {name} failed:\n{failed[name]}")
             continue
         module.report(records[name])
+    if scaled := {n: records[n] for n in ("scale", "checkpoint") if n in records}:
+        scale_path = args.out.parent / SCALE_FILE  # one of the two run alone keeps the other's record
+        scaled = {**(json.loads(scale_path.read_text())["benchmarks"] if scale_path.is_file() else {}), **scaled}
+        print(f"wrote {write_latest(scaled, summary(scaled), scale_path)}")
     # A partial run (--only) replaces its own benchmarks' records and keeps the others'.
-    kept = json.loads(args.out.read_text())["benchmarks"] if args.out.is_file() and len(names) < len(BENCHMARKS) else {}
+    kept = json.loads(args.out.read_text())["benchmarks"] if args.out.is_file() and set(DEFAULT) - set(names) else {}
     records = {n: r for n, r in {**kept, **records}.items() if n not in failed and "error" not in r}
     path = write_latest({**records, **{n: {"benchmark": n, "error": e} for n, e in failed.items()}},
                         summary(records), args.out)

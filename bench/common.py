@@ -7,6 +7,7 @@ test) and a `main()` that prints its table and a last line `ratio=<ours / baseli
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -117,6 +118,19 @@ class Timer:
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self._start
         self.cpu_seconds = time.process_time() - self._cpu
+
+
+@contextlib.contextmanager
+def local_stack(state_dir: Path):
+    """A new Ray head and MLflow server (`sppo.localstack.LocalStack`) on free ports, stopped after."""
+    from sppo.localstack import LocalStack, free_port
+
+    stack = LocalStack(state_dir / "stack", ray_port=free_port(), dashboard_port=free_port(), mlflow_port=free_port())
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
 
 
 def peak_rss_mib() -> float:

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import Timer, check_size, cli, envelope, print_table
+from bench.common import Timer, check_size, cli, envelope, local_stack, print_table
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -71,17 +71,9 @@ def _job(stack, out: Path, mode: str, setting: dict) -> dict:
 
 
 def run(size: str = "full") -> dict:
-    from sppo.localstack import LocalStack, free_port
-
     setting = SETTINGS[check_size(size)]
-    with tempfile.TemporaryDirectory(prefix="sppo-bench-iteration-") as tmp:
-        stack = LocalStack(Path(tmp) / "stack", ray_port=free_port(), dashboard_port=free_port(),
-                           mlflow_port=free_port())
-        try:
-            stack.start()
-            sides = {mode: _job(stack, Path(tmp) / mode, mode, setting) for mode in MODES}
-        finally:
-            stack.stop()
+    with tempfile.TemporaryDirectory(prefix="sppo-bench-iteration-") as tmp, local_stack(Path(tmp)) as stack:
+        sides = {mode: _job(stack, Path(tmp) / mode, mode, setting) for mode in MODES}
     inputs = {"config": f"configs/{CONFIG.name}", "size": size, **setting, "cluster_cpus": stack.num_cpus,
               "tracking": "MLflow server (sppo.localstack)"}
     results = {"sides": sides, "iteration_ratio": sides["restart"]["job_wall_s"] / sides["resident"]["job_wall_s"]}

@@ -140,6 +140,10 @@ class TrainConfig(_Strict):
     # SPPO's targets reach eta/2, so unclipped gradients are huge; 1.0 as the reference trains.
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     epochs: int = Field(default=1, ge=1)
+    # Stop after this many optimizer steps, before the epochs end (None: every epoch in full).
+    # For quick trials and the scale benchmark; the reference pass still covers every pair.
+    # 0 takes no step: pi_t goes through the checkpoint path unchanged.
+    max_steps: int | None = Field(default=None, ge=0)
     per_device_batch_size: int = Field(default=8, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     num_workers: int = Field(default=2, ge=1)
@@ -193,6 +197,11 @@ class TrackingConfig(_Strict):
     # the tracking server does not answer; past it the job stops, its outputs kept on disk, and
     # re-submitting continues. MLflow's own retries with exponential backoff (sppo/tracking.py).
     outage_limit_s: float = Field(default=240.0, gt=0.0)
+    # Each iteration's sample table (samples.json, MLflow's table view) holds this many prompts,
+    # with their candidates, win matrix, chosen and rejected: what MLflow receives per iteration
+    # stays the same size however many prompts an iteration has. The full data is in the
+    # iteration's parquet artifacts. 0: no table.
+    sample_table_rows: int = Field(default=200, ge=0)
 
     @property
     def resolved_uri(self) -> str:

@@ -85,7 +85,7 @@ def sample_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, po
 
 def judge_stage(cfg: RunConfig, rec: "IterationRecord", judge: str) -> None:
     it = rec.it
-    prompts, sampled = _columns(read_parquet(it.samples), "prompt", "candidates")
+    prompts, sampled = _columns(read_parquet(it.samples, columns=["prompt", "candidates"]), "prompt", "candidates")
     # Hybrid candidates: the dataset's own responses (prompts.response_column) join the sampled ones.
     offline = dataset_responses(cfg.prompts, it.iteration)
     candidates, off_policy = hybrid_candidates(sampled, [offline.get(p, []) for p in prompts])
@@ -120,7 +120,7 @@ def train_stage(cfg: RunConfig, rec: "IterationRecord", policy: str) -> None:
             rec.storage.pull(it.checkpoint)
         atomic_write_text(it.train_history, json.dumps(result.history))
     # Inside time/training_s: setup, reference log-probs, optimizer steps, checkpoint save.
-    rec.record({"train/final_loss": result.metrics["train/loss"],
+    rec.record({**({"train/final_loss": result.metrics["train/loss"]} if result.history else {}),
                 **{f"time/training/{phase}_s": s for phase, s in result.timings.items()}})
 
 
@@ -285,8 +285,8 @@ class IterationRecord:
             self.tracker.log_artifact(self.run_id, data, "data")
         if (judged := eval_judgments_path(self.it.root, self.it.iteration)).exists():
             self.tracker.log_artifact(self.run_id, judged, "data")
-        self.tracker.log_table(self.run_id, sample_table(read_parquet(self.it.judgments), read_parquet(self.it.pairs)),
-                               "samples.json")
+        if rows := self.cfg.tracking.sample_table_rows:
+            self.tracker.log_table(self.run_id, sample_table(self.it.judgments, self.it.pairs, rows), "samples.json")
         kill_point("tracking")  # fault-injection tests only: data logged, checkpoint not yet
         card = write_card(self.cfg, self.it)  # README.md, logged and registered with the checkpoint
         self.tracker.log_artifacts(self.run_id, self.it.checkpoint, "checkpoint")

@@ -107,11 +107,12 @@ def run_job(cfg, resume_from: int | None, force: bool) -> int:
     import ray
 
     from sppo.controller import run_sppo
-    from sppo.tracking import answers, retry_env, run_links
+    from sppo.tracking import LARGE_ARTIFACT_ENV, answers, retry_env, run_links
 
     # Every MLflow client of the job (driver and training workers) retries for outage_limit_s;
     # values the submission set itself are kept (and Ray refuses to set them twice).
-    retries = {k: v for k, v in retry_env(cfg.tracking.outage_limit_s).items() if k not in os.environ}
+    retries = {k: v for k, v in {**retry_env(cfg.tracking.outage_limit_s), **LARGE_ARTIFACT_ENV}.items()
+               if k not in os.environ}
     os.environ.update(retries)
     ray.init(runtime_env=job_runtime_env(retries))
     if not verbose():

@@ -49,6 +49,11 @@ def write_then_replace(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno is None or err.filename is not None:
+            raise
+        # pyarrow's and a plain write()'s errors (a full disk above all) name no file.
+        raise OSError(err.errno, f"cannot publish it: {os.strerror(err.errno)}", str(path)) from err
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -69,8 +74,16 @@ def atomic_write_parquet(path: Path, rows: list[dict]) -> None:
     _push_to_shared_storage(path)
 
 
-def read_parquet(path: Path) -> list[dict]:
-    return pq.read_table(path).to_pylist()
+def read_parquet(path: Path, columns: list[str] | None = None, limit: int | None = None) -> list[dict]:
+    """A parquet file's rows (only `columns`, only the first `limit`: read no further than needed)."""
+    if limit is None:
+        return pq.read_table(path, columns=columns).to_pylist()
+    rows: list[dict] = []
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=max(limit, 1), columns=columns):
+        rows += batch.to_pylist()[: limit - len(rows)]
+        if len(rows) >= limit:
+            break
+    return rows
 
 
 RUN_CONFIG_FILE = "config.yaml"  # the resolved config of the run, in its output directory

@@ -19,11 +19,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from sppo.storage import atomic_write_text
+from sppo.storage import atomic_write_text, read_parquet
 
 log = logging.getLogger("sppo.tracking")
 
@@ -48,10 +49,14 @@ def redact(key: str, value: Any) -> str:
     return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", str(value))
 
 
-def sample_table(judged: list[Mapping[str, Any]], pairs: list[Mapping[str, Any]]) -> dict[str, list]:
-    """An iteration's samples as a table for `MlflowClient.log_table`: per prompt its candidates,
-    win matrix (2 decimals), chosen and rejected response (from the pairs row of the same prompt)."""
-    pair_of = {row["prompt"]: row for row in pairs}
+def sample_table(judgments: Path, pairs: Path, rows: int) -> dict[str, list]:
+    """The first `rows` prompts of an iteration as a table for `MlflowClient.log_table`: per prompt
+    its candidates, win matrix (2 decimals), chosen and rejected response (from the pairs row of
+    the same prompt). Only those rows are read: the table's size does not grow with the iteration."""
+    judged = read_parquet(judgments, limit=rows)
+    shown = pq.read_table(pairs, columns=["prompt", "chosen", "rejected"],
+                          filters=[("prompt", "in", [row["prompt"] for row in judged])])
+    pair_of = {row["prompt"]: row for row in shown.to_pylist()}
     return {
         "prompt": [row["prompt"] for row in judged],
         "candidates": [json.dumps(list(row["candidates"])) for row in judged],
@@ -106,6 +111,11 @@ def retry_env(outage_limit_s: float) -> dict[str, str]:
         retries += 1
         waited += min(_BACKOFF_FACTOR * 2 ** (retries - 1), _BACKOFF_MAX_S)
     return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(_BACKOFF_FACTOR)}
+
+
+# Checkpoint files of 500 MB or more go up in parallel parts when the server's artifact store
+# takes multipart uploads (S3, GCS, Azure); other stores get the file streamed in one request.
+LARGE_ARTIFACT_ENV = {"MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "true"}
 
 
 # MLflow's UI opens an experiment on the view its kind names; an untagged one opens on the GenAI

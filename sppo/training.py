@@ -261,6 +261,12 @@ def steps_per_epoch(num_rows: int, cfg: TrainConfig) -> int:
     return steps
 
 
+def total_steps(num_rows: int, cfg: TrainConfig) -> int:
+    """Optimizer steps of the whole training: train.epochs epochs, cut at train.max_steps."""
+    steps = steps_per_epoch(num_rows, cfg) * cfg.epochs
+    return steps if cfg.max_steps is None else min(steps, cfg.max_steps)
+
+
 def epoch_rows(
     num_rows: int, *, epoch: int, seed: int, rank: int, world_size: int, rows_per_rank: int
 ) -> list[int]:
@@ -350,11 +356,10 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                          sampled_tokens=from_sampler)
     probs = torch.tensor([[r["chosen_probs_win"], r["chosen_probs_lose"], r["chosen_probs"]] for r in rows])
-    per_epoch = steps_per_epoch(len(rows), cfg)
-    total_steps = per_epoch * cfg.epochs
+    per_epoch, num_steps = steps_per_epoch(len(rows), cfg), total_steps(len(rows), cfg)
     encoded = time.monotonic()
 
-    engine, hf_ds_config = _load_engine(policy_dir, cfg, total_steps, remote_code)
+    engine, hf_ds_config = _load_engine(policy_dir, cfg, num_steps, remote_code)
     # The checkpoint is saved in the dtype the policy came in, whatever the training dtype.
     save_dtype = AutoConfig.from_pretrained(policy_dir, trust_remote_code=remote_code).dtype or torch.float32
     loaded = time.monotonic()
@@ -383,14 +388,16 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     history: list[dict[str, float]] = []
     rows_per_rank = per_epoch * cfg.per_device_batch_size * cfg.gradient_accumulation_steps
     sums = torch.zeros(4, dtype=torch.float64)  # loss, chosen logratio, rejected logratio, pairs
-    for epoch in range(cfg.epochs):
+    for epoch in range(math.ceil(num_steps / per_epoch)):  # none at train.max_steps 0
         order = epoch_rows(len(pairs), epoch=epoch, seed=cfg.seed, rank=rank, world_size=world_size,
                            rows_per_rank=rows_per_rank)
         for start in range(0, len(order), cfg.per_device_batch_size):
             step = len(history) + 1
+            if step > num_steps:  # train.max_steps reached inside this epoch
+                break
             if time.time() > config["deadline"]:
                 raise TimeoutError(f"training did not finish within timeout_s={config['timeout_s']} "
-                                   f"(at step {step}/{total_steps})")
+                                   f"(at step {step}/{num_steps})")
             index = order[start : start + cfg.per_device_batch_size]
             batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in index], pad_id).items()}
             policy_chosen, policy_rejected, wpo_weights = pair_logps(engine, batch, wpo_weights=cfg.loss == "wpo")
@@ -418,7 +425,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
             dist.all_reduce(micro)
             if not math.isfinite(micro[0].item()):
                 raise FloatingPointError(
-                    f"non-finite {cfg.loss} loss ({micro[0].item()}) at step {step}/{total_steps}, epoch {epoch}; "
+                    f"non-finite {cfg.loss} loss ({micro[0].item()}) at step {step}/{num_steps}, epoch {epoch}; "
                     f"learning rate {engine.get_lr()[0]:.3g}, eta {cfg.eta}: no checkpoint is written"
                 )
             sums += micro.cpu()
@@ -443,8 +450,8 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
             history.append(metrics)
             if tracker is not None:
                 tracker.log(metrics, step)
-                if step in (1, total_steps) or time.monotonic() - reported >= PROGRESS_EVERY_S:
-                    logger.info("training: %s, loss %.4g, lr %.3g", progress(step, total_steps,
+                if step in (1, num_steps) or time.monotonic() - reported >= PROGRESS_EVERY_S:
+                    logger.info("training: %s, loss %.4g, lr %.3g", progress(step, num_steps,
                                 time.monotonic() - referenced, "steps"), loss, learning_rate)
                     reported = time.monotonic()
 
@@ -464,7 +471,7 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     return {"history": history, "reference_logps": ref.tolist(), "zero3_partition": partition, "timings": timings}
 
 
-def _load_engine(policy_dir: str, cfg: TrainConfig, total_steps: int, trust_remote_code: bool):
+def _load_engine(policy_dir: str, cfg: TrainConfig, num_steps: int, trust_remote_code: bool):
     """The policy as a ZeRO-3 DeepSpeed engine with RMSprop and a linear warmup/decay schedule.
 
     Also returns transformers' DeepSpeed config holder, which the caller keeps alive while it
@@ -481,12 +488,12 @@ def _load_engine(policy_dir: str, cfg: TrainConfig, total_steps: int, trust_remo
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    warmup_steps = math.ceil(cfg.warmup_ratio * num_steps)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=torch.optim.RMSprop(model.parameters(), lr=cfg.learning_rate),
         # Built on the optimizer DeepSpeed returns, which steps it at each accumulation boundary.
-        lr_scheduler=lambda optimizer: get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps),
+        lr_scheduler=lambda optimizer: get_linear_schedule_with_warmup(optimizer, warmup_steps, num_steps),
         config=ds_config,
     )
     return engine, hf_ds_config
@@ -619,7 +626,7 @@ def train_policy(
     if is_local_path(policy_dir) and not Path(policy_dir, "config.json").is_file():
         raise FileNotFoundError(f"policy_dir {policy_dir}: no config.json (needs a local model directory)")
     rows = read_pairs(pairs_path, sampled_tokens=cfg.reference_logps == "sampler")
-    num_steps = steps_per_epoch(len(rows), cfg) * cfg.epochs
+    num_steps = total_steps(len(rows), cfg)
     get_loss(cfg.loss)
 
     resources = worker_resources(cfg)
@@ -675,7 +682,7 @@ def train_policy(
     return TrainResult(
         checkpoint_dir=str(checkpoint_dir),
         num_steps=len(history),
-        metrics={k: v for k, v in history[-1].items() if k != "step"},
+        metrics={k: v for k, v in history[-1].items() if k != "step"} if history else {},
         history=history,
         reference_logps=output["reference_logps"],
         zero3_partition=output["zero3_partition"],

@@ -82,6 +82,27 @@ class Demo:
     log: str
 
 
+@pytest.fixture()
+def small_disk(tmp_path):
+    """mount(size) -> a new directory on a tmpfs of that size ("256k", "1m"), for full-disk
+    tests; unmounted after the test. The test is skipped where mounting needs root."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        disk = tmp_path / f"small-disk-{len(mounted)}"
+        disk.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(disk)
+        return disk
+
+    yield mount
+    for disk in mounted:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The README's first command, `make demo`, run as a new user runs it: in an empty home

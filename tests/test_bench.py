@@ -132,3 +132,70 @@ def test_make_bench_smoke_writes_every_key(tmp_path, capsys):
     assert np.isfinite(results["iteration_ratio"]) and results["iteration_ratio"] > 0
     out = capsys.readouterr().out
     assert out.count("\nratio=") == 3  # judge, train, sample each end with their ratio line
+
+
+def test_generated_prompts_are_distinct_and_varied():
+    from bench.scale import generated_prompts
+
+    prompts = generated_prompts(5000)
+    assert len(set(prompts)) == 5000 and generated_prompts(5000) == prompts
+    assert len({p.split(" (case")[0] for p in prompts}) > 500  # not one prompt numbered 5,000 times
+    assert len({len(p) for p in prompts}) > 20
+
+
+def test_scale_ratio_is_the_worst_stages_growth_per_prompt():
+    from bench.scale import STAGES, scale_ratio
+
+    def record(prompts, seconds):
+        return {"stages": {s: {"seconds_per_prompt": seconds.get(s, 10.0) / prompts} for s in STAGES}}
+
+    # 20x the prompts: judging took 25x the time (1.25 per prompt), sampling 10x, the rest the same.
+    assert scale_ratio([record(1000, {}), record(20000, {"judging": 250.0, "sampling": 100.0})]) == (1.25, "judging")
+
+
+@pytest.mark.slow
+def test_scale_benchmarks_smoke_write_scale_json(tmp_path):
+    """`python -m bench --only scale,checkpoint` at its smallest: each benchmark on its own Ray head
+    and MLflow server (a process of its own: the checkpoint benchmark is a Ray driver itself)."""
+    import subprocess
+    import sys
+
+    from bench.scale import SETTINGS, STAGES
+
+    done = subprocess.run([sys.executable, "-m", "bench", "--size", "smoke", "--only", "scale,checkpoint",
+                           "--out", str(tmp_path / "latest.json")], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "\nscale_ratio=" in done.stdout and "\ncheckpoint_publish_vs_cp=" in done.stdout
+    results = json.loads((tmp_path / "scale.json").read_text())
+    assert set(results["benchmarks"]) == {"scale", "checkpoint"}
+    assert np.isfinite(results["scale_ratio"]) and results["scale_ratio"] > 0
+    record = results["benchmarks"]["scale"]["results"]
+    sizes = record["sizes"]
+    assert [r["prompts"] for r in sizes] == SETTINGS["smoke"]["sizes"]
+    for r in sizes:
+        assert r["train_steps"] == SETTINGS["smoke"]["train_steps"]
+        assert r["mlflow_table_rows"] == r["prompts"]  # under the table's cap of 200 prompts
+        for stage in STAGES:
+            assert r["stages"][stage]["seconds"] > 0, stage
+        # Each stage that publishes data wrote it; the engine and the trainer's workers were seen.
+        assert all(r["stages"][s]["output_dir_bytes"] > 0 for s in ("sampling", "judging", "pairs", "training"))
+        assert r["stages"]["sampling"]["peak_rss_mib"]["VLLMEngine"] > 100
+        assert r["stages"]["training"]["peak_rss_mib"]["RayTrainWorker"] > 100
+        assert 50 < r["driver_peak_rss_mib"] < 4096
+        assert r["stages"]["tracking"]["mlflow_bytes"] == sum(r["mlflow_artifact_bytes"].values()) > 0
+    # The larger size wrote more samples: the outputs grow with the prompts.
+    assert sizes[1]["stages"]["sampling"]["output_dir_bytes"] > sizes[0]["stages"]["sampling"]["output_dir_bytes"]
+    # The largest size again with 16-token samples published before the job: sampling is skipped.
+    presampled = record["presampled"]
+    assert presampled["prompts"] == sizes[-1]["prompts"] and "sampling" not in presampled["stages"]
+    assert all(presampled["stages"][s]["seconds"] > 0 for s in STAGES if s != "sampling")
+    assert results["driver_peak_rss_mib"] == max(sizes[-1]["driver_peak_rss_mib"], presampled["driver_peak_rss_mib"])
+
+    checkpoint = results["benchmarks"]["checkpoint"]["results"]
+    assert 0 < results["checkpoint_publish_vs_cp"] == checkpoint["checkpoint_publish_vs_cp"]
+    # Published, uploaded byte for byte, registered, and loaded by a vLLM engine that sampled from it.
+    assert checkpoint["mlflow_bytes"] == checkpoint["checkpoint_bytes"] > 0
+    steps = checkpoint["steps"]
+    assert steps["register"]["model_version"] >= 1 and steps["vllm_load"]["generated_tokens"] > 0
+    assert steps["train"]["peak_rss_mib"]["RayTrainWorker"] > 100 and steps["vllm_load"]["peak_rss_mib"]["VLLMEngine"] > 100
+    assert {"model_load", "train_steps", "checkpoint_save"} <= set(steps["train"]["timings"])

@@ -25,6 +25,7 @@ from sppo.training import (
     reference_logps,
     sampler_reference_logps,
     steps_per_epoch,
+    total_steps,
     train_policy,
 )
 
@@ -205,6 +206,14 @@ def test_steps_per_epoch_names_the_batch_fields():
         steps_per_epoch(15, cfg)
 
 
+def test_max_steps_cuts_the_epochs_short():
+    cfg = TrainConfig(per_device_batch_size=4, num_workers=2, epochs=3)  # 8 pairs a step
+    assert total_steps(35, cfg) == 12
+    assert total_steps(35, cfg.model_copy(update={"max_steps": 5})) == 5
+    assert total_steps(35, cfg.model_copy(update={"max_steps": 50})) == 12
+    assert total_steps(35, cfg.model_copy(update={"max_steps": 0})) == 0
+
+
 def test_reference_logps_do_not_depend_on_batching(tokenizer, tiny_policy_dir):
     from transformers import AutoModelForCausalLM
 
@@ -250,7 +259,8 @@ def trained(ray_cluster, tiny_policy_dir, tmp_path_factory):
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.create_experiment("train", artifact_location=str(root / "artifacts"))
     run_id = client.create_run(experiment).info.run_id
-    cfg = TrainConfig(**TRAIN_CFG)
+    # 3 epochs cut at 4 steps (train.max_steps): the schedule below is built for 4 steps, not 6.
+    cfg = TrainConfig(**{**TRAIN_CFG, "epochs": 3, "max_steps": EXPECTED_STEPS})
     result = train_policy(
         str(pairs_path),
         tiny_policy_dir,
@@ -411,30 +421,21 @@ def test_a_killed_worker_restarts_the_group_and_retrains(ray_cluster, tiny_polic
 
 
 @pytest.mark.slow
-def test_full_disk_at_checkpoint_save_keeps_the_published_checkpoint(ray_cluster, tiny_policy_dir, tmp_path):
+def test_full_disk_at_checkpoint_save_keeps_the_published_checkpoint(ray_cluster, tiny_policy_dir, tmp_path,
+                                                                     small_disk):
     """A checkpoint that does not fit on its filesystem fails training with the disk error, at
     once (not retried); what was published at that path stays whole and nothing is left beside it."""
-    import subprocess
-
-    disk = tmp_path / "small-disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
-        published = disk / "iter1"  # an earlier attempt's complete checkpoint
-        published.mkdir()
-        (published / "config.json").write_text('{"published": true}')
-        pairs_path = tmp_path / "pairs.parquet"
-        pd.DataFrame(make_rows(8)).to_parquet(pairs_path)
-        cfg = TrainConfig(**{**TRAIN_CFG, "gradient_accumulation_steps": 1, "epochs": 1, "max_failures": 1})
-        with pytest.raises(TrainingError, match=r"No space left on device|StorageFull") as failure:
-            train_policy(str(pairs_path), tiny_policy_dir, str(published), cfg,
-                         storage_dir=str(tmp_path / "ray"), timeout_s=900)
-        assert str(published) in str(failure.value)
-        assert [p.name for p in disk.iterdir()] == ["iter1"], "a staging directory was left behind"
-        assert [p.name for p in published.iterdir()] == ["config.json"]
-        assert (published / "config.json").read_text() == '{"published": true}'
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
+    disk = small_disk("256k")
+    published = disk / "iter1"  # an earlier attempt's complete checkpoint
+    published.mkdir()
+    (published / "config.json").write_text('{"published": true}')
+    pairs_path = tmp_path / "pairs.parquet"
+    pd.DataFrame(make_rows(8)).to_parquet(pairs_path)
+    cfg = TrainConfig(**{**TRAIN_CFG, "gradient_accumulation_steps": 1, "epochs": 1, "max_failures": 1})
+    with pytest.raises(TrainingError, match=r"No space left on device|StorageFull") as failure:
+        train_policy(str(pairs_path), tiny_policy_dir, str(published), cfg,
+                     storage_dir=str(tmp_path / "ray"), timeout_s=900)
+    assert str(published) in str(failure.value)
+    assert [p.name for p in disk.iterdir()] == ["iter1"], "a staging directory was left behind"
+    assert [p.name for p in published.iterdir()] == ["config.json"]
+    assert (published / "config.json").read_text() == '{"published": true}'
