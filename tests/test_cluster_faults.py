@@ -80,10 +80,11 @@ def test_one_output_directory_one_job_and_a_dead_drivers_lease_is_taken_over(liv
 
 
 OUTAGE_S = 60
-# One iteration, 16 prompts; 20 epochs make its training long enough (40 steps) that the
-# outage starts in the middle of it.
+# One iteration, 16 prompts; 8 epochs make its training long enough (16 steps) that the outage
+# starts in the middle of it: the server is killed as soon as step 1 is in MLflow.
+STEPS = 16
 OUTAGE_ARGS = ("--iters", "1", "--set", "prompts.per_iteration=16", "--set", "prompts.eval_size=0",
-               "--set", "train.epochs=20")
+               "--set", f"train.epochs={STEPS // 2}")
 LIMIT_S = 8
 
 
@@ -137,7 +138,7 @@ def test_an_mlflow_outage_is_waited_out_and_a_longer_one_stops_the_job_for_a_res
     runs = nested_runs(stack, record["experiment_id"], record["parent_run_id"])
     assert list(runs) == ["iter-1"] and runs["iter-1"]["info"]["status"] == "FINISHED"
     for name, run in runs.items():  # every step logged during the outage reached MLflow, once
-        assert _steps(stack, run) == list(range(1, 41)), name
+        assert _steps(stack, run) == list(range(1, STEPS + 1)), name
 
     # A longer outage than tracking.outage_limit_s: the job stops, then a re-submission continues.
     out = tmp_path / "stopped"
@@ -168,4 +169,4 @@ def test_an_mlflow_outage_is_waited_out_and_a_longer_one_stops_the_job_for_a_res
     record = json.loads((out / "run.json").read_text())
     runs = nested_runs(stack, record["experiment_id"], record["parent_run_id"])
     assert list(runs) == ["iter-1"] and runs["iter-1"]["info"]["status"] == "FINISHED"
-    assert _steps(stack, runs["iter-1"]) == list(range(1, 41))  # the curve, replayed from train_history.json
+    assert _steps(stack, runs["iter-1"]) == list(range(1, STEPS + 1))  # the curve, replayed from train_history.json
