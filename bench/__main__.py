@@ -1,6 +1,7 @@
 """`python -m bench`: every benchmark in turn, then bench/results/latest.json.
 
-    python -m bench [--size full|smoke] [--only judge,train,sample,iteration,scale] [--out PATH]
+    python -m bench [--size full|smoke] [--only judge,train,sample,iteration,scale,checkpoint] [--out PATH]
+                    [--max-tokens N]
 
 The scale benchmarks run only when named in --only: `scale` (an iteration at 1,000 to 20,000
 prompts) and `checkpoint` (a checkpoint of about 1B parameters through save, upload, registry
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--size", choices=["full", "smoke"], default="full")
     parser.add_argument("--only", default=",".join(DEFAULT), help=f"comma-separated, of {list(BENCHMARKS)}")
     parser.add_argument("--out", type=Path, default=LATEST)
+    parser.add_argument("--max-tokens", type=int, help="scale only: the sampled answers' length (default: the size's)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(BENCHMARKS))
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> Path:
     for name in names:
         module = BENCHMARKS[name]
         try:
-            records[name] = module.run(args.size)
+            records[name] = module.run(args.size, max_tokens=args.max_tokens) if name == "scale" else module.run(args.size)
         except Exception:  # the others still run and are written; the command still fails
             failed[name] = traceback.format_exc()
             print(f"\nbenchmark {name} failed:\n{failed[name]}")

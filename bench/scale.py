@@ -161,11 +161,19 @@ def presampled_candidates(prompts: list[str], k: int, tokens: int, seed: int = 0
     from sppo.tiny import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("tiny:policy"))
+    word_ids = [tokenizer(f" {w}", add_special_tokens=False).input_ids for w in _WORDS]
     rng = random.Random(seed)
-    texts = [" ".join(rng.choices(_WORDS, k=tokens)) for _ in range(len(prompts) * k)]
-    ids = tokenizer(texts, add_special_tokens=False).input_ids
-    cut = tokenizer.batch_decode([i[:tokens] for i in ids])
-    return [{"prompt": p, "candidates": cut[n * k:(n + 1) * k]} for n, p in enumerate(prompts)]
+
+    def candidate_ids() -> list[int]:  # random words' token ids, cut at `tokens`
+        ids: list[int] = []
+        while len(ids) < tokens:
+            ids += rng.choice(word_ids)
+        return ids[:tokens]
+
+    texts: list[str] = []
+    for start in range(0, len(prompts) * k, 5000):  # decoded in batches: few ids in memory at once
+        texts += tokenizer.batch_decode([candidate_ids() for _ in range(min(5000, len(prompts) * k - start))])
+    return [{"prompt": p, "candidates": texts[n * k:(n + 1) * k]} for n, p in enumerate(prompts)]
 
 
 def _job(stack, root: Path, prompts: int, setting: dict, max_tokens: int, presampled: bool = False) -> dict:
@@ -255,7 +263,8 @@ def run(size: str = "full", max_tokens: int | None = None) -> dict:
         records = []
         for prompts in setting["sizes"]:
             records.append(_job(stack, Path(tmp), prompts, setting, max_tokens))
-            print(f"scale: {prompts} prompts done in {records[-1]['job_wall_s']:.0f} s", flush=True)
+            print(f"scale: {prompts} prompts done in {records[-1]['job_wall_s']:.0f} s: {json.dumps(records[-1])}",
+                  flush=True)
         presampled = _job(stack, Path(tmp), setting["sizes"][-1], setting, PRESAMPLED_TOKENS[size], presampled=True)
         print(f"scale: {presampled['prompts']} prompts presampled at {PRESAMPLED_TOKENS[size]} tokens done in "
               f"{presampled['job_wall_s']:.0f} s", flush=True)
