@@ -218,6 +218,10 @@ class TimeoutsConfig(_Strict):
     # A job's lease on its output directory (sppo/lease.py) is taken over by another job once
     # its driver has not renewed it for this long (it renews every quarter of it).
     lease_s: float = Field(default=60.0, gt=0.0)
+    # A Ray node that leaves the cluster mid-stage: Ray restarts its engines, and Ray Train its
+    # workers, on the nodes that are left if they have room; a stage that has not finished this
+    # long after the loss fails, naming the node (sppo/cluster.py). Re-submitting continues.
+    node_lost_s: float = Field(default=300.0, gt=0.0)
 
 
 class EvalConfig(_Strict):

@@ -115,7 +115,8 @@ def train_stage(cfg: RunConfig, rec: "IterationRecord", policy: str) -> None:
         result = train_policy(str(it.pairs), for_workers(policy), for_workers(str(it.checkpoint)), cfg.train,
                               storage_dir=for_workers(str(it.path / "ray_train")),
                               mlflow_tracking_uri=rec.tracker.uri, mlflow_run_id=rec.run_id,
-                              timeout_s=cfg.timeouts.training_s, trust_remote_code=cfg.policy.trust_remote_code)
+                              timeout_s=cfg.timeouts.training_s, trust_remote_code=cfg.policy.trust_remote_code,
+                              node_lost_s=cfg.timeouts.node_lost_s)
         if rec.storage:  # the workers wrote it to the shared storage: the driver's copy
             rec.storage.pull(it.checkpoint)
         atomic_write_text(it.train_history, json.dumps(result.history))
@@ -178,7 +179,7 @@ def _run_iterations(cfg: RunConfig, out: Path, manifest: RunManifest, storage: S
     judge = cfg.judge.model_path or ""  # each judge actor resolves it on its node
     status = "FAILED"
     # One set of vLLM engines for the whole job: each iteration's stages load the policy they need.
-    engines = EnginePool(cfg.sampling, cfg.policy.trust_remote_code)
+    engines = EnginePool(cfg.sampling, cfg.policy.trust_remote_code, node_lost_s=cfg.timeouts.node_lost_s)
     try:
         for t in range(first, cfg.iterations + 1):
             log.info("=== iteration %d/%d: policy %s", t, cfg.iterations, policy)

@@ -106,6 +106,7 @@ def run_job(cfg, resume_from: int | None, force: bool) -> int:
     """The job itself, on the Ray cluster this process reaches (or a new local one)."""
     import ray
 
+    from sppo.cluster import NodeLostError
     from sppo.controller import run_sppo
     from sppo.tracking import LARGE_ARTIFACT_ENV, answers, retry_env, run_links
 
@@ -122,6 +123,9 @@ def run_job(cfg, resume_from: int | None, force: bool) -> int:
     uri = cfg.tracking.resolved_uri
     try:
         checkpoints = run_sppo(cfg, resume_from=resume_from, force=force, checked=True)
+    except NodeLostError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1
     except Exception as err:
         if answers(uri):
             raise

@@ -23,6 +23,7 @@ carries the single BOS), so sampling and training see the same prompt tokens.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from sppo.chat import render_prompt_ids
+from sppo.cluster import POLL_S, NodeWatch
 from sppo.config import SamplingConfig
 from sppo.progress import LoggedProgress
 from sppo.storage import local_model
@@ -259,8 +261,11 @@ class EnginePool:
     """`cfg.num_engines` vLLM engine actors, started on first use and kept as `engine_mode`
     says; `close` (or leaving a `with` block) stops them."""
 
-    def __init__(self, cfg: SamplingConfig, trust_remote_code: bool = False):
+    def __init__(self, cfg: SamplingConfig, trust_remote_code: bool = False, node_lost_s: float | None = None):
+        """node_lost_s: a sampling call fails that long after a node it started with leaves the
+        cluster, if it has not finished without it (`sppo.cluster.NodeWatch`); None: never."""
         self.cfg, self.mode, self._trust_remote_code = cfg, engine_mode(cfg), trust_remote_code
+        self.node_lost_s = node_lost_s
         self._engines: list = []
         self.starts = 0  # engine starts (Ray's restarts after a crash included) since the pool was made
 
@@ -283,6 +288,7 @@ class EnginePool:
         sampling_params_kwargs(self.cfg)  # fail on the driver, before any engine starts
         shards = [part for part in shard(prompts, self.cfg.num_engines) if part]
         started = time.monotonic()
+        watch = NodeWatch("sampling", self.node_lost_s) if self.node_lost_s is not None else None
         idle = set(range(len(self._engines)))  # engines not busy with a request, safe to close
         try:
             if not self._engines:
@@ -295,18 +301,24 @@ class EnginePool:
             idle -= set(pending.values())
             results: list[Samples | None] = [None] * len(shards)
             while pending:
-                left = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - started))
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=left)
-                if not done:
+                left = math.inf if timeout_s is None else timeout_s - (time.monotonic() - started)
+                if left <= 0:
                     raise TimeoutError(
                         f"sampling: {len(pending)} of {len(shards)} vLLM engine(s) did not finish "
                         f"within timeout_s={timeout_s} (engines {sorted(pending.values())}, model {policy})"
                     )
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=min(left, POLL_S))
+                if not done:
+                    if watch is not None:
+                        watch.check()
+                    continue
                 i = pending.pop(done[0])
                 idle.add(i)
                 try:
                     results[i] = ray.get(done[0])
                 except ray.exceptions.RayError as err:
+                    if watch is not None:
+                        watch.explain(err)
                     raise RuntimeError(f"sampling: vLLM engine {i} (seed {seed + i}, {len(shards[i])} prompts, "
                                        f"model {policy}) failed: {err}") from err
                 logger.info("sampling: shard %d/%d done: %d prompts, %d candidates, %d tokens, %.1fs",

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ import pyarrow.fs as pafs
 import torch
 
 from sppo.chat import render_prompt_ids
+from sppo.cluster import POLL_S, NodeWatch
 from sppo.config import TrainConfig
 from sppo.losses import (
     LossParams,
@@ -595,6 +597,28 @@ def _write_checkpoint(engine, policy_dir: str, staging: Path, target: str, state
 # ---------------------------------------------------------------- driver
 
 
+def _fit_watching_nodes(trainer, watch: NodeWatch):
+    """trainer.fit() in a thread while this one checks the nodes: a restarted worker group that
+    cannot be placed would otherwise wait for a lost node's resources until timeout_s."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(POLL_S)
+        if thread.is_alive():
+            watch.check()  # raises; the job's end takes Ray Train's controller and workers with it
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def _absolute(spec: str) -> str:
     """Paths are handed to workers absolute; storage URIs and tiny: specs as they are."""
     return str(Path(spec).resolve()) if is_local_path(spec) else spec
@@ -611,6 +635,7 @@ def train_policy(
     mlflow_run_id: str | None = None,
     timeout_s: float | None = None,
     trust_remote_code: bool = False,
+    node_lost_s: float | None = None,
 ) -> TrainResult:
     """Train pi_{t+1} from pi_t (policy_dir) on pairs_path; publish it at checkpoint_dir.
 
@@ -618,6 +643,8 @@ def train_policy(
     timeout_s is enforced three ways, since fit() itself has no timeout: the workers check
     the deadline before each micro-batch, the process group times out any collective after
     timeout_s, and placing the workers is retried for about timeout_s (at least 60 s).
+    node_lost_s: fail that long after a node the training started with leaves the cluster, if
+    the training has not finished without it (`sppo.cluster.NodeWatch`); None: never.
     Raises TrainingError with the worker's message when training fails.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -669,9 +696,12 @@ def train_policy(
         "training %s on %d pairs: %d steps of %d pairs on %d workers",
         policy_dir, len(rows), num_steps, cfg.global_batch_size, cfg.num_workers,
     )
+    watch = NodeWatch("training", node_lost_s) if node_lost_s is not None else None
     try:
-        result = trainer.fit()
+        result = trainer.fit() if watch is None else _fit_watching_nodes(trainer, watch)
     except TrainingFailedError as err:
+        if watch is not None:  # the worker group failed past its restarts: because a node left?
+            watch.explain(err)
         raise TrainingError(f"training on {pairs_path} failed: {err}") from err
     output = result.return_value
     if output is not None and "error" in output:

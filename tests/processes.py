@@ -30,6 +30,18 @@ def descendants_titled(roots: Iterable[int], fragment: str) -> list[psutil.Proce
     return found
 
 
+def process_trees(pids: Iterable[int]) -> list[psutil.Process]:
+    """The processes of `pids` that are alive, each with all its descendants."""
+    found = []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            found += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 def wait_for_titled(roots: Iterable[int], fragment: str, still_running: Callable[[], bool],
                     timeout_s: float = 900.0) -> psutil.Process:
     """The first descendant of `roots` titled with `fragment`; fails if the work under test

@@ -21,14 +21,12 @@ import json
 import subprocess
 import time
 
-import psutil
-
 import pytest
 
 from sppo.lease import LEASE_FILE
 from sppo.localstack import LocalStack, free_port
 from tests.live_stack import REPO, nested_runs, rest, submit, submit_command, wait_for_a_training_step
-from tests.processes import driver_of, wait_gone
+from tests.processes import driver_of, process_trees, wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.cluster_faults]
 
@@ -101,13 +99,7 @@ def own_stack(tmp_path_factory):
 
 
 def _kill_mlflow(stack: LocalStack) -> None:
-    procs = []
-    for pid in stack.pids.get("mlflow", []):
-        try:
-            root = psutil.Process(pid)
-            procs += [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
+    procs = process_trees(stack.pids.get("mlflow", []))
     for proc in procs:
         proc.kill()
     assert procs and not wait_gone(procs, timeout_s=30)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections import Counter
 
 import psutil
@@ -26,9 +27,10 @@ import pytest
 
 from sppo.localstack import LocalStack, free_port
 from sppo.manifest import STAGE_FIELDS
-from tests.live_stack import REPO, VENV_BIN, client_env, nested_runs, rest, submit
+from tests.live_stack import (REPO, VENV_BIN, client_env, nested_runs, rest, submit, submit_command,
+                              wait_for_a_training_step)
+from tests.processes import process_trees, wait_for_titled, wait_gone
 from tests.test_shared_storage import remote_files
-from tests.processes import wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -65,12 +67,7 @@ def two_node_stack(tmp_path_factory):
         temp_dirs.append(str(stack.add_worker_node(num_cpus=NODE_CPUS, env={"SPPO_CACHE": str(stack.worker_cache)})))
         yield stack
     finally:
-        for pid in {pid for pids in stack.pids.values() for pid in pids}:
-            try:
-                root = psutil.Process(pid)
-                started += [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                continue
+        started = process_trees({pid for pids in stack.pids.values() for pid in pids})
         stack.stop()
     assert started and not wait_gone(started, timeout_s=30)
     strays = [p.pid for p in psutil.process_iter(["cmdline"])
@@ -163,3 +160,73 @@ def test_a_run_in_s3_storage_spreads_engines_and_training_workers_over_two_nodes
     assert (fetched / "model.safetensors").read_bytes() == stored["iter-1/checkpoint/model.safetensors"]
     assert f"on {storage_uri}/iter-1/checkpoint" in job.stdout
 
+
+
+NODE_LOST_S = 20
+# The run above without S3, and 10 epochs (20 optimizer steps) so that a kill lands in training.
+LOST_NODE_ARGS = (*RUN_ARGS, "--set", "train.epochs=10", "--set", f"timeouts.node_lost_s={NODE_LOST_S}")
+
+
+def _worker_node_processes(stack: LocalStack) -> list[psutil.Process]:
+    """Every process of the newest worker node: its daemons (raylet, agents) and their children."""
+    latest = max((name for name in stack.pids if name.startswith("ray-worker-")), key=lambda n: int(n.rsplit("-", 1)[1]))
+    return process_trees(stack.pids[latest])
+
+
+def _lose_the_worker_node(stack: LocalStack, job: subprocess.Popen, stage: str) -> str:
+    """SIGKILL every process of the worker node, as a reclaimed spot instance goes; returns the
+    job's log once it has failed, which must be within the node-loss limit and Ray's detection."""
+    procs = _worker_node_processes(stack)
+    for proc in procs:
+        proc.kill()
+    killed = time.monotonic()
+    assert not wait_gone(procs, timeout_s=30)
+    log, _ = job.communicate(timeout=600)
+    failed_in = time.monotonic() - killed
+    assert job.returncode != 0, log[-4000:]
+    assert f"error: stage '{stage}': Ray node " in log, log[-4000:]
+    assert "submit the same command again to continue" in log
+    assert failed_in < NODE_LOST_S + 120, failed_in
+    print(f"{stage}: the job failed {failed_in:.0f} s after the worker node was lost")
+    return log
+
+
+@pytest.mark.cluster_faults
+def test_a_lost_node_fails_the_stage_naming_it_and_a_resubmission_continues(two_node_stack, tmp_path):
+    """The worker node SIGKILLed, raylet and all, (a) while a vLLM engine on it starts or samples
+    and (b) while a training worker on it trains. Each engine and worker needs a whole node's
+    CPUs, so what ran there cannot be placed on the head: the stage fails timeouts.node_lost_s
+    after Ray notices, naming the node. With a new worker node, a re-submission redoes nothing
+    that was published and finishes with one MLflow run per iteration."""
+    stack = two_node_stack
+    out = tmp_path / "run"
+    cmd, env = submit_command(stack, out, *LOST_NODE_ARGS, job_env=JOB_ENV)
+
+    job = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_titled([p.pid for p in _worker_node_processes(stack)], "ray::VLLMEngine", lambda: job.poll() is None)
+        _lose_the_worker_node(stack, job, "sampling")
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert not (out / "iter-1" / "samples.parquet").exists()
+
+    stack.add_worker_node(num_cpus=NODE_CPUS)
+    job = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_a_training_step(stack, out, job)
+        _lose_the_worker_node(stack, job, "training")
+    finally:
+        if job.poll() is None:
+            job.kill()
+    published = json.loads((out / "manifest.json").read_text())["iterations"]["1"]["stages"]
+    assert set(published) == {"sampling", "judging", "pairs"}
+
+    stack.add_worker_node(num_cpus=NODE_CPUS)
+    again = submit(stack, out, *LOST_NODE_ARGS, job_env=JOB_ENV)
+    assert "SPPO finished" in again.stdout
+    stages = json.loads((out / "manifest.json").read_text())["iterations"]["1"]["stages"]
+    assert all(stages[name] == entry for name, entry in published.items())  # nothing redone
+    record = json.loads((out / "run.json").read_text())
+    runs = nested_runs(stack, record["experiment_id"], record["parent_run_id"])
+    assert sorted(runs) == ["iter-1", "iter-2"] and all(r["info"]["status"] == "FINISHED" for r in runs.values())
