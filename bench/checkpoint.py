@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import Timer, check_size, envelope, local_stack, peak_rss_mib, print_table
+from bench.common import (ProcessPeaks, Timer, check_size, envelope, local_stack, peak_rss_mib, print_table,
+                          ray_daemon_pids)
 
 # full: about 0.97B parameters (hidden 2048, 22 layers, GQA with 4 KV heads: TinyLlama's shape);
 # smoke: the same code on a model small enough for the test suite.
@@ -75,7 +76,6 @@ OPTIMIZER_STEPS = {"full": 0, "smoke": 1}
 
 def _through_the_checkpoint_path(stack, root: Path, model_dir: Path, pairs: Path, steps: int):
     """Train (save and publish included), upload, register, load in vLLM: each step's record."""
-    from bench.scale import ProcessPeaks
     from sppo.config import SamplingConfig, TrainConfig
     from sppo.sampling import EnginePool
     from sppo.tracking import Tracker
@@ -85,7 +85,7 @@ def _through_the_checkpoint_path(stack, root: Path, model_dir: Path, pairs: Path
     tracker.start_parent("checkpoint", {})
     run_id = tracker.start_iteration(1, {})
     checkpoint = root / "out" / "iter-1" / "checkpoint"
-    with ProcessPeaks(os.getpid(), stack) as peaks:
+    with ProcessPeaks(os.getpid(), ray_daemon_pids(stack)) as peaks:
         peaks.enter("train")
         with Timer() as trained:
             result = train_policy(str(pairs), str(model_dir), str(checkpoint), TrainConfig(**TRAIN, max_steps=steps),

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -131,6 +132,86 @@ def local_stack(state_dir: Path):
         yield stack
     finally:
         stack.stop()
+
+
+def ray_daemon_pids(stack) -> list[int]:
+    """The Ray daemons a `sppo.localstack.LocalStack` started: its actors' processes are under them."""
+    return [pid for name, pids in stack.pids.items() if name.startswith("ray") for pid in pids]
+
+
+class ProcessPeaks:
+    """Peak RSS (MiB) per stage of a driver (`driver_pid`) and of each Ray actor kind (the
+    `ray::<Class>` process title) among the descendants of `roots`, sampled every `interval_s`
+    in a thread and at each `enter(stage)`, which the caller makes as each stage begins."""
+
+    def __init__(self, driver_pid: int, roots: list[int], interval_s: float = 0.5):
+        self.driver_pid, self.interval_s, self.roots = driver_pid, interval_s, roots
+        self.stage = "setup"
+        self.peaks: dict[str, dict[str, float]] = {}
+        self.driver_hwm_mib = 0.0  # the kernel's high-water mark: no peak between samples is missed
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> "ProcessPeaks":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _processes(self) -> list:
+        import psutil
+
+        found = []
+        for pid in {self.driver_pid, *self.roots}:
+            try:
+                root = psutil.Process(pid)
+                found += [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+        return found
+
+    def _kind(self, process) -> str | None:
+        if process.pid == self.driver_pid:
+            return "driver"
+        name = process.cmdline()[0] if process.cmdline() else ""
+        if name.startswith("ray::") and not name.startswith("ray::IDLE"):
+            return name[5:].split(".")[0].split(" ")[0]
+        return None
+
+    def peak(self, kind: str) -> float:
+        """The highest RSS of `kind` over every stage (0 if never seen)."""
+        return max((stage.get(kind, 0.0) for stage in self.peaks.values()), default=0.0)
+
+    def enter(self, stage: str) -> None:
+        """Attribute what follows to `stage`, starting with a sample taken now (a stage may be
+        shorter than the interval)."""
+        self.stage = stage
+        self._sample()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval_s)
+
+    def _sample(self) -> None:
+        import psutil
+
+        with self._lock:  # the thread's samples and enter()'s
+            stage = self.peaks.setdefault(self.stage, {})
+            for process in self._processes():
+                try:
+                    if (kind := self._kind(process)) is not None:
+                        stage[kind] = max(stage.get(kind, 0.0), process.memory_info().rss / 2**20)
+                except psutil.Error:
+                    continue
+        try:
+            for line in Path(f"/proc/{self.driver_pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.driver_hwm_mib = max(self.driver_hwm_mib, int(line.split()[1]) / 1024)
+        except OSError:
+            pass
 
 
 def peak_rss_mib() -> float:

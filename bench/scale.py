@@ -27,10 +27,9 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
-from bench.common import Timer, check_size, envelope, local_stack, print_table
+from bench.common import ProcessPeaks, Timer, check_size, envelope, local_stack, print_table, ray_daemon_pids
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -61,79 +60,6 @@ def generated_prompts(count: int, seed: int = 0) -> list[str]:
             seen.add(text)
             prompts.append(text)
     return prompts
-
-
-class ProcessPeaks:
-    """Peak RSS (MiB) per stage of the job's driver (`driver_pid`) and of each Ray actor kind
-    (the `ray::<Class>` process title) under `stack`'s Ray daemons, sampled every `interval_s`
-    in a thread and at each `enter(stage)`, which the caller makes as the job's log announces
-    each stage."""
-
-    def __init__(self, driver_pid: int, stack, interval_s: float = 0.5):
-        self.driver_pid, self.interval_s = driver_pid, interval_s
-        self.roots = [pid for name, pids in stack.pids.items() if name.startswith("ray") for pid in pids]
-        self.stage = "setup"
-        self.peaks: dict[str, dict[str, float]] = {}
-        self.driver_hwm_mib = 0.0  # the kernel's high-water mark: no peak between samples is missed
-        self._stop, self._lock = threading.Event(), threading.Lock()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self) -> "ProcessPeaks":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _processes(self) -> list:
-        import psutil
-
-        found = []
-        for pid in [self.driver_pid, *self.roots]:
-            try:
-                root = psutil.Process(pid)
-                found += [root, *root.children(recursive=True)]
-            except psutil.Error:
-                continue
-        return found
-
-    def _kind(self, process) -> str | None:
-        if process.pid == self.driver_pid:
-            return "driver"
-        name = process.cmdline()[0] if process.cmdline() else ""
-        if name.startswith("ray::") and not name.startswith("ray::IDLE"):
-            return name[5:].split(".")[0].split(" ")[0]
-        return None
-
-    def enter(self, stage: str) -> None:
-        """Attribute what follows to `stage`, starting with a sample taken now (a stage may be
-        shorter than the interval)."""
-        self.stage = stage
-        self._sample()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval_s)
-
-    def _sample(self) -> None:
-        import psutil
-
-        with self._lock:  # the thread's samples and enter()'s
-            stage = self.peaks.setdefault(self.stage, {})
-            for process in self._processes():
-                try:
-                    if (kind := self._kind(process)) is not None:
-                        stage[kind] = max(stage.get(kind, 0.0), process.memory_info().rss / 2**20)
-                except psutil.Error:
-                    continue
-        try:
-            for line in Path(f"/proc/{self.driver_pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.driver_hwm_mib = max(self.driver_hwm_mib, int(line.split()[1]) / 1024)
-        except OSError:
-            pass
 
 
 def _size_bytes(path: Path) -> int:
@@ -206,7 +132,7 @@ def _job(stack, root: Path, prompts: int, setting: dict, max_tokens: int, presam
     log = []
     with Timer() as wall:
         job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        with ProcessPeaks(job.pid, stack) as peaks:
+        with ProcessPeaks(job.pid, ray_daemon_pids(stack)) as peaks:
             for line in job.stdout:  # "iteration 1: sampling ..." opens a stage, "... done in" closes it
                 log.append(line)
                 for stage in STAGES:

@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
-import threading
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import Timer, check_size, cli, counted_flops, dense_matmul_flops, envelope, meta_model, print_table
+from bench.common import (ProcessPeaks, Timer, check_size, cli, counted_flops, dense_matmul_flops, envelope,
+                          meta_model, print_table)
 
 SETTINGS = {
     # A ~4M-parameter Llama on the tiny tokenizer: big enough that compute, not per-call
@@ -211,37 +212,6 @@ def training_flops(policy_dir: str, sequences: list, epochs: int, reference_pass
                for length, count in Counter(len(s.input_ids) for s in sequences).items())
 
 
-class WorkerMemory:
-    """Peak resident memory of this driver's Ray Train worker processes, sampled in a thread.
-    They are found among this process's descendants: the benchmark starts its own Ray."""
-
-    def __init__(self, interval_s: float = 0.05):
-        self.interval_s, self.peak_mib = interval_s, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self._stop.is_set():
-            for proc in me.children(recursive=True):
-                try:
-                    if "TrainWorker" in " ".join(proc.cmdline()):
-                        self.peak_mib = max(self.peak_mib, proc.memory_info().rss / 2**20)
-                except psutil.Error:
-                    continue
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> "WorkerMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _trainer(loop, config: dict, cfg, storage: str, name: str):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -392,20 +362,20 @@ def run(size: str = "full", seed: int = 0) -> dict:
 
             def ours(run_cfg: TrainConfig, name: str) -> dict:
                 path = sampled_pairs_path if run_cfg.reference_logps == "sampler" else pairs_path
-                with WorkerMemory() as memory, Timer() as wall:
+                with ProcessPeaks(os.getpid(), [os.getpid()], interval_s=0.05) as memory, Timer() as wall:
                     result = train_policy(str(path), policy_dir, str(work / f"{name}-ckpt"), run_cfg,
                                           storage_dir=str(work / "ray"), timeout_s=1800)
                 timings = result.timings
                 return {"seconds": timings["reference_logps"] + timings["train_steps"], **timings,
-                        "epochs": run_cfg.epochs, "steps": result.num_steps, "peak_worker_rss_mib": memory.peak_mib,
-                        "wall_s": wall.seconds}
+                        "epochs": run_cfg.epochs, "steps": result.num_steps,
+                        "peak_worker_rss_mib": memory.peak("RayTrainWorker"), "wall_s": wall.seconds}
 
             def baseline(loop, run_cfg: TrainConfig, name: str, **extra) -> dict:
-                with WorkerMemory() as memory, Timer() as wall:
+                with ProcessPeaks(os.getpid(), [os.getpid()], interval_s=0.05) as memory, Timer() as wall:
                     out = _trainer(loop, {**base, "cfg": run_cfg.model_dump(), **extra}, run_cfg, str(work / "ray"),
                                    name).fit().return_value
                 return {"seconds": out["train_steps"], **out, "epochs": run_cfg.epochs,
-                        "peak_worker_rss_mib": memory.peak_mib, "wall_s": wall.seconds}
+                        "peak_worker_rss_mib": memory.peak("RayTrainWorker"), "wall_s": wall.seconds}
 
             warm_up = ours(cfg, "warm-up") if setting["warm_up"] else None
             runs = {"ours": ours(cfg, "ours"),
