@@ -15,6 +15,9 @@ MLFLOW_PORT ?= 5000
 DASHBOARD := http://127.0.0.1:$(DASHBOARD_PORT)
 MLFLOW := http://127.0.0.1:$(MLFLOW_PORT)
 PYTEST_ARGS ?=
+# The suite runs in two lanes (pytest-xdist): much of a job waits on process starts, leaving a
+# core idle in one lane (docs/testing.md). TEST_LANES=0 runs it in this one process.
+TEST_LANES ?= 2
 
 # No model hub is needed: the tiny models are built from code.
 export HF_HUB_OFFLINE ?= 1
@@ -61,7 +64,7 @@ demo: install
 	@echo "Servers stay up for browsing; 'make stop' stops them."
 
 test: install
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_LANES) --dist loadgroup $(PYTEST_ARGS)
 
 # Speed and memory against the baselines, measured side by side (docs/performance.md), into
 # bench/results/latest.json. Not part of `make test`. TRL is a baseline only: installed here, not in the lock.

@@ -24,6 +24,20 @@ import pytest
 if TYPE_CHECKING:
     from sppo.localstack import LocalStack
 
+# `make test` runs the suite in two lanes (pytest-xdist, --dist loadgroup). A session fixture
+# is set up once per lane that uses it, so the tests sharing one (the demo's stack, the local
+# Ray cluster) are kept in one lane: they start it once, as in a single lane.
+LANE_GROUPS = {"demo": "demo-stack", "live_stack": "demo-stack", "ray_cluster": "local-ray-cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        groups = {LANE_GROUPS[name] for name in item.fixturenames if name in LANE_GROUPS}
+        if len(groups) > 1:
+            raise pytest.UsageError(f"{item.nodeid} needs both {sorted(groups)}, which may be set up in two lanes")
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups.pop()))
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -73,15 +75,20 @@ def test_results_file_has_the_summary_and_every_record(tmp_path, capsys):
     assert "a     1.235" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_make_bench_smoke_writes_every_key(tmp_path, capsys):
-    from bench.__main__ import main
+def run_bench(*args: str) -> str:
+    """`python -m bench` in a process of its own (it starts and stops Ray clusters of its own); its output."""
+    done = subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout
 
+
+@pytest.mark.slow
+def test_make_bench_smoke_writes_every_key(tmp_path):
     # The TRL baseline is installed by `make bench` only (it is not in the lock): without it the
     # other measurements still run and the train record says why TRL's is missing.
     has_trl = importlib.util.find_spec("trl") is not None
-    path = main(["--size", "smoke", "--out", str(tmp_path / "latest.json")])
-    results = json.loads(path.read_text())
+    out = run_bench("--size", "smoke", "--out", str(tmp_path / "latest.json"))
+    results = json.loads((tmp_path / "latest.json").read_text())
     keys = ["judge_ratio", "train_ratio_vs_online_ref", "sample_ratio_vs_sequential", "sample_overhead_vs_bare",
             "iteration_ratio"]
     for key in keys + (["train_ratio_vs_trl"] if has_trl else []):
@@ -130,7 +137,6 @@ def test_make_bench_smoke_writes_every_key(tmp_path, capsys):
                       "training/checkpoint_save", "evaluation", "tracking"):
             assert side["stage_seconds"][f"time/{stage}_s"] > 0, stage
     assert np.isfinite(results["iteration_ratio"]) and results["iteration_ratio"] > 0
-    out = capsys.readouterr().out
     assert out.count("\nratio=") == 3  # judge, train, sample each end with their ratio line
 
 
@@ -156,16 +162,11 @@ def test_scale_ratio_is_the_worst_stages_growth_per_prompt():
 @pytest.mark.slow
 def test_scale_benchmarks_smoke_write_scale_json(tmp_path):
     """`python -m bench --only scale,checkpoint` at its smallest: each benchmark on its own Ray head
-    and MLflow server (a process of its own: the checkpoint benchmark is a Ray driver itself)."""
-    import subprocess
-    import sys
-
+    and MLflow server."""
     from bench.scale import SETTINGS, STAGES
 
-    done = subprocess.run([sys.executable, "-m", "bench", "--size", "smoke", "--only", "scale,checkpoint",
-                           "--out", str(tmp_path / "latest.json")], capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "\nscale_ratio=" in done.stdout and "\ncheckpoint_publish_vs_cp=" in done.stdout
+    out = run_bench("--size", "smoke", "--only", "scale,checkpoint", "--out", str(tmp_path / "latest.json"))
+    assert "\nscale_ratio=" in out and "\ncheckpoint_publish_vs_cp=" in out
     results = json.loads((tmp_path / "scale.json").read_text())
     assert set(results["benchmarks"]) == {"scale", "checkpoint"}
     assert np.isfinite(results["scale_ratio"]) and results["scale_ratio"] > 0

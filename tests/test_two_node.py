@@ -162,9 +162,11 @@ def test_a_run_in_s3_storage_spreads_engines_and_training_workers_over_two_nodes
 
 
 
-NODE_LOST_S = 20
-# The run above without S3, and 10 epochs (20 optimizer steps) so that a kill lands in training.
-LOST_NODE_ARGS = (*RUN_ARGS, "--set", "train.epochs=10", "--set", f"timeouts.node_lost_s={NODE_LOST_S}")
+NODE_LOST_S = 10
+# The run above without S3, one iteration, and 10 epochs (20 optimizer steps) so that a kill lands
+# in training.
+LOST_NODE_ARGS = (*RUN_ARGS, "--iters", "1", "--set", "train.epochs=10",
+                  "--set", f"timeouts.node_lost_s={NODE_LOST_S}")
 
 
 def _worker_node_processes(stack: LocalStack) -> list[psutil.Process]:
@@ -229,4 +231,4 @@ def test_a_lost_node_fails_the_stage_naming_it_and_a_resubmission_continues(two_
     assert all(stages[name] == entry for name, entry in published.items())  # nothing redone
     record = json.loads((out / "run.json").read_text())
     runs = nested_runs(stack, record["experiment_id"], record["parent_run_id"])
-    assert sorted(runs) == ["iter-1", "iter-2"] and all(r["info"]["status"] == "FINISHED" for r in runs.values())
+    assert list(runs) == ["iter-1"] and runs["iter-1"]["info"]["status"] == "FINISHED"
