@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from sppo.secrets import redact
 from sppo.storage import atomic_write_text, read_parquet
 
 log = logging.getLogger("sppo.tracking")
@@ -33,20 +33,6 @@ RUN_FILE = "run.json"
 _MAX_PARAM_LEN = 6000
 _PARAM_BATCH = 100
 _METRIC_BATCH = 1000
-
-
-# Keys named like these have their values replaced before they reach MLflow.
-_SECRET_KEY = re.compile(r"token|secret|passw(or)?d|api[_-]?key|credential|private[_-]?key", re.IGNORECASE)
-# user:password@ in a URL (e.g. a tracking URI behind basic auth).
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*):[^@/\s]*@", re.IGNORECASE)
-REDACTED = "***"
-
-
-def redact(key: str, value: Any) -> str:
-    """A param value as MLflow may store it: secrets by name masked, URL passwords removed."""
-    if _SECRET_KEY.search(key):
-        return REDACTED
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", str(value))
 
 
 def sample_table(judgments: Path, pairs: Path, rows: int) -> dict[str, list]:
