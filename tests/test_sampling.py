@@ -265,7 +265,8 @@ def test_sampled_token_log_probs_are_the_policys_and_serve_as_the_reference(
     from transformers import AutoModelForCausalLM
 
     from sppo.pairs import training_rows
-    from sppo.training import encode_pairs, reference_logps, sampler_reference_logps
+    from sppo.training_data import encode_pairs
+    from sppo.training_recipe import reference_logps, sampler_reference_logps
 
     samples = sampled.samples
     model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
