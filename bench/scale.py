@@ -1,6 +1,6 @@
 """How an iteration's cost grows with its prompts: one iteration of the tiny policy
 (`configs/tiny.yaml`, the rule judge) at 1,000, 5,000 and 20,000 generated prompts, K = 5, on one
-local Ray head and MLflow server (`sppo.localstack`).
+local Ray head and MLflow server (`sppo.devtools.localstack`).
 
 Per size and stage (sampling, judging, pairs, training, evaluation, tracking): wall seconds (the
 iteration's `time/<stage>_s`, read back from its MLflow run), seconds per prompt, the peak RSS of
@@ -199,7 +199,7 @@ def run(size: str = "full", max_tokens: int | None = None) -> dict:
               "presampled_tokens": PRESAMPLED_TOKENS[size],
               "max_tokens_asked": SETTINGS["full"]["max_tokens"], "cluster_cpus": stack.num_cpus,
               "judge": "rule", "training": f"train.max_steps={setting['train_steps']} at every size",
-              "tracking": "MLflow server (sppo.localstack)"}
+              "tracking": "MLflow server (sppo.devtools.localstack)"}
     largest = records[-1]
     results = {"sizes": records, "presampled": presampled, "scale_ratio": ratio, "worst_stage": worst,
                "driver_peak_rss_mib": max(largest["driver_peak_rss_mib"], presampled["driver_peak_rss_mib"]),

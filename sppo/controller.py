@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from sppo.config import RunConfig
 from sppo.evaluation import eval_judgments_path, evaluate
-from sppo.faults import kill_point
+from sppo.devtools.faults import kill_point
 from sppo.judging import JUDGES
 from sppo.manifest import RunManifest
 from sppo.model_card import card_summary, registry_tags, write_card

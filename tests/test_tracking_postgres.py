@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from sppo.localstack import free_port
+from sppo.devtools.localstack import free_port
 from sppo.secrets import MASK
 from sppo.tracking import Tracker
 

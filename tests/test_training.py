@@ -382,7 +382,7 @@ def one_process_group():
 
     import torch.distributed as dist
 
-    from sppo.localstack import free_port
+    from sppo.devtools.localstack import free_port
 
     # What a launcher sets for each process (DeepSpeed's CPU accelerator reads LOCAL_RANK).
     launcher = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
