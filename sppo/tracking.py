@@ -197,9 +197,6 @@ class Tracker:
                 out[int(name[5:])] = run
         return out
 
-    def finished_iterations(self) -> set[int]:
-        return {t for t, run in self.iteration_runs().items() if run.info.status == "FINISHED"}
-
     def start_iteration(self, iteration: int, params: Mapping[str, Any]) -> str:
         """A fresh nested run `iter-N`; an earlier one for the same iteration is replaced."""
         previous = self.iteration_runs().get(iteration)
