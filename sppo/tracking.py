@@ -272,3 +272,25 @@ class Tracker:
         if monitor is not None:
             monitor.finish()
         self.client.set_terminated(run_id, status=status)
+
+
+class LiveMetrics:
+    """Per-step metrics to an MLflow run as they happen (rank 0); a tracking outage costs
+    metrics, not the training: the caller still gets the whole history."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str):
+        self._client = MlflowClient(tracking_uri)
+        self._run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._client is None:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items() if key != "step"]
+        try:  # MLflow's client retries for tracking.outage_limit_s first
+            self._client.log_batch(self._run_id, metrics=batch)
+        except Exception as err:  # any transport or server error: the driver still gets the history
+            log.warning("MLflow log_batch for run %s at step %d failed, no more live steps from this "
+                           "attempt (the driver logs the whole curve when the run is resumed): %s",
+                           self._run_id, step, err)
+            self._client = None  # each later step would wait out the limit again

@@ -63,6 +63,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
 
     from sppo import training_recipe
+    from sppo.tracking import LiveMetrics
     imported = time.time()
 
     cfg = TrainConfig.model_validate(config["cfg"])
@@ -70,7 +71,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if ray.train.get_context().get_world_rank() == 0:
         logger.setLevel(logging.INFO)  # progress lines, whatever level the worker's root logger is at
         if config["mlflow_run_id"] is not None:
-            live_metrics = training_recipe.LiveMetrics(config["mlflow_tracking_uri"], config["mlflow_run_id"])
+            live_metrics = LiveMetrics(config["mlflow_tracking_uri"], config["mlflow_run_id"])
     try:
         result = training_recipe.train(
             cfg, config["rows"], local_model(config["policy_dir"]),  # from shared storage if a URI

@@ -22,18 +22,14 @@ import argparse
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow.fs as pafs
 import torch
 
+from sppo.checkpoint import publish_checkpoint
 from sppo.config import TrainConfig
 from sppo.losses import (
     LossParams,
@@ -45,7 +41,6 @@ from sppo.losses import (
     wpo_pair_weights,
 )
 from sppo.progress import PROGRESS_EVERY_S, progress
-from sppo.storage import is_uri, upload_dir
 from sppo.training_data import (
     EncodedPair,
     EncodedSequence,
@@ -58,11 +53,10 @@ from sppo.training_data import (
     total_steps,
 )
 
-logger = logging.getLogger("sppo.training")
+if TYPE_CHECKING:
+    from sppo.tracking import LiveMetrics
 
-# Files of a model directory that the checkpoint writes itself rather than copies.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-_MODEL_FILES = ("config.json", "generation_config.json")
+logger = logging.getLogger("sppo.training")
 
 
 @dataclass(frozen=True)
@@ -199,87 +193,6 @@ def sampler_reference_logps(pairs: Sequence[EncodedPair], rows: Sequence[dict[st
     return torch.tensor([[kept(pair.chosen, row["chosen_token_logps"]),
                           kept(pair.rejected, row["rejected_token_logps"])]
                          for pair, row in zip(pairs, rows, strict=True)], dtype=torch.float32)
-
-
-class LiveMetrics:
-    """Per-step metrics to an MLflow run as they happen (rank 0); a tracking outage costs
-    metrics, not the training: the caller still gets the whole history."""
-
-    def __init__(self, tracking_uri: str | None, run_id: str):
-        import mlflow
-
-        self._client = mlflow.MlflowClient(tracking_uri)
-        self._run_id = run_id
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self._client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items() if key != "step"]
-        try:  # MLflow's client retries for tracking.outage_limit_s first
-            self._client.log_batch(self._run_id, metrics=batch)
-        except Exception as err:  # any transport or server error: the driver still gets the history
-            logger.warning("MLflow log_batch for run %s at step %d failed, no more live steps from this "
-                           "attempt (the driver logs the whole curve when the run is resumed): %s",
-                           self._run_id, step, err)
-            self._client = None  # each later step would wait out the limit again
-
-
-def publish_checkpoint(engine, policy_dir: str, checkpoint_dir: str, dtype: torch.dtype) -> None:
-    """Gather the ZeRO-3 partitions one parameter at a time and publish an HF checkpoint.
-
-    Every rank takes part in the gathers; rank 0 writes a staging directory beside
-    checkpoint_dir and renames it into place, so checkpoint_dir is complete or absent.
-    """
-    import deepspeed
-    import torch.distributed as dist
-
-    rank = dist.get_rank()
-    state_dict = {}
-    for name, param in engine.module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if rank == 0:
-                state_dict[name] = param.detach().to("cpu", dtype=dtype, copy=True)
-    if rank != 0:
-        return
-    if is_uri(checkpoint_dir):  # shared storage: written here, then uploaded in place of any earlier one
-        with tempfile.TemporaryDirectory(prefix="sppo-checkpoint-") as staging:
-            _write_checkpoint(engine, policy_dir, Path(staging), checkpoint_dir, state_dict, dtype)
-            try:
-                fs, path = pafs.FileSystem.from_uri(checkpoint_dir)
-                upload_dir(Path(staging), fs, path)
-            except Exception as err:
-                raise OSError(f"uploading the checkpoint to {checkpoint_dir} failed: {err}") from err
-        return
-    target = Path(checkpoint_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-    replaced = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_checkpoint(engine, policy_dir, staging, str(target), state_dict, dtype)
-        staging.chmod(0o755)  # mkdtemp makes it 0700
-        if target.exists():  # an earlier attempt's checkpoint: set aside, never merged with
-            target.rename(replaced)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(replaced, ignore_errors=True)  # only once the new checkpoint is in place
-
-
-def _write_checkpoint(engine, policy_dir: str, staging: Path, target: str, state_dict: dict, dtype) -> None:
-    """The HF checkpoint (weights, config, generation config) plus the policy's other files
-    (tokenizer, chat template) into staging."""
-    engine.module.config.dtype = dtype
-    try:
-        engine.module.save_pretrained(staging, state_dict=state_dict)
-        for source in Path(policy_dir).iterdir():
-            written_here = source.name in _MODEL_FILES or source.name.endswith(_WEIGHT_SUFFIXES)
-            if source.is_file() and not written_here:
-                shutil.copy2(source, staging / source.name)
-    except Exception as err:  # safetensors reports a full disk as its own error type
-        raise OSError(f"writing the checkpoint for {target} failed: {err}") from err
 
 
 # ---------------------------------------------------------------- the recipe
