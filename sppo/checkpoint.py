@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import torch
 
-from sppo.storage import is_uri, upload_dir
+from sppo.storage import is_uri, publish_directory, upload_dir
 
 # Files of a model directory that the checkpoint writes itself rather than copies.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -23,8 +22,8 @@ _MODEL_FILES = ("config.json", "generation_config.json")
 def publish_checkpoint(engine, policy_dir: str, checkpoint_dir: str, dtype: torch.dtype) -> None:
     """Gather the ZeRO-3 partitions one parameter at a time and publish an HF checkpoint.
 
-    Every rank takes part in the gathers; rank 0 writes a staging directory beside
-    checkpoint_dir and renames it into place, so checkpoint_dir is complete or absent.
+    Every rank takes part in the gathers; rank 0 writes and publishes it (`publish_directory`), so
+    checkpoint_dir is complete or absent, and an earlier attempt's is replaced, never merged with.
     """
     import deepspeed
     import torch.distributed as dist
@@ -46,19 +45,8 @@ def publish_checkpoint(engine, policy_dir: str, checkpoint_dir: str, dtype: torc
             except Exception as err:
                 raise OSError(f"uploading the checkpoint to {checkpoint_dir} failed: {err}") from err
         return
-    target = Path(checkpoint_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-    replaced = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_checkpoint(engine, policy_dir, staging, str(target), state_dict, dtype)
-        staging.chmod(0o755)  # mkdtemp makes it 0700
-        if target.exists():  # an earlier attempt's checkpoint: set aside, never merged with
-            target.rename(replaced)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(replaced, ignore_errors=True)  # only once the new checkpoint is in place
+    publish_directory(Path(checkpoint_dir),
+                      lambda staging: _write_checkpoint(engine, policy_dir, staging, checkpoint_dir, state_dict, dtype))
 
 
 def _write_checkpoint(engine, policy_dir: str, staging: Path, target: str, state_dict: dict, dtype) -> None:
