@@ -91,7 +91,8 @@ def judge_stage(cfg: RunConfig, rec: "IterationRecord", judge: str) -> None:
     offline = dataset_responses(cfg.prompts, it.iteration)
     candidates, off_policy = hybrid_candidates(sampled, [offline.get(p, []) for p in prompts])
     with rec.stage("judging", judgments=it.judgments):
-        matrices = JUDGES[cfg.judge.kind](judge, prompts, candidates, cfg.judge, timeout_s=cfg.timeouts.judging_s)
+        matrices = JUDGES[cfg.judge.kind](judge, prompts, candidates, cfg.judge, timeout_s=cfg.timeouts.judging_s,
+                                          node_lost_s=cfg.timeouts.node_lost_s)
         rec.publish(it.judgments, [{"prompt": p, "candidates": c, "off_policy": f, "win_matrix": m.tolist()}
                                    for p, c, f, m in zip(prompts, candidates, off_policy, matrices)],
                     {"judging/off_policy_candidates": sum(map(sum, off_policy))})
