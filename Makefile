@@ -49,7 +49,7 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 	@echo ">> environment ready"
 
 demo: install
-	@$(PY) -m sppo.localstack start --state-dir $(STATE_DIR) \
+	@$(PY) -m sppo.devtools.localstack start --state-dir $(STATE_DIR) \
 	  --ray-port $(RAY_PORT) --dashboard-port $(DASHBOARD_PORT) --mlflow-port $(MLFLOW_PORT)
 	$(VENV)/bin/ray job submit --address $(DASHBOARD) --working-dir . \
 	  --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "$(MLFLOW)", "HF_HUB_OFFLINE": "$(HF_HUB_OFFLINE)"}}' \
@@ -73,8 +73,8 @@ bench: install
 	$(PY) -m bench
 
 stop:
-	@test -x $(PY) && $(PY) -m sppo.localstack stop --state-dir $(STATE_DIR) || true
+	@test -x $(PY) && $(PY) -m sppo.devtools.localstack stop --state-dir $(STATE_DIR) || true
 
 status:
-	@$(PY) -m sppo.localstack status --state-dir $(STATE_DIR) \
+	@$(PY) -m sppo.devtools.localstack status --state-dir $(STATE_DIR) \
 	  --ray-port $(RAY_PORT) --dashboard-port $(DASHBOARD_PORT) --mlflow-port $(MLFLOW_PORT)

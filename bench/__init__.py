@@ -2,6 +2,6 @@
 
 import os
 
-# The Ray heads the benchmarks start (sppo.localstack) require token authentication, as the
+# The Ray heads the benchmarks start (sppo.devtools.localstack) require token authentication, as the
 # Makefile's do; Ray reads the mode once per process, so it is set before anything imports ray.
 os.environ.setdefault("RAY_AUTH_MODE", "token")

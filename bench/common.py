@@ -123,8 +123,8 @@ class Timer:
 
 @contextlib.contextmanager
 def local_stack(state_dir: Path):
-    """A new Ray head and MLflow server (`sppo.localstack.LocalStack`) on free ports, stopped after."""
-    from sppo.localstack import LocalStack, free_port
+    """A new Ray head and MLflow server (`sppo.devtools.localstack.LocalStack`) on free ports, stopped after."""
+    from sppo.devtools.localstack import LocalStack, free_port
 
     stack = LocalStack(state_dir / "stack", ray_port=free_port(), dashboard_port=free_port(), mlflow_port=free_port())
     try:
@@ -135,7 +135,7 @@ def local_stack(state_dir: Path):
 
 
 def ray_daemon_pids(stack) -> list[int]:
-    """The Ray daemons a `sppo.localstack.LocalStack` started: its actors' processes are under them."""
+    """The Ray daemons a `sppo.devtools.localstack.LocalStack` started: its actors' processes are under them."""
     return [pid for name, pids in stack.pids.items() if name.startswith("ray") for pid in pids]
 
 

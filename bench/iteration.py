@@ -1,6 +1,6 @@
 """Where a job's time goes, and what keeping the vLLM engines saves: the tiny 3-iteration job
 (`python -m sppo.run --config configs/tiny.yaml`) twice on one local Ray head and MLflow server
-(`sppo.localstack`), first with `sampling.engine_mode=restart` (engines started for every
+(`sppo.devtools.localstack`), first with `sampling.engine_mode=restart` (engines started for every
 sampling call: each iteration's sampling and each policy's held-out samples), then with
 `resident` (one engine start per job, each new policy loaded in place).
 
@@ -75,7 +75,7 @@ def run(size: str = "full") -> dict:
     with tempfile.TemporaryDirectory(prefix="sppo-bench-iteration-") as tmp, local_stack(Path(tmp)) as stack:
         sides = {mode: _job(stack, Path(tmp) / mode, mode, setting) for mode in MODES}
     inputs = {"config": f"configs/{CONFIG.name}", "size": size, **setting, "cluster_cpus": stack.num_cpus,
-              "tracking": "MLflow server (sppo.localstack)"}
+              "tracking": "MLflow server (sppo.devtools.localstack)"}
     results = {"sides": sides, "iteration_ratio": sides["restart"]["job_wall_s"] / sides["resident"]["job_wall_s"]}
     return envelope("iteration", size, inputs, results)
 

@@ -1,6 +1,6 @@
 """How an iteration's cost grows with its prompts: one iteration of the tiny policy
 (`configs/tiny.yaml`, the rule judge) at 1,000, 5,000 and 20,000 generated prompts, K = 5, on one
-local Ray head and MLflow server (`sppo.localstack`).
+local Ray head and MLflow server (`sppo.devtools.localstack`).
 
 Per size and stage (sampling, judging, pairs, training, evaluation, tracking): wall seconds (the
 iteration's `time/<stage>_s`, read back from its MLflow run), seconds per prompt, the peak RSS of
@@ -30,10 +30,10 @@ import tempfile
 from pathlib import Path
 
 from bench.common import ProcessPeaks, Timer, check_size, envelope, local_stack, print_table, ray_daemon_pids
+from sppo.manifest import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny.yaml"
-STAGES = ("sampling", "judging", "pairs", "training", "evaluation", "tracking")
 SETTINGS = {
     "full": {"sizes": [1000, 5000, 20000], "k": 5, "max_tokens": 256, "train_steps": 8, "eval_size": 32},
     "smoke": {"sizes": [16, 48], "k": 5, "max_tokens": 8, "train_steps": 2, "eval_size": 4},
@@ -107,6 +107,8 @@ def _job(stack, root: Path, prompts: int, setting: dict, max_tokens: int, presam
     (candidates of max_tokens tokens, `presampled_candidates`), so the job skips sampling."""
     from mlflow import MlflowClient
 
+    from sppo.config import load_config, parse_override
+    from sppo.manifest import RunManifest
     from sppo.storage import IterationDir, atomic_write_parquet
 
     source = root / f"prompts-{prompts}.jsonl"
@@ -114,15 +116,18 @@ def _job(stack, root: Path, prompts: int, setting: dict, max_tokens: int, presam
     source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in every))
     name = f"{prompts}{'-presampled' if presampled else ''}"
     out, experiment = root / f"out-{name}", f"sppo-bench-scale-{name}-{root.name}"
-    if presampled:
-        atomic_write_parquet(IterationDir(out, 1).samples,
-                             presampled_candidates(every[:prompts], setting["k"], max_tokens))
     overrides = [f"prompts.source={source}", "prompts.num_splits=1", f"prompts.per_iteration={prompts}",
                  f"prompts.eval_size={setting['eval_size']}", f"sampling.k={setting['k']}",
                  f"sampling.max_tokens={max_tokens}", f"train.max_steps={setting['train_steps']}",
                  "train.epochs=1", f"train.max_length={96 + max_tokens + 1}", f"tracking.experiment={experiment}",
                  "tracking.register_model=null", "timeouts.sampling_s=36000", "timeouts.judging_s=36000",
                  "timeouts.training_s=36000"]
+    if presampled:  # published and recorded as the sampling stage does, so that the job skips it
+        samples = IterationDir(out, 1).samples
+        atomic_write_parquet(samples, presampled_candidates(every[:prompts], setting["k"], max_tokens))
+        cfg = load_config(CONFIG, {**dict(parse_override(o) for o in overrides), "iterations": 1,
+                                   "output_dir": str(out)})
+        RunManifest(out).record_stage(1, "sampling", cfg, {"samples": samples}, mlflow_run_id="presampled")
     command = [sys.executable, "-m", "sppo.run", "--config", str(CONFIG), "--iters", "1", "--output-dir", str(out)]
     for override in overrides:
         command += ["--set", override]
@@ -153,7 +158,7 @@ def _job(stack, root: Path, prompts: int, setting: dict, max_tokens: int, presam
     manifest = json.loads((out / "manifest.json").read_text())["iterations"]["1"]["stages"]
     stages = {}
     for stage in STAGES:
-        if stage not in manifest:  # sampling, when presampled
+        if f"time/{stage}_s" not in metrics:  # sampling, when presampled
             continue
         seconds = metrics[f"time/{stage}_s"]
         stages[stage] = {
@@ -199,7 +204,7 @@ def run(size: str = "full", max_tokens: int | None = None) -> dict:
               "presampled_tokens": PRESAMPLED_TOKENS[size],
               "max_tokens_asked": SETTINGS["full"]["max_tokens"], "cluster_cpus": stack.num_cpus,
               "judge": "rule", "training": f"train.max_steps={setting['train_steps']} at every size",
-              "tracking": "MLflow server (sppo.localstack)"}
+              "tracking": "MLflow server (sppo.devtools.localstack)"}
     largest = records[-1]
     results = {"sizes": records, "presampled": presampled, "scale_ratio": ratio, "worst_stage": worst,
                "driver_peak_rss_mib": max(largest["driver_peak_rss_mib"], presampled["driver_peak_rss_mib"]),

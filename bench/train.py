@@ -12,8 +12,9 @@ ours and the online reference again at `more_epochs` epochs:
   in that mode; no reference pass runs. The log-probs are computed for the benchmark by a float32
   forward pass outside any timing (vLLM reports the same values while it samples, to 1e-5 a
   token: tests/test_sampling.py); what asking vLLM for them costs is measured in bench/sample.py.
-- online reference (the reference pipeline's way): the same pieces of `sppo.training`, plus a
-  second, frozen ZeRO-3 copy of pi_t whose log-probs are recomputed at every step.
+- online reference (the reference pipeline's way): the same `train_policy` with
+  `train.reference_logps: online`, a second, frozen ZeRO-3 copy of pi_t whose log-probs are
+  recomputed at every step (`sppo.training_recipe`).
 - TRL: `trl.DPOTrainer(loss_type="sppo_hard")` with its defaults otherwise (a reference model
   prepared under the same ZeRO-3 config, log-probs recomputed every step), timed from
   on_train_begin to on_train_end.
@@ -182,7 +183,7 @@ def trained_sequences(policy_dir: str, rows: list[dict], cfg) -> list:
     """The chosen and rejected sequences one epoch trains on, as ours encodes them."""
     from transformers import AutoTokenizer
 
-    from sppo.training import encode_pairs, steps_per_epoch
+    from sppo.training_data import encode_pairs, steps_per_epoch
 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
@@ -223,70 +224,6 @@ def _trainer(loop, config: dict, cfg, storage: str, name: str):
     )
 
 
-def _online_reference_loop(config: dict) -> dict:
-    """The reference pipeline's training step: pi_t held twice under ZeRO-3, the frozen copy
-    run forward at every step. Everything else is sppo.training's own code."""
-    import deepspeed
-    import ray.train
-    import torch
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sppo.config import TrainConfig
-    from sppo.losses import LossParams, PairBatch, get_loss, response_lengths
-    from sppo.training import (
-        _load_engine, _publish_checkpoint, collate_pairs, deepspeed_config, encode_pairs, epoch_rows, pair_logps,
-        steps_per_epoch,
-    )
-
-    cfg = TrainConfig.model_validate(config["cfg"])
-    rows, policy_dir = config["rows"], config["policy_dir"]
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(cfg.seed)
-    deepspeed.init_distributed(dist_backend="gloo")
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    probs = torch.tensor([[r["chosen_probs_win"], r["chosen_probs_lose"], r["chosen_probs"]] for r in rows])
-    per_epoch = steps_per_epoch(len(rows), cfg)
-    engine, hf_ds_config = _load_engine(policy_dir, cfg, per_epoch * cfg.epochs, False)
-    # Built while hf_ds_config lives, so from_pretrained partitions it under zero.Init too.
-    reference, *_ = deepspeed.initialize(model=AutoModelForCausalLM.from_pretrained(policy_dir),
-                                         config=deepspeed_config(cfg))
-    reference.eval()
-    loss_fn = get_loss(cfg.loss)
-    batches = []
-    for epoch in range(cfg.epochs):
-        order = epoch_rows(len(pairs), epoch=epoch, seed=cfg.seed, rank=rank, world_size=world_size,
-                           rows_per_rank=per_epoch * cfg.per_device_batch_size)
-        batches += [order[i:i + cfg.per_device_batch_size] for i in range(0, len(order), cfg.per_device_batch_size)]
-    dist.barrier()
-    started = time.perf_counter()
-    for index in batches:
-        batch = collate_pairs([pairs[i] for i in index], tokenizer.pad_token_id)
-        with torch.no_grad():
-            ref_chosen, ref_rejected, _ = pair_logps(reference, batch)
-        policy_chosen, policy_rejected, _ = pair_logps(engine, batch)
-        p, lengths = probs[index], response_lengths(batch["loss_mask"])
-        losses = loss_fn(PairBatch(
-            policy_chosen_logps=policy_chosen, policy_rejected_logps=policy_rejected, ref_chosen_logps=ref_chosen,
-            ref_rejected_logps=ref_rejected, chosen_probs_win=p[:, 0], chosen_probs_lose=p[:, 1],
-            chosen_probs=p[:, 2], chosen_lengths=lengths[:len(index)], rejected_lengths=lengths[len(index):],
-        ), LossParams(beta=cfg.beta))
-        # The same per-step metric reduction as ours.
-        dist.all_reduce(torch.stack([losses.sum(), (policy_chosen - ref_chosen).sum()]).detach().double())
-        engine.backward(losses.mean())
-        engine.step()
-    steps_s = time.perf_counter() - started
-    saved = time.perf_counter()
-    _publish_checkpoint(engine, rank, policy_dir, config["checkpoint_dir"], torch.float32)
-    save_s = time.perf_counter() - saved
-    engine.destroy()
-    reference.destroy()
-    del hf_ds_config
-    return {"train_steps": steps_s, "checkpoint_save": save_s}
-
-
 def _trl_loop(config: dict) -> dict:
     """TRL's DPOTrainer with loss_type="sppo_hard" on the same rows, ZeRO-3 config and batch."""
     import datasets
@@ -295,7 +232,7 @@ def _trl_loop(config: dict) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from sppo.config import TrainConfig
-    from sppo.training import deepspeed_config
+    from sppo.training_recipe import deepspeed_config
 
     cfg = TrainConfig.model_validate(config["cfg"])
     policy_dir = config["policy_dir"]
@@ -381,8 +318,8 @@ def run(size: str = "full", seed: int = 0) -> dict:
             runs = {"ours": ours(cfg, "ours"),
                     "ours_sampler_reference": ours(cfg.model_copy(update={"reference_logps": "sampler"}),
                                                    "ours-sampler-reference"),
-                    "online_reference": baseline(_online_reference_loop, cfg, "online-reference",
-                                                 checkpoint_dir=str(work / "online-ckpt"))}
+                    "online_reference": ours(cfg.model_copy(update={"reference_logps": "online"}),
+                                             "online-reference")}
             try:  # a TRL release that breaks must not cost the other measurements
                 if importlib.util.find_spec("trl") is None:
                     raise ModuleNotFoundError("trl is not installed (`make bench` installs it)")
@@ -392,9 +329,8 @@ def run(size: str = "full", seed: int = 0) -> dict:
             if epochs := setting["more_epochs"]:
                 more = cfg.model_copy(update={"epochs": epochs})
                 runs[f"ours_{epochs}_epochs"] = ours(more, f"ours-{epochs}-epochs")
-                runs[f"online_reference_{epochs}_epochs"] = baseline(
-                    _online_reference_loop, more, f"online-reference-{epochs}-epochs",
-                    checkpoint_dir=str(work / f"online-{epochs}-epochs-ckpt"))
+                runs[f"online_reference_{epochs}_epochs"] = ours(more.model_copy(update={"reference_logps": "online"}),
+                                                                 f"online-reference-{epochs}-epochs")
             for name, r in runs.items():
                 r["flops"] = training_flops(policy_dir, sequences, r["epochs"], name != "ours_sampler_reference")
     finally:

@@ -5,13 +5,13 @@
 
 Built on Ray's `JobSubmissionClient`. The runtime environment is `ray_jobs/runtime_env.yaml`
 (working directory and its excludes) plus MLFLOW_TRACKING_URI, HF_HOME and the secrets found in
-the caller's environment (`is_secret_name`). Secret values are sent to the cluster but never
+the caller's environment (`sppo.secrets.passed_to_jobs`). Secret values are sent to the cluster but never
 printed or logged: only their names are shown, and any value that appears in the job's log is
 masked before the log is echoed. Exit status: 0 when the job SUCCEEDED, the driver's exit code
 when it FAILED (1 if Ray has none), 1 when it was STOPPED, 130 when following is interrupted
 (the job keeps running).
 
-Pure core: `is_secret_name`, `build_runtime_env`, `exit_status`, `SecretMasker`. Ray shell: `main`.
+Pure core: `secrets_from`, `build_runtime_env`, `exit_status`, `SecretMasker`. Ray shell: `main`.
 """
 
 from __future__ import annotations
@@ -29,34 +29,23 @@ from typing import Any
 
 import yaml
 
+from sppo.secrets import MASK, is_secret, passed_to_jobs, redact
+
 DEFAULT_RUNTIME_ENV = Path(__file__).resolve().parent / "runtime_env.yaml"
-# Exact names of credentials a run may need: hub downloads, S3/MinIO, an MLflow server behind auth.
-SECRET_NAMES = frozenset({
-    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
-    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-})
-SECRET_PREFIXES = ("AWS_",)
-SECRET_SUFFIXES = ("_API_KEY",)
-MASK = "***"
 # Ray's terminal job states, and the exit status each gives (FAILED: the driver's own code).
 _STOPPED_STATUS = 1
 _INTERRUPTED_STATUS = 130
 
 
-def is_secret_name(name: str) -> bool:
-    """Whether an environment variable of the caller is passed to the job as a secret."""
-    return name in SECRET_NAMES or name.startswith(SECRET_PREFIXES) or name.endswith(SECRET_SUFFIXES)
-
-
 def secrets_from(environ: Mapping[str, str], extra_names: Iterable[str] = ()) -> dict[str, str]:
-    """The caller's secrets: every set variable that `is_secret_name`, plus the named extras.
+    """The caller's secrets: every set variable that `passed_to_jobs`, plus the named extras.
 
     A named extra that is not set is an error: the job would fail later without it.
     """
     missing = [name for name in extra_names if name not in environ]
     if missing:
         raise ValueError(f"--secret {', '.join(missing)}: not set in this environment")
-    names = {n for n in environ if is_secret_name(n)} | set(extra_names)
+    names = {n for n in environ if passed_to_jobs(n)} | set(extra_names)
     return {name: environ[name] for name in sorted(names) if environ[name]}
 
 
@@ -184,9 +173,9 @@ def parse_env(pairs: Iterable[str]) -> dict[str, str]:
         name, sep, value = pair.partition("=")
         if not sep or not name:
             raise ValueError(f"--env {pair!r}: expected NAME=VALUE")
-        if is_secret_name(name):
-            raise ValueError(f"--env {name}: a secret's value does not belong on a command line; "
-                             f"export it and it is passed (or use --secret {name})")
+        if is_secret(name):
+            how = "it is passed" if passed_to_jobs(name) else f"pass it with --secret {name}"
+            raise ValueError(f"--env {name}: a secret's value does not belong on a command line; export it and {how}")
         out[name] = value
     return out
 
@@ -226,8 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     masker = SecretMasker(secrets.values())
 
     from ray.job_submission import JobSubmissionClient
-
-    from sppo.tracking import redact  # a tracking URI may carry user:password@
 
     if not args.mlflow_uri:
         print("note: no MLFLOW_TRACKING_URI (--mlflow-uri): the job uses the config's tracking.tracking_uri")

@@ -1,4 +1,6 @@
-"""Ray nodes that leave the cluster while a stage waits on work placed there.
+"""Waiting on a stage's actors: one deadline for all of them, the nodes they run on watched,
+and the culprit named when something does not come back (`wait_for_all`, used by sampling,
+judging and, through them, evaluation).
 
 When a node dies, Ray restarts its actors on other nodes and Ray Train restarts its worker
 group, if the nodes that are left have room. When they do not, the restarted work waits for
@@ -9,7 +11,10 @@ how to continue: everything published before the fault is kept, so re-submitting
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
 
 # How often a waiting stage asks Ray whether its nodes are still there.
 POLL_S = 2.0
@@ -61,3 +66,39 @@ class NodeWatch:
             f"and {what}. Everything published so far is kept; once the cluster has that capacity again, "
             "submit the same command again to continue"
         )
+
+
+def wait_for_all(pending: Mapping[Any, Hashable], *, stage: str, describe: Callable[[Hashable], str],
+                 timeout_s: float | None = None, started: float | None = None, watch: NodeWatch | None = None,
+                 on_done: Callable[[Hashable, Any], None] | None = None) -> dict[Hashable, Any]:
+    """The results of a stage's actor calls (`pending`: object ref -> its key), by key.
+
+    Waits at most timeout_s from `started` (time.monotonic(); default now) and checks the
+    stage's nodes meanwhile (`watch`). On a timeout, a TimeoutError names every call still
+    pending by `describe(key)`; on a failed call, a RuntimeError names that one (a
+    NodeLostError where a node it began with is gone). on_done(key, result) as each arrives.
+    """
+    import ray
+
+    started = time.monotonic() if started is None else started
+    pending, results = dict(pending), {}
+    while pending:
+        left = math.inf if timeout_s is None else timeout_s - (time.monotonic() - started)
+        if left <= 0:
+            late = "; ".join(describe(key) for key in pending.values())
+            raise TimeoutError(f"stage '{stage}': {late}: not done within timeout_s={timeout_s:g} s")
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=min(left, POLL_S))
+        if not done:
+            if watch is not None:
+                watch.check()
+            continue
+        key = pending.pop(done[0])
+        try:
+            results[key] = ray.get(done[0])
+        except ray.exceptions.RayError as err:
+            if watch is not None:
+                watch.explain(err)
+            raise RuntimeError(f"stage '{stage}': {describe(key)} failed: {err}") from err
+        if on_done is not None:
+            on_done(key, results[key])
+    return results

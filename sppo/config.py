@@ -161,7 +161,9 @@ class TrainConfig(_Strict):
     # sampled token while pi_t generated it, so training runs no reference pass at all; it then
     # trains on the sampled token ids themselves (no re-tokenized text) and needs on-policy
     # candidates only. It equals the policy pass to within 1e-5 a token in float32 (tests/test_sampling.py).
-    reference_logps: Literal["policy", "sampler"] = "policy"
+    # online: the reference pipeline's way, a frozen second copy of pi_t run forward at every
+    # step: the same values at twice the weights' memory (the training benchmark's baseline).
+    reference_logps: Literal["policy", "sampler", "online"] = "policy"
     seed: int = 42
 
     @model_validator(mode="after")

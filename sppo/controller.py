@@ -7,8 +7,9 @@ for t = 1..T:
     (y_w, y_l, P(y_w beats pi_t), P(y_l beats pi_t))
     pi_{t+1} = argmin SPPO loss, ref = pi_t   (DeepSpeed ZeRO-3 in a Ray Train TorchTrainer)
 
-Each stage publishes its output atomically under `<output_dir>/iter-t/` and is skipped when
-that output already exists, so a re-submitted job continues where the last one stopped.
+Each stage publishes its output atomically under `<output_dir>/iter-t/` and records it in the
+run manifest; a re-submitted job continues from the first stage the manifest does not vouch
+for (`RunManifest.resume_point`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from sppo.config import RunConfig
-from sppo.evaluation import eval_judgments_path, evaluate
-from sppo.faults import kill_point
+from sppo.evaluation import eval_judgments_path, eval_samples_path, evaluate
+from sppo.devtools.faults import kill_point
 from sppo.judging import JUDGES
-from sppo.manifest import RunManifest
+from sppo.manifest import STAGES, RunManifest
 from sppo.model_card import card_summary, registry_tags, write_card
 from sppo.pairs import hybrid_candidates, training_rows
 from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
@@ -40,24 +41,24 @@ from sppo.training import train_policy
 log = logging.getLogger("sppo")
 
 
-def run_iteration(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: str, judge: str) -> str:
-    """One SPPO iteration, pi_t -> pi_{t+1}. A stage whose output was published by an earlier
-    attempt is skipped. policy is the base model's spec or pi_t's checkpoint directory."""
+def run_iteration(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: str, judge: str,
+                  todo: tuple[str, ...] = STAGES) -> str:
+    """One SPPO iteration, pi_t -> pi_{t+1}: the stages in `todo`, the rest done by an earlier
+    attempt (`RunManifest.resume_point`). policy is the base model's spec or pi_t's checkpoint."""
     it = rec.it
-    if not it.samples.exists():
+    if "sampling" in todo:
         sample_stage(cfg, rec, engines, policy)  # y_1..y_K ~ pi_t(. | x) for x in D_t
-    if not it.judgments.exists():
+    if "judging" in todo:
         judge_stage(cfg, rec, judge)            # P_ij = P(y_i beats y_j | x)
-    if not it.pairs.exists():
+    if "pairs" in todo:
         pairs_stage(cfg, rec)                   # (y_w, y_l, P(y_w beats pi_t), P(y_l beats pi_t))
-    if not it.trained:
+    if "training" in todo:
         engines.release()                       # sleep mode: the accelerators go to the trainer
         train_stage(cfg, rec, policy)           # pi_{t+1} = argmin SPPO loss, ref = pi_t
     else:  # trained by an earlier attempt: its per-step curve goes into this run too
         rec.tracker.log_history(rec.run_id, json.loads(it.train_history.read_text()))
-    if not eval_judgments_path(it.root, it.iteration).exists() and (
-            heldout := heldout_prompts(cfg.prompts, too_long=too_long_filter(cfg, cfg.policy.path))):
-        evaluation_stage(cfg, rec, engines, policy, judge, heldout)  # pi_{t+1} vs pi_t and pi_0
+    if "evaluation" in todo:
+        evaluation_stage(cfg, rec, engines, policy, judge)  # pi_{t+1} vs pi_t and pi_0
     with rec.stage("tracking"):
         rec.log_outputs()
     return str(it.checkpoint)
@@ -90,7 +91,8 @@ def judge_stage(cfg: RunConfig, rec: "IterationRecord", judge: str) -> None:
     offline = dataset_responses(cfg.prompts, it.iteration)
     candidates, off_policy = hybrid_candidates(sampled, [offline.get(p, []) for p in prompts])
     with rec.stage("judging", judgments=it.judgments):
-        matrices = JUDGES[cfg.judge.kind](judge, prompts, candidates, cfg.judge, timeout_s=cfg.timeouts.judging_s)
+        matrices = JUDGES[cfg.judge.kind](judge, prompts, candidates, cfg.judge, timeout_s=cfg.timeouts.judging_s,
+                                          node_lost_s=cfg.timeouts.node_lost_s)
         rec.publish(it.judgments, [{"prompt": p, "candidates": c, "off_policy": f, "win_matrix": m.tolist()}
                                    for p, c, f, m in zip(prompts, candidates, off_policy, matrices)],
                     {"judging/off_policy_candidates": sum(map(sum, off_policy))})
@@ -111,6 +113,8 @@ def pairs_stage(cfg: RunConfig, rec: "IterationRecord") -> None:
 
 def train_stage(cfg: RunConfig, rec: "IterationRecord", policy: str) -> None:
     it, for_workers = rec.it, rec.for_workers
+    # Held-out samples of a pi_{t+1} this stage replaces (a changed train.* config) are not reused.
+    eval_samples_path(it.root, it.iteration).unlink(missing_ok=True)
     with rec.stage("training", checkpoint=it.checkpoint, train_history=it.train_history):
         result = train_policy(str(it.pairs), for_workers(policy), for_workers(str(it.checkpoint)), cfg.train,
                               storage_dir=for_workers(str(it.path / "ray_train")),
@@ -140,10 +144,13 @@ def sampled_tokens(samples_path: Path) -> tuple[list, list]:
     return _columns(sampled, "candidate_token_ids", "candidate_token_logps")
 
 
-def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: str, judge: str,
-                     heldout: list[str]) -> None:
+def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: str, judge: str) -> None:
     # The new policy against this iteration's input and the base, on prompts never trained on.
     it, t = rec.it, rec.it.iteration
+    heldout = heldout_prompts(cfg.prompts, too_long=too_long_filter(cfg, cfg.policy.path))
+    if not heldout:  # no held-out prompts configured (or none fits): nothing to evaluate, and done
+        rec.manifest.record_stage(t, "evaluation", cfg, {}, rec.run_id)
+        return
     policies = {0: cfg.policy.path, t - 1: rec.for_workers(policy), t: rec.for_workers(str(it.checkpoint))}
     with rec.stage("evaluation", eval_judgments=eval_judgments_path(it.root, t)):
         rec.publish(eval_judgments_path(it.root, t), *evaluate(cfg, it.root, t, policies, judge, heldout, engines))
@@ -169,12 +176,14 @@ def _run_iterations(cfg: RunConfig, out: Path, manifest: RunManifest, storage: S
     links = tracker.ui_links()
     log.info("MLflow: runs %s ; per-iteration curves %s", links["runs"], links["curves"])
     atomic_write_text(out / RUN_CONFIG_FILE, cfg.to_yaml())
-    first = resume_from or first_unfinished_iteration(out, tracker, cfg.iterations)
     if resume_from:  # an explicit restart redoes iteration N onwards; earlier outputs are kept aside
         for t in range(resume_from, cfg.iterations + 1):
             if (moved := IterationDir(out, t).archive()) is not None:
                 manifest.forget(t)
                 log.info("iteration %d: earlier outputs moved to %s", t, moved)
+    first, todo = manifest.resume_point(cfg)
+    if first <= cfg.iterations and todo != STAGES:
+        log.info("iteration %d: continuing at %s (the manifest vouches for the stages before it)", first, todo[0])
     policy = cfg.policy.path if first == 1 else str(IterationDir(out, first - 1).checkpoint)
     judge = cfg.judge.model_path or ""  # each judge actor resolves it on its node
     status = "FAILED"
@@ -184,22 +193,13 @@ def _run_iterations(cfg: RunConfig, out: Path, manifest: RunManifest, storage: S
         for t in range(first, cfg.iterations + 1):
             log.info("=== iteration %d/%d: policy %s", t, cfg.iterations, policy)
             with IterationRecord.open(tracker, manifest, IterationDir(out, t), cfg, policy, storage) as rec:
-                policy = run_iteration(cfg, rec, engines, policy, judge)
+                policy = run_iteration(cfg, rec, engines, policy, judge, todo if t == first else STAGES)
             log.info("=== iteration %d done: %s", t, rec.summary())
         status = "FINISHED"
     finally:
         engines.close()
         tracker.finish_parent(status)
     return [IterationDir(out, t).checkpoint for t in range(1, cfg.iterations + 1)]
-
-
-def first_unfinished_iteration(out: Path, tracker: Tracker, iterations: int) -> int:
-    """The first iteration whose MLflow run did not finish or whose checkpoint is missing."""
-    finished = tracker.finished_iterations()
-    for t in range(1, iterations + 1):
-        if t not in finished or not IterationDir(out, t).trained:
-            return t
-    return iterations + 1
 
 
 def sampling_metrics(candidates: list[list[str]], generated_tokens: int) -> dict[str, float]:

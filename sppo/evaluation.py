@@ -114,7 +114,8 @@ def evaluate(cfg: RunConfig, out: Path, t: int, policies: dict[int, str], judge:
                                    seed=cfg.eval.seed + 1000 * g) for g in sorted({0, t - 1, t})}
     groups = sorted(rows, reverse=True)  # new first in the matrix: t, t-1, 0
     combined = [[c for g in groups for c in rows[g][n]["candidates"]] for n in range(len(prompts))]
-    matrices = JUDGES[cfg.judge.kind](judge, prompts, combined, cfg.judge, timeout_s=cfg.timeouts.judging_s)
+    matrices = JUDGES[cfg.judge.kind](judge, prompts, combined, cfg.judge, timeout_s=cfg.timeouts.judging_s,
+                                      node_lost_s=cfg.timeouts.node_lost_s)
     new = slice(0, k)
     prev, base = slice(k, 2 * k), slice((len(groups) - 1) * k, len(groups) * k)
     vs_base = block_win_rates(matrices, new, base)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from sppo.config import ConfigError, load_config
 from sppo.manifest import MANIFEST_FILE, RunManifest
 from sppo.model_card import CARD_FILE, card_of
-from sppo.storage import RUN_CONFIG_FILE, IterationDir
+from sppo.storage import RUN_CONFIG_FILE, IterationDir, publish_directory
 
 
 class ExportError(ValueError):
@@ -51,19 +50,13 @@ def export_iteration(output_dir: Path, iteration: int, target: Path) -> Path:
     target = target.resolve()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ExportError(f"--to: {target} exists and is not an empty directory; nothing was overwritten")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would make the exported model private to its exporter
-    try:
+
+    def fill(staging: Path) -> None:
         shutil.copytree(it.checkpoint, staging, dirs_exist_ok=True)
         if not (staging / CARD_FILE).exists():  # a checkpoint published before cards were written
             (staging / CARD_FILE).write_text(str(card_of(load_config(output_dir / RUN_CONFIG_FILE), it)))
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    publish_directory(target, fill)  # an empty target directory (checked above) is replaced
     return target
 
 

@@ -1,10 +1,14 @@
 """The run manifest: `<output_dir>/manifest.json`, rewritten atomically after every stage.
 
 Per iteration and stage it records the status, the output paths, their content hashes, the
-MLflow run id and a digest of the config fields the stage's result depends on. It also keeps
-the run's lineage: the fields that, once changed, make earlier iterations belong to another
-run (the policy, K, the judge, the prompt source). Continuing a run under a different lineage
-is refused unless forced.
+MLflow run id and a digest of the config fields the stage's result depends on. It alone decides
+what a re-submitted job redoes (`resume_point`): a stage is done when its entry exists, its
+outputs still hash as recorded and the config fields it depends on are unchanged; the first
+stage that is not, and everything after it, runs again. MLflow reports; it does not decide.
+
+It also keeps the run's lineage: the fields that, once changed, make earlier iterations belong
+to another run (the policy, K, the judge, the prompt source). Continuing a run under a
+different lineage is refused unless forced.
 """
 
 from __future__ import annotations
@@ -26,18 +30,23 @@ LINEAGE_FIELDS = (
     "prompts.source", "prompts.split", "prompts.column", "prompts.response_column", "prompts.num_splits",
     "prompts.seed", "prompts.eval_size", "prompts.eval_split",
 )
-# The config fields each stage's output depends on (besides its input files).
+# An iteration's stages, in the order they run.
+STAGES = ("sampling", "judging", "pairs", "training", "evaluation", "tracking")
+_SAMPLED_WITH = ("sampling.k", "sampling.temperature", "sampling.top_p", "sampling.max_tokens", "sampling.seed",
+                 "sampling.max_model_len", "sampling.dtype")
+_JUDGED_WITH = ("judge.kind", "judge.path", "judge.estimator", "judge.source_max_length", "judge.candidate_max_length",
+                "judge.rule.")
+# The config fields each stage's output depends on (besides its input files). Fields that change
+# how a stage runs but not what it makes (resources, restarts, engine mode) are left out.
 STAGE_FIELDS = {
-    "sampling": ("policy.", "prompts.", "sampling.k", "sampling.temperature", "sampling.top_p",
-                 "sampling.max_tokens", "sampling.seed", "sampling.max_model_len", "sampling.dtype",
-                 "train.max_prompt_length", "train.reference_logps"),
-    "judging": ("judge.kind", "judge.path", "judge.estimator", "judge.source_max_length",
-                "judge.candidate_max_length", "judge.rule.", "prompts.response_column"),
+    "sampling": ("policy.", "prompts.", *_SAMPLED_WITH, "train.max_prompt_length", "train.reference_logps"),
+    "judging": (*_JUDGED_WITH, "prompts.response_column"),
     "pairs": ("train.reference_logps",),
     "training": ("train.",),
-    "evaluation": ("prompts.", "sampling.", "judge.", "eval."),
+    "evaluation": ("prompts.", *_SAMPLED_WITH, *_JUDGED_WITH, "eval."),
     "tracking": (),
 }
+_RUN_ONLY_FIELDS = ("train.max_failures", "train.cpus_per_worker")
 
 
 class LineageError(ValueError):
@@ -47,6 +56,10 @@ class LineageError(ValueError):
 def _pick(cfg: RunConfig, prefixes: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in cfg.flat().items() if any(k == p or (p.endswith(".") and k.startswith(p))
                                                         for p in prefixes)}
+
+
+def stage_digest(cfg: RunConfig, stage: str) -> str:
+    return digest({k: v for k, v in _pick(cfg, STAGE_FIELDS[stage]).items() if k not in _RUN_ONLY_FIELDS})
 
 
 def digest(values: dict[str, Any]) -> str:
@@ -98,13 +111,49 @@ class RunManifest:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "outputs": {name: str(p.relative_to(self.root)) for name, p in outputs.items()},
             "sha256": {name: content_hash(p) for name, p in outputs.items()},
-            "config_digest": digest(_pick(cfg, STAGE_FIELDS[stage])),
+            "config_digest": stage_digest(cfg, stage),
             "mlflow_run_id": mlflow_run_id,
         }
         self._save()
 
     def stage(self, iteration: int, stage: str) -> dict[str, Any] | None:
         return self.data["iterations"].get(str(iteration), {}).get("stages", {}).get(stage)
+
+    def vouches_for(self, iteration: int, stage: str, cfg: RunConfig) -> bool:
+        """The stage is done: recorded, its outputs hash as they did then, and the config fields
+        its result depends on are unchanged."""
+        entry = self.stage(iteration, stage)
+        if entry is None or entry.get("status") != "done" or entry.get("config_digest") != stage_digest(cfg, stage):
+            return False
+        for name, relative in entry["outputs"].items():
+            path = self.root / relative
+            if not path.exists() or content_hash(path) != entry["sha256"].get(name):
+                return False
+        return True
+
+    def resume_point(self, cfg: RunConfig) -> tuple[int, tuple[str, ...]]:
+        """Where a job on this output directory starts: the first iteration and stage the manifest
+        does not vouch for, with the stages of that iteration it runs (that one and every later
+        one). Entries from there on are dropped: they describe outputs made from what is redone.
+        (cfg.iterations + 1, ()) when every iteration is done."""
+        for t in range(1, cfg.iterations + 1):
+            for i, stage in enumerate(STAGES):
+                if not self.vouches_for(t, stage, cfg):
+                    self._drop_from(t, STAGES[i:])
+                    return t, STAGES[i:]
+        return cfg.iterations + 1, ()
+
+    def _drop_from(self, iteration: int, stages: tuple[str, ...]) -> None:
+        iterations = self.data["iterations"]
+        later = [key for key in iterations if int(key) > iteration]
+        recorded = iterations.get(str(iteration), {}).get("stages", {})
+        dropped = [stage for stage in stages if stage in recorded]
+        for key in later:
+            del iterations[key]
+        for stage in dropped:
+            del recorded[stage]
+        if later or dropped:
+            self._save()
 
     def forget(self, iteration: int) -> None:
         """An iteration that is redone from scratch (its outputs were moved aside)."""

@@ -23,7 +23,6 @@ carries the single BOS), so sampling and training see the same prompt tokens.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from sppo.chat import render_prompt_ids
-from sppo.cluster import POLL_S, NodeWatch
+from sppo.cluster import NodeWatch, wait_for_all
 from sppo.config import SamplingConfig
 from sppo.progress import LoggedProgress
 from sppo.storage import local_model
@@ -281,8 +280,6 @@ class EnginePool:
         with seed + i. With token_logps the samples also carry each candidate's token ids and
         their log-probs. `timeout_s` bounds the whole call, engine start included. On error the
         engines are stopped (the next call starts new ones); in restart mode, always."""
-        import ray
-
         if not prompts:
             return Samples(candidates=[], prompt_token_ids=[], num_generated_tokens=0)
         sampling_params_kwargs(self.cfg)  # fail on the driver, before any engine starts
@@ -299,37 +296,22 @@ class EnginePool:
             pending = {engine.generate.remote(policy, part, seed + i, token_logps): i
                        for i, (engine, part) in enumerate(zip(self._engines, shards))}
             idle -= set(pending.values())
-            results: list[Samples | None] = [None] * len(shards)
-            while pending:
-                left = math.inf if timeout_s is None else timeout_s - (time.monotonic() - started)
-                if left <= 0:
-                    raise TimeoutError(
-                        f"sampling: {len(pending)} of {len(shards)} vLLM engine(s) did not finish "
-                        f"within timeout_s={timeout_s} (engines {sorted(pending.values())}, model {policy})"
-                    )
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=min(left, POLL_S))
-                if not done:
-                    if watch is not None:
-                        watch.check()
-                    continue
-                i = pending.pop(done[0])
+
+            def shard_done(i: int, result: Samples) -> None:
                 idle.add(i)
-                try:
-                    results[i] = ray.get(done[0])
-                except ray.exceptions.RayError as err:
-                    if watch is not None:
-                        watch.explain(err)
-                    raise RuntimeError(f"sampling: vLLM engine {i} (seed {seed + i}, {len(shards[i])} prompts, "
-                                       f"model {policy}) failed: {err}") from err
                 logger.info("sampling: shard %d/%d done: %d prompts, %d candidates, %d tokens, %.1fs",
-                            i + 1, len(shards), len(shards[i]), sum(map(len, results[i].candidates)),
-                            results[i].num_generated_tokens, time.monotonic() - started)
+                            i + 1, len(shards), len(shards[i]), sum(map(len, result.candidates)),
+                            result.num_generated_tokens, time.monotonic() - started)
+
+            results = wait_for_all(
+                pending, stage="sampling", timeout_s=timeout_s, started=started, watch=watch, on_done=shard_done,
+                describe=lambda i: f"vLLM engine {i} (seed {seed + i}, {len(shards[i])} prompts, model {policy})")
         except BaseException:
             self._stop(idle)
             raise
         if self.mode == "restart":
             self.close()
-        samples = Samples.concat(results)
+        samples = Samples.concat([results[i] for i in range(len(shards))])
         self.starts += samples.engine_starts
         if samples.weights_load_s > 0:
             logger.info("sampling: vLLM engine(s) loaded %s in %.1f s", policy, samples.weights_load_s)

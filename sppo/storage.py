@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,31 @@ def write_then_replace(path: Path, write) -> None:
         raise OSError(err.errno, f"cannot publish it: {os.strerror(err.errno)}", str(path)) from err
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def publish_directory(target: Path, fill, *, keep_existing: bool = False) -> None:
+    """Publish directory `target` whole or not at all: `fill(staging)` fills a sibling, which then
+    takes target's place. An existing target is set aside first and removed only once the new
+    one is in place, or, with keep_existing, kept instead (a concurrent publisher of the same
+    content won). On any failure the sibling is removed and target is as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    aside = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
+    try:
+        fill(staging)
+        staging.chmod(0o755)  # mkdtemp makes it 0700
+        if target.exists() and not keep_existing:
+            target.rename(aside)
+        try:
+            staging.rename(target)
+        except OSError:
+            if aside.exists():
+                aside.rename(target)
+            if not (keep_existing and target.exists()):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -255,17 +281,11 @@ class SharedStorage:
     def pull(self, local: Path) -> None:
         """Download a directory published to storage (a checkpoint) into output_dir, atomically."""
         local = Path(local)
-        staging = Path(tempfile.mkdtemp(prefix=f".{local.name}.pull-", dir=local.parent))
         try:
-            pafs.copy_files(self.remote_path(local), str(staging), source_filesystem=self.fs)
-            staging.chmod(0o755)
-            if local.exists():
-                shutil.rmtree(local)
-            staging.rename(local)
+            publish_directory(local, lambda staging: pafs.copy_files(self.remote_path(local), str(staging),
+                                                                      source_filesystem=self.fs))
         except Exception as err:
             raise StorageError(f"storage_uri: downloading {self.remote_path(local)} failed: {err}") from err
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def move(self, local_src: Path, local_dst: Path) -> None:
         src, dst = self.remote_path(local_src), self.remote_path(local_dst)
@@ -320,7 +340,7 @@ def local_model(spec: str) -> str:
     """A model directory on this node for `spec`: a storage URI is downloaded into this node's
     cache (keyed by the URI and the files' sizes and times, so a retrained checkpoint at the same
     URI is fetched again); tiny: models are built here; hub ids and paths pass through."""
-    from sppo.tiny import cache_root, publish_model_dir, resolve_model
+    from sppo.tiny import cache_root, resolve_model
 
     if not is_uri(spec):
         return resolve_model(spec)
@@ -335,6 +355,8 @@ def local_model(spec: str) -> str:
     key = hashlib.sha256(json.dumps([spec, files]).encode()).hexdigest()[:16]
     target = cache_root() / "models" / f"{Path(path).parent.name}-{Path(path).name}-{key}"
     if not (target / "config.json").exists():
-        publish_model_dir(target, lambda staging: pafs.copy_files(path, str(staging), source_filesystem=fs))
+        # Whole or absent in the cache; of concurrent downloads on this node, one wins.
+        publish_directory(target, lambda staging: pafs.copy_files(path, str(staging), source_filesystem=fs),
+                          keep_existing=True)
         log.info("model %s downloaded to %s", spec, target)
     return str(target)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from sppo.secrets import redact
 from sppo.storage import atomic_write_text, read_parquet
 
 log = logging.getLogger("sppo.tracking")
@@ -33,20 +33,6 @@ RUN_FILE = "run.json"
 _MAX_PARAM_LEN = 6000
 _PARAM_BATCH = 100
 _METRIC_BATCH = 1000
-
-
-# Keys named like these have their values replaced before they reach MLflow.
-_SECRET_KEY = re.compile(r"token|secret|passw(or)?d|api[_-]?key|credential|private[_-]?key", re.IGNORECASE)
-# user:password@ in a URL (e.g. a tracking URI behind basic auth).
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/\s]*):[^@/\s]*@", re.IGNORECASE)
-REDACTED = "***"
-
-
-def redact(key: str, value: Any) -> str:
-    """A param value as MLflow may store it: secrets by name masked, URL passwords removed."""
-    if _SECRET_KEY.search(key):
-        return REDACTED
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", str(value))
 
 
 def sample_table(judgments: Path, pairs: Path, rows: int) -> dict[str, list]:
@@ -211,9 +197,6 @@ class Tracker:
                 out[int(name[5:])] = run
         return out
 
-    def finished_iterations(self) -> set[int]:
-        return {t for t, run in self.iteration_runs().items() if run.info.status == "FINISHED"}
-
     def start_iteration(self, iteration: int, params: Mapping[str, Any]) -> str:
         """A fresh nested run `iter-N`; an earlier one for the same iteration is replaced."""
         previous = self.iteration_runs().get(iteration)
@@ -289,3 +272,25 @@ class Tracker:
         if monitor is not None:
             monitor.finish()
         self.client.set_terminated(run_id, status=status)
+
+
+class LiveMetrics:
+    """Per-step metrics to an MLflow run as they happen (rank 0); a tracking outage costs
+    metrics, not the training: the caller still gets the whole history."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str):
+        self._client = MlflowClient(tracking_uri)
+        self._run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._client is None:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items() if key != "step"]
+        try:  # MLflow's client retries for tracking.outage_limit_s first
+            self._client.log_batch(self._run_id, metrics=batch)
+        except Exception as err:  # any transport or server error: the driver still gets the history
+            log.warning("MLflow log_batch for run %s at step %d failed, no more live steps from this "
+                           "attempt (the driver logs the whole curve when the run is resumed): %s",
+                           self._run_id, step, err)
+            self._client = None  # each later step would wait out the limit again

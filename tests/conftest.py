@@ -22,7 +22,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 import pytest
 
 if TYPE_CHECKING:
-    from sppo.localstack import LocalStack
+    from sppo.devtools.localstack import LocalStack
 
 # `make test` runs the suite in two lanes (pytest-xdist, --dist loadgroup). A session fixture
 # is set up once per lane that uses it, so the tests sharing one (the demo's stack, the local
@@ -126,7 +126,7 @@ def demo(tmp_path_factory):
     is the 3-iteration job that every test of the demo's record reads."""
     import psutil
 
-    from sppo.localstack import LocalStack, free_port
+    from sppo.devtools.localstack import LocalStack, free_port
     from tests.live_stack import REPO, SECRETS
 
     root = tmp_path_factory.mktemp("demo")

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-from sppo.localstack import free_port
+from sppo.devtools.localstack import free_port
 
 
 @dataclass

@@ -51,7 +51,7 @@ def _saved_dataset(tmp: Path, splits: dict[str, list[str]]) -> str:
 
 
 def _closed_port() -> int:
-    from sppo.localstack import free_port
+    from sppo.devtools.localstack import free_port
 
     return free_port()  # nothing listens on it
 

@@ -50,7 +50,7 @@ def _flop_formula(model_dir: str) -> tuple[int, int]:
 
 def test_training_flops_count_one_reference_forward_and_policy_forward_backward_per_epoch(tiny_policy_dir):
     from bench.train import training_flops
-    from sppo.training import EncodedSequence
+    from sppo.training_data import EncodedSequence
 
     per_token, per_query_key = _flop_formula(tiny_policy_dir)
     forward = lambda t: per_token * t + per_query_key * t * t  # noqa: E731

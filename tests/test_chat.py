@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from sppo.chat import render_prompt, render_prompt_ids
 from sppo.config import TrainConfig
-from sppo.training import encode_pairs
+from sppo.training_data import encode_pairs
 
 TEMPLATES = {
     "llama-3": (

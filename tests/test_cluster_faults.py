@@ -24,7 +24,7 @@ import time
 import pytest
 
 from sppo.lease import LEASE_FILE
-from sppo.localstack import LocalStack, free_port
+from sppo.devtools.localstack import LocalStack, free_port
 from tests.live_stack import REPO, nested_runs, rest, submit, submit_command, wait_for_a_training_step
 from tests.processes import driver_of, process_trees, wait_gone
 

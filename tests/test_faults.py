@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sppo.faults import KILL_AT_ENV
+from sppo.devtools.faults import KILL_AT_ENV
 from tests.live_stack import REPO, nested_runs, rest, submit, submit_command, wait_for_a_training_step
 from tests.processes import descendants_titled, driver_of, wait_for_titled, wait_gone
 

@@ -1,4 +1,4 @@
-"""sppo.localstack on a machine that never ran Ray: the token `ray start` needs is created."""
+"""sppo.devtools.localstack on a machine that never ran Ray: the token `ray start` needs is created."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from sppo.localstack import ensure_auth_token
+from sppo.devtools.localstack import ensure_auth_token
 
 
 def test_a_fresh_home_gets_an_owner_only_token_that_is_then_reused(tmp_path):

@@ -1,11 +1,12 @@
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
 from sppo.config import load_config
 from sppo.preflight import preflight
-from sppo.manifest import LineageError, RunManifest, content_hash
+from sppo.manifest import STAGES, LineageError, RunManifest, content_hash
 from tests.test_config import CONFIGS
 from tests.test_run_cli import run_cli
 
@@ -73,3 +74,54 @@ def test_preflight_rejects_missing_models_and_unwritable_output(tmp_path):
     # /proc refuses new entries even to root, who passes permission-bit checks.
     with pytest.raises(ValueError, match="output_dir: /proc/sppo-out is not writable"):
         preflight(tiny(tmp_path, output_dir="/proc/sppo-out"))
+
+
+def _publish_iteration(manifest: RunManifest, cfg, t: int) -> dict[str, Path]:
+    """Every stage of iteration t recorded as a job records it, each output a small file."""
+    it = manifest.root / f"iter-{t}"
+    outputs = {"sampling": {"samples": it / "samples.parquet"}, "judging": {"judgments": it / "judgments.parquet"},
+               "pairs": {"pairs": it / "pairs.parquet"},
+               "training": {"checkpoint": it / "checkpoint", "train_history": it / "train_history.json"},
+               "evaluation": {"eval_judgments": it / "eval_judgments.parquet"}, "tracking": {}}
+    (it / "checkpoint").mkdir(parents=True)
+    (it / "checkpoint" / "model.safetensors").write_bytes(b"weights")
+    for stage, files in outputs.items():
+        for path in files.values():
+            if not path.exists():
+                path.write_text(f"{stage} of iteration {t}")
+        manifest.record_stage(t, stage, cfg, files, f"run-{t}")
+    return {name: path for files in outputs.values() for name, path in files.items()}
+
+
+def test_the_manifest_alone_decides_what_a_resubmission_redoes(tmp_path):
+    """A stage is done when recorded, its outputs hash as recorded and its config fields are
+    unchanged; the first stage that is not, and everything after it, runs again. No MLflow."""
+    cfg = tiny(tmp_path, iterations=3)
+    manifest = RunManifest(tmp_path / "out")
+    assert manifest.resume_point(cfg) == (1, STAGES)
+    first = _publish_iteration(manifest, cfg, 1)
+    _publish_iteration(manifest, cfg, 2)
+    assert RunManifest(manifest.root).resume_point(cfg) == (3, STAGES)
+    assert manifest.resume_point(tiny(tmp_path, iterations=2)) == (3, ())  # all done
+    # Resources and restarts change how training runs, not what it makes: nothing is redone.
+    assert manifest.resume_point(tiny(tmp_path, iterations=3, **{"train.max_failures": 5, "sampling.num_engines": 2,
+                                                                   "tracking.outage_limit_s": 5})) == (3, STAGES)
+
+    # A changed training field: training of iteration 1 and all after it; what came before stays.
+    changed = tiny(tmp_path, iterations=3, **{"train.learning_rate": 1e-4})
+    assert RunManifest(manifest.root).resume_point(changed) == (1, ("training", "evaluation", "tracking"))
+    again = RunManifest(manifest.root)  # the entries made from what is redone are gone from the file
+    assert set(again.data["iterations"]) == {"1"} and set(again.stage(1, "pairs")) and not again.stage(1, "training")
+
+    # An output that no longer hashes as recorded (edited, or half-restored from a backup).
+    manifest = RunManifest(tmp_path / "out")
+    for stage in ("training", "evaluation", "tracking"):
+        manifest.record_stage(1, stage, cfg, {"training": {"checkpoint": first["checkpoint"],
+                                                           "train_history": first["train_history"]},
+                                              "evaluation": {"eval_judgments": first["eval_judgments"]},
+                                              "tracking": {}}[stage], "run-1")
+    assert manifest.resume_point(cfg) == (2, STAGES)
+    first["judgments"].write_text("edited")
+    assert manifest.resume_point(cfg) == (1, ("judging", "pairs", "training", "evaluation", "tracking"))
+    first["samples"].unlink()
+    assert RunManifest(manifest.root).resume_point(cfg) == (1, STAGES)

@@ -12,26 +12,17 @@ import pytest
 
 from ray_jobs.submit import (
     DEFAULT_RUNTIME_ENV,
-    MASK,
     SecretMasker,
     build_runtime_env,
     exit_status,
-    is_secret_name,
     load_runtime_env,
     parse_env,
     secrets_from,
 )
+from sppo.secrets import MASK
 from tests.live_stack import REPO, SECRETS, VENV_BIN, assert_no_secrets, client_env
 
 # ---------------------------------------------------------------- pure core
-
-
-def test_secret_names_cover_tokens_cloud_keys_and_mlflow_credentials():
-    for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
-                 "OPENAI_API_KEY", "SPPO_TEST_API_KEY"):
-        assert is_secret_name(name), name
-    for name in ("PATH", "HOME", "MLFLOW_TRACKING_URI", "HF_HOME", "RAY_ADDRESS"):
-        assert not is_secret_name(name), name
 
 
 def test_secrets_come_from_the_environment_and_named_extras_must_exist():
@@ -63,8 +54,11 @@ def test_runtime_env_merges_variables_then_secrets_and_resolves_the_working_dir(
 
 def test_secret_values_on_the_command_line_are_refused():
     assert parse_env(["HF_HOME=/shared/hf"]) == {"HF_HOME": "/shared/hf"}
-    with pytest.raises(ValueError, match="--env HF_TOKEN: a secret's value"):
+    with pytest.raises(ValueError, match="--env HF_TOKEN: a secret's value .* export it and it is passed"):
         parse_env(["HF_TOKEN=abc"])
+    # A secret that is not passed unasked: exported, it must be named.
+    with pytest.raises(ValueError, match="--env GITHUB_TOKEN: .* pass it with --secret GITHUB_TOKEN"):
+        parse_env(["GITHUB_TOKEN=abc"])
     with pytest.raises(ValueError, match="expected NAME=VALUE"):
         parse_env(["novalue"])
 

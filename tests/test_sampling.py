@@ -265,7 +265,8 @@ def test_sampled_token_log_probs_are_the_policys_and_serve_as_the_reference(
     from transformers import AutoModelForCausalLM
 
     from sppo.pairs import training_rows
-    from sppo.training import encode_pairs, reference_logps, sampler_reference_logps
+    from sppo.training_data import encode_pairs
+    from sppo.training_recipe import reference_logps, sampler_reference_logps
 
     samples = sampled.samples
     model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
@@ -319,7 +320,7 @@ def test_timeout_names_role_and_stage_and_releases_engines(ray_cluster, tiny_pol
     total_cpus = ray_cluster.cluster_resources()["CPU"]
     cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1})
     # Far shorter than an engine start: the engine is killed while it is still loading.
-    with pytest.raises(TimeoutError, match=r"sampling: 1 of 1 vLLM engine\(s\) did not finish"):
+    with pytest.raises(TimeoutError, match=r"stage 'sampling': vLLM engine 0 \(seed 0, 2 prompts, model .*\): not done within timeout_s=1 s"):
         sample_candidates(tiny_policy_dir, prompts[:2], cfg, seed=0, timeout_s=1.0)
     assert _wait_for_cpus(ray_cluster, total_cpus) == total_cpus
 
@@ -329,7 +330,7 @@ def test_engine_failure_names_the_engine_and_model(ray_cluster, tmp_path, prompt
     total_cpus = ray_cluster.cluster_resources()["CPU"]
     missing = str(tmp_path / "no-such-policy")
     cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1})
-    with pytest.raises(RuntimeError, match=r"sampling: vLLM engine 0 .*no-such-policy.* failed"):
+    with pytest.raises(RuntimeError, match=r"stage 'sampling': vLLM engine 0 .*no-such-policy.* failed"):
         sample_candidates(missing, prompts[:2], cfg, seed=0, timeout_s=600)
     assert _wait_for_cpus(ray_cluster, total_cpus) == total_cpus
 

@@ -12,22 +12,20 @@ from safetensors.torch import load_file
 
 from sppo.chat import render_prompt_ids
 from sppo.config import TrainConfig
-from sppo.training import (
+from sppo.training import TrainingError, train_policy
+from sppo.training_data import (
     EncodedPair,
     EncodedSequence,
-    TrainingError,
     collate_pairs,
     encode_pairs,
     encode_sequence,
     epoch_rows,
     read_pairs,
     reference_chunk,
-    reference_logps,
-    sampler_reference_logps,
     steps_per_epoch,
     total_steps,
-    train_policy,
 )
+from sppo.training_recipe import reference_logps, sampler_reference_logps, train
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing near the river".split()
 
@@ -370,8 +368,128 @@ def test_zero3_partitioned_the_weights(trained):
     assert partition["resident_numel"] == 0  # not kept whole (stage3_param_persistence_threshold 0)
 
 
+# ---------------------------------------------------------------- the recipe in this process
+
+# One rank: 8 rows are 4 steps of 2 pairs.
+ONE_RANK_CFG = {**TRAIN_CFG, "num_workers": 1, "gradient_accumulation_steps": 1, "epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def one_process_group():
+    """This process as a torch.distributed group of one (gloo), as each Ray Train worker is one
+    of its group: the recipe runs here without Ray. Its device."""
+    import os
+
+    import torch.distributed as dist
+
+    from sppo.devtools.localstack import free_port
+
+    # What a launcher sets for each process (DeepSpeed's CPU accelerator reads LOCAL_RANK).
+    launcher = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port())}
+    saved = {name: os.environ.get(name) for name in launcher}
+    os.environ.update(launcher)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield torch.device("cpu")
+    finally:
+        dist.destroy_process_group()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
+def _nothing_published(parent: Path) -> bool:
+    return not parent.exists() or not any(parent.iterdir())
+
+
+@pytest.mark.slow
+def test_the_recipe_stops_at_a_non_finite_loss_and_publishes_nothing(one_process_group, tiny_policy_dir, tmp_path):
+    # eta = 1e300: targets (p - 1/2) * eta overflow float32, so the first loss is inf.
+    cfg = TrainConfig(**{**ONE_RANK_CFG, "eta": 1e300})
+    with pytest.raises(FloatingPointError, match=r"non-finite sppo loss \(inf\) at step 1/4"):
+        train(cfg, make_rows(8), tiny_policy_dir, str(tmp_path / "ckpt" / "iter1"), device=one_process_group)
+    assert _nothing_published(tmp_path / "ckpt")
+
+
+@pytest.mark.slow
+def test_the_recipe_stops_at_its_deadline_and_publishes_nothing(one_process_group, tiny_policy_dir, tmp_path):
+    import time
+
+    cfg = TrainConfig(**ONE_RANK_CFG)
+    with pytest.raises(TimeoutError, match=r"did not finish within timeout_s=30 \(at step 1/4\)"):
+        train(cfg, make_rows(8), tiny_policy_dir, str(tmp_path / "ckpt" / "iter1"), device=one_process_group,
+              timeout_s=30, started_at=time.time() - 30)
+    assert _nothing_published(tmp_path / "ckpt")
+
+
+@pytest.mark.slow
+def test_the_recipe_on_a_full_disk_keeps_the_published_checkpoint(one_process_group, tiny_policy_dir, small_disk):
+    """A checkpoint that does not fit on its filesystem fails with the disk error naming it; what
+    was published at that path stays whole and nothing is left beside it."""
+    disk = small_disk("256k")
+    published = disk / "iter1"  # an earlier attempt's complete checkpoint
+    published.mkdir()
+    (published / "config.json").write_text('{"published": true}')
+    with pytest.raises(OSError, match=r"No space left on device|StorageFull") as failure:
+        train(TrainConfig(**ONE_RANK_CFG), make_rows(8), tiny_policy_dir, str(published), device=one_process_group)
+    assert str(published) in str(failure.value)
+    assert [p.name for p in disk.iterdir()] == ["iter1"], "a staging directory was left behind"
+    assert [p.name for p in published.iterdir()] == ["config.json"]
+    assert (published / "config.json").read_text() == '{"published": true}'
+
+
+@pytest.mark.slow
+def test_an_online_reference_trains_as_the_precomputed_one(one_process_group, tiny_policy_dir, tmp_path):
+    """train.reference_logps 'online' (a frozen second copy run at every step, the benchmark's
+    baseline) and 'policy' (one pass before the first step) give the same reference, so the same
+    training, step for step."""
+    runs = {mode: train(TrainConfig(**{**ONE_RANK_CFG, "reference_logps": mode}), make_rows(8), tiny_policy_dir,
+                        str(tmp_path / mode), device=one_process_group) for mode in ("policy", "online")}
+    assert runs["online"].reference_logps == [] and len(runs["policy"].reference_logps) == 8
+    for key in ("train/loss", "train/chosen_logratio", "train/rejected_logratio"):
+        assert [m[key] for m in runs["online"].history] == pytest.approx([m[key] for m in runs["policy"].history],
+                                                                         rel=1e-4, abs=1e-5), key
+    assert runs["online"].history[0]["train/chosen_logratio"] == pytest.approx(0.0, abs=1e-4)
+    assert load_file(tmp_path / "online" / "model.safetensors").keys() == load_file(
+        tmp_path / "policy" / "model.safetensors").keys()
+
+
+def test_the_recipe_names_a_process_group_of_the_wrong_size(one_process_group, tiny_policy_dir, tmp_path):
+    with pytest.raises(ValueError, match="train.num_workers is 2, but the process group has 1 processes"):
+        train(TrainConfig(**TRAIN_CFG), make_rows(8), tiny_policy_dir, str(tmp_path / "ckpt"),
+              device=one_process_group)
+
+
+@pytest.mark.slow
+def test_the_recipe_runs_under_torchrun_without_ray(tiny_policy_dir, tmp_path):
+    """`torchrun -m sppo.training_recipe`: two processes, ZeRO-3 across them, no Ray anywhere."""
+    import subprocess
+    import sys
+
+    pairs_path = tmp_path / "pairs.parquet"
+    pd.DataFrame(make_rows(NUM_ROWS)).to_parquet(pairs_path)
+    overrides = [f"train.{key}={value}" for key, value in TRAIN_CFG.items()]
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+         "-m", "sppo.training_recipe", "--pairs", str(pairs_path), "--policy", "tiny:policy",
+         "--checkpoint", str(tmp_path / "pi1"), *[a for o in overrides for a in ("--set", o)]],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert f"trained {EXPECTED_STEPS} steps" in done.stdout
+    assert (tmp_path / "pi1" / "model.safetensors").exists()
+    ray_free = "import sys, sppo.training_recipe; assert not [m for m in sys.modules if m.split('.')[0] == 'ray']"
+    assert subprocess.run([sys.executable, "-c", ray_free]).returncode == 0
+
+
+# ---------------------------------------------------------------- the Ray shell's failures
+
+
 @pytest.mark.slow
 def test_non_finite_loss_fails_without_checkpoint(ray_cluster, tiny_policy_dir, tmp_path):
+    """A recipe failure that would recur identically is returned, not retried: one TrainingError."""
     pairs_path = tmp_path / "pairs.parquet"
     pd.DataFrame(make_rows(8)).to_parquet(pairs_path)
     # eta = 1e300: targets (p - 1/2) * eta overflow float32, so the first loss is inf.
@@ -418,24 +536,3 @@ def test_a_killed_worker_restarts_the_group_and_retrains(ray_cluster, tiny_polic
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["iter1"], "a staging directory was left behind"
     # The restarted group began again at step 1: the killed attempt's steps were logged twice.
     assert len(client.get_metric_history(run_id, "train/loss")) > EXPECTED_STEPS
-
-
-@pytest.mark.slow
-def test_full_disk_at_checkpoint_save_keeps_the_published_checkpoint(ray_cluster, tiny_policy_dir, tmp_path,
-                                                                     small_disk):
-    """A checkpoint that does not fit on its filesystem fails training with the disk error, at
-    once (not retried); what was published at that path stays whole and nothing is left beside it."""
-    disk = small_disk("256k")
-    published = disk / "iter1"  # an earlier attempt's complete checkpoint
-    published.mkdir()
-    (published / "config.json").write_text('{"published": true}')
-    pairs_path = tmp_path / "pairs.parquet"
-    pd.DataFrame(make_rows(8)).to_parquet(pairs_path)
-    cfg = TrainConfig(**{**TRAIN_CFG, "gradient_accumulation_steps": 1, "epochs": 1, "max_failures": 1})
-    with pytest.raises(TrainingError, match=r"No space left on device|StorageFull") as failure:
-        train_policy(str(pairs_path), tiny_policy_dir, str(published), cfg,
-                     storage_dir=str(tmp_path / "ray"), timeout_s=900)
-    assert str(published) in str(failure.value)
-    assert [p.name for p in disk.iterdir()] == ["iter1"], "a staging directory was left behind"
-    assert [p.name for p in published.iterdir()] == ["config.json"]
-    assert (published / "config.json").read_text() == '{"published": true}'

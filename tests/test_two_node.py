@@ -1,7 +1,7 @@
 """Two Ray nodes on this machine: a real 2-iteration tiny run spreads its vLLM engines and its
 training workers over both, keeps every output in shared storage (S3), and finishes.
 
-Two `ray start` processes (sppo.localstack): a head and a worker node that joins it, each with
+Two `ray start` processes (sppo.devtools.localstack): a head and a worker node that joins it, each with
 its own temp dir, declaring 2 CPUs, with Ray's token authentication on; an MLflow server beside
 them. The job, submitted with `ray job submit`, asks for 2 vLLM engines and 2 ZeRO-3 workers of
 2 CPUs each, so no node can hold two of either: Ray must place one on each node. Where each
@@ -25,7 +25,7 @@ from collections import Counter
 import psutil
 import pytest
 
-from sppo.localstack import LocalStack, free_port
+from sppo.devtools.localstack import LocalStack, free_port
 from sppo.manifest import STAGE_FIELDS
 from tests.live_stack import (REPO, VENV_BIN, client_env, nested_runs, rest, submit, submit_command,
                               wait_for_a_training_step)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from sppo.storage import publish_directory
 
 TINY_PREFIX = "tiny:"
 
@@ -43,22 +43,8 @@ def resolve_model(spec: str) -> str:
     version, build = _builder(name)
     target = cache_root() / f"tiny-{name}-{version}"
     if not (target / "config.json").exists():
-        publish_model_dir(target, build)
+        # A model directory in the cache is whole or absent; of concurrent builders, one wins.
+        publish_directory(target, build, keep_existing=True)
     return str(target)
 
 
-def publish_model_dir(target: Path, fill: Callable[[Path], None]) -> None:
-    """Fill a staging directory beside `target` and rename it into place: a model directory in
-    the cache is whole or absent. Concurrent publishers of the same content may race; one wins."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        fill(staging)
-        staging.chmod(0o755)  # mkdtemp makes it 0700
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

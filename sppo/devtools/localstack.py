@@ -1,6 +1,6 @@
 """A local Ray head and MLflow tracking server for the demo and the end-to-end tests.
 
-`python -m sppo.localstack start` starts whichever of the two is not already answering,
+`python -m sppo.devtools.localstack start` starts whichever of the two is not already answering,
 binds both to 127.0.0.1, keeps Ray's token authentication on (creating the token on a
 machine that has none), and records the PIDs of exactly the processes it started in
 `<state_dir>/stack.json`; `stop` ends those and nothing else (never a blanket `ray stop`).
@@ -248,7 +248,7 @@ class LocalStack:
         psutil.wait_procs(alive, timeout=5)
         for name, pids in self.pids.items():
             if pids:
-                print(f"{name}: stopped {len(pids)} process(es) started by sppo.localstack")
+                print(f"{name}: stopped {len(pids)} process(es) started by sppo.devtools.localstack")
         self.pids = {}
         self._save()
 
@@ -267,7 +267,7 @@ class LocalStack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sppo.localstack", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sppo.devtools.localstack", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["start", "stop", "status"])
     parser.add_argument("--state-dir", default=".run", help="where PIDs, logs and the MLflow store live")
     parser.add_argument("--ray-port", type=int, default=6379)

@@ -1,0 +1,401 @@
+"""The training recipe: pi_t -> pi_{t+1} on preference pairs with DeepSpeed ZeRO-3 and RMSprop,
+in whatever torch.distributed process group it starts in: Ray Train's (`sppo.training`, as a
+job runs it), torchrun's, or a one-process group in a test. Nothing here imports Ray.
+
+`train` reads top to bottom: setup (tokenize the pairs, load pi_t into ZeRO-3 partitions),
+reference log-probs, the train loop, save. Where log pi_ref comes from (train.reference_logps):
+- policy: the model being trained, once, before its first optimizer step (its weights are then
+  pi_t), so no second copy is held;
+- sampler: the log-probs vLLM reported while pi_t sampled the responses: no reference pass;
+- online: the reference pipeline's way, a frozen second copy of pi_t under ZeRO-3 run forward
+  at every step (twice the weights held: the training benchmark's baseline).
+
+Without any orchestrator, on the job's own config:
+
+    torchrun --nproc-per-node 2 -m sppo.training_recipe --pairs outputs/tiny/iter-1/pairs.parquet \\
+        --policy tiny:policy --checkpoint /tmp/pi1 [--config configs/tiny.yaml] [--set train.epochs=1 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sppo.checkpoint import publish_checkpoint
+from sppo.config import TrainConfig
+from sppo.losses import (
+    LossParams,
+    PairBatch,
+    get_loss,
+    response_lengths,
+    sequence_logps,
+    sequence_wpo_logweights,
+    wpo_pair_weights,
+)
+from sppo.progress import PROGRESS_EVERY_S, progress
+from sppo.training_data import (
+    EncodedPair,
+    EncodedSequence,
+    collate_pairs,
+    encode_pairs,
+    epoch_rows,
+    read_pairs,
+    reference_chunk,
+    steps_per_epoch,
+    total_steps,
+)
+
+if TYPE_CHECKING:
+    from sppo.tracking import LiveMetrics
+
+logger = logging.getLogger("sppo.training")
+
+
+@dataclass(frozen=True)
+class RecipeResult:
+    history: list[dict[str, float]]  # one entry per optimizer step, with "step"
+    # Per pairs-file row, [chosen, rejected] summed response log-probs under pi_t; none with 'online'.
+    reference_logps: list[list[float]]
+    # Evidence that ZeRO-3 sharded the weights: the largest parameter's full size, this rank's
+    # shard of it and what this rank still holds of it between forward passes.
+    zero3_partition: dict[str, int]
+    # Seconds per phase: setup (= data + model_load), reference_logps, train_steps, checkpoint_save.
+    timings: dict[str, float]
+
+
+# ---------------------------------------------------------------- components
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.per_device_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.global_batch_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "bf16": {"enabled": cfg.bf16},
+        "zero_optimization": {
+            "stage": 3,
+            # 0: partition every parameter, however small (the default keeps small ones whole).
+            "stage3_param_persistence_threshold": 0,
+        },
+        # ZeRO only vouches for its own optimizers; RMSprop is what SPPO trains with.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def load_engine(policy_dir: str, cfg: TrainConfig, num_steps: int, trust_remote_code: bool):
+    """The policy as a ZeRO-3 DeepSpeed engine with RMSprop and a linear warmup/decay schedule.
+
+    Also returns transformers' DeepSpeed config holder, which the caller keeps alive while it
+    loads or uses models: transformers finds it through a weakref, and from_pretrained then
+    builds the model inside zero.Init and loads the weights straight into partitions.
+    """
+    import deepspeed
+    from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds_config = deepspeed_config(cfg)
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=_train_dtype(cfg),
+                                                 trust_remote_code=trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    warmup_steps = math.ceil(cfg.warmup_ratio * num_steps)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.RMSprop(model.parameters(), lr=cfg.learning_rate),
+        # Built on the optimizer DeepSpeed returns, which steps it at each accumulation boundary.
+        lr_scheduler=lambda optimizer: get_linear_schedule_with_warmup(optimizer, warmup_steps, num_steps),
+        config=ds_config,
+    )
+    return engine, hf_ds_config
+
+
+def load_frozen_reference(policy_dir: str, cfg: TrainConfig, trust_remote_code: bool):
+    """train.reference_logps 'online': a second copy of pi_t, ZeRO-3 partitioned, for forward
+    passes only. Load it while load_engine's config holder lives."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=_train_dtype(cfg),
+                                                 trust_remote_code=trust_remote_code)
+    reference, *_ = deepspeed.initialize(model=model, config=deepspeed_config(cfg))
+    reference.eval()
+    return reference
+
+
+def _train_dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.bf16 else torch.float32
+
+
+def pair_logps(
+    model, batch: dict[str, torch.Tensor], *, wpo_weights: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Summed response log-probs (chosen [B], rejected [B]) from one forward pass, and with
+    wpo_weights WPO's pair weights [B] under this model from the same logits (else None)."""
+    input_ids = batch["input_ids"]
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps = sequence_logps(logits, input_ids, batch["loss_mask"])
+    half = logps.shape[0] // 2
+    weights = None
+    if wpo_weights:
+        logweights = sequence_wpo_logweights(logits, input_ids, batch["loss_mask"])
+        weights = wpo_pair_weights(logweights[:half], logweights[half:])
+    return logps[:half], logps[half:], weights
+
+
+@torch.no_grad()
+def reference_logps(
+    model, pairs: Sequence[EncodedPair], *, batch_size: int, pad_token_id: int, device=None
+) -> torch.Tensor:
+    """[N, 2] (chosen, rejected) log-probs of `pairs`, in batches of `batch_size`, float32 on CPU."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate_pairs(pairs[start : start + batch_size], pad_token_id)
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        chosen, rejected, _ = pair_logps(model, batch)
+        out.append(torch.stack([chosen, rejected], dim=1).float().cpu())
+    return torch.cat(out)
+
+
+def all_reference_logps(engine, pairs: Sequence[EncodedPair], *, batch_size: int, pad_token_id: int,
+                        device) -> torch.Tensor:
+    """[N, 2] reference log-probs of all pairs on every rank; each rank computes one chunk."""
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size()
+    chunk = reference_chunk(len(pairs), rank=dist.get_rank(), world_size=world_size)
+    local = reference_logps(engine, [pairs[i] for i in chunk], batch_size=batch_size, pad_token_id=pad_token_id,
+                            device=device)
+    gathered = [torch.empty_like(local, device=device) for _ in range(world_size)]
+    dist.all_gather(gathered, local.to(device))
+    return torch.cat([g.cpu() for g in gathered])[: len(pairs)]
+
+
+def sampler_reference_logps(pairs: Sequence[EncodedPair], rows: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """[N, 2] (chosen, rejected) reference log-probs from the sampler's per-token log-probs:
+    each summed over the response tokens that `encode_pairs(sampled_tokens=True)` kept."""
+
+    def kept(seq: EncodedSequence, logps: list[float]) -> float:
+        return math.fsum(logps[: len(seq.input_ids) - seq.prompt_length])
+
+    return torch.tensor([[kept(pair.chosen, row["chosen_token_logps"]),
+                          kept(pair.rejected, row["rejected_token_logps"])]
+                         for pair, row in zip(pairs, rows, strict=True)], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def train(
+    cfg: TrainConfig,
+    rows: list[dict[str, Any]],
+    policy_dir: str,
+    checkpoint_dir: str,
+    *,
+    device: torch.device,
+    timeout_s: float | None = None,
+    started_at: float | None = None,
+    live_metrics: LiveMetrics | None = None,
+    trust_remote_code: bool = False,
+) -> RecipeResult:
+    """Train pi_{t+1} from pi_t (the local model directory policy_dir) on the pairs `rows`
+    (`read_pairs`), publish it at checkpoint_dir, on every rank of the current process group.
+
+    timeout_s: checked before each micro-batch against started_at (wall clock; default now).
+    live_metrics: where rank 0 logs each optimizer step. Raises FloatingPointError (a
+    non-finite loss), TimeoutError, OSError (a checkpoint that cannot be written) or ValueError
+    (the data); nothing is published then.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoTokenizer
+
+    # The process group is the caller's (Ray Train, torchrun); DeepSpeed wraps it.
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if world_size != cfg.num_workers:  # the global batch, and so the schedule, counts them
+        raise ValueError(f"train.num_workers is {cfg.num_workers}, but the process group has {world_size} processes")
+    deadline = (started_at or time.time()) + timeout_s if timeout_s is not None else math.inf
+    torch.manual_seed(cfg.seed)
+
+    # Setup: the pairs tokenized as sampling saw them, then pi_t into ZeRO-3 partitions.
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                         sampled_tokens=cfg.reference_logps == "sampler")
+    probs = torch.tensor([[r["chosen_probs_win"], r["chosen_probs_lose"], r["chosen_probs"]] for r in rows])
+    per_epoch, num_steps = steps_per_epoch(len(rows), cfg), total_steps(len(rows), cfg)
+    encoded = time.monotonic()
+    engine, hf_ds_config = load_engine(policy_dir, cfg, num_steps, trust_remote_code)
+    frozen = None
+    try:
+        if cfg.reference_logps == "online":
+            frozen = load_frozen_reference(policy_dir, cfg, trust_remote_code)
+        # The checkpoint is saved in the dtype the policy came in, whatever the training dtype.
+        save_dtype = AutoConfig.from_pretrained(policy_dir, trust_remote_code=trust_remote_code).dtype or torch.float32
+        loaded = time.monotonic()
+
+        # Reference log-probs: every row's, before any step (or, online, at each step).
+        ref = torch.empty((0, 2))
+        if cfg.reference_logps == "sampler":  # log pi_t(y|x) as vLLM computed it while pi_t sampled y
+            ref = sampler_reference_logps(pairs, rows)
+        elif cfg.reference_logps == "policy":  # pi_ref = the weights as loaded
+            engine.eval()
+            ref = all_reference_logps(engine, pairs, batch_size=cfg.per_device_batch_size, pad_token_id=pad_id,
+                                      device=device)
+        engine.train()
+        largest = max(engine.module.parameters(), key=lambda p: p.ds_numel)
+        partition = {
+            "param_numel": int(largest.ds_numel),
+            "local_numel": int(largest.ds_tensor.numel()),  # this rank's shard
+            # After forward passes, only parameters ZeRO-3 keeps whole (persistent) are still held.
+            "resident_numel": int(largest.data.numel()),
+            "world_size": world_size,
+        }
+        if rank == 0:
+            logger.info("reference log-probs of %d pairs (%s) in %.1fs", len(pairs), cfg.reference_logps,
+                        time.monotonic() - loaded)
+        referenced = reported = time.monotonic()
+
+        # The train loop: train.epochs seeded shuffles, cut at train.max_steps.
+        loss_fn, loss_params = get_loss(cfg.loss), LossParams(beta=cfg.beta, gamma=cfg.simpo_gamma)
+        history: list[dict[str, float]] = []
+        rows_per_rank = per_epoch * cfg.per_device_batch_size * cfg.gradient_accumulation_steps
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, chosen logratio, rejected logratio, pairs
+        for epoch in range(math.ceil(num_steps / per_epoch)):  # none at train.max_steps 0
+            order = epoch_rows(len(pairs), epoch=epoch, seed=cfg.seed, rank=rank, world_size=world_size,
+                               rows_per_rank=rows_per_rank)
+            for start in range(0, len(order), cfg.per_device_batch_size):
+                step = len(history) + 1
+                if step > num_steps:  # train.max_steps reached inside this epoch
+                    break
+                if time.time() > deadline:
+                    raise TimeoutError(f"training did not finish within timeout_s={timeout_s} "
+                                       f"(at step {step}/{num_steps})")
+                index = order[start : start + cfg.per_device_batch_size]
+                batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in index], pad_id).items()}
+                policy_chosen, policy_rejected, wpo_weights = pair_logps(engine, batch, wpo_weights=cfg.loss == "wpo")
+                if frozen is not None:
+                    with torch.no_grad():
+                        ref_rows = torch.stack(pair_logps(frozen, batch)[:2], dim=1)
+                else:
+                    ref_rows = ref[index].to(device)
+                prob_rows = probs[index].to(device)
+                lengths = response_lengths(batch["loss_mask"])
+                losses = loss_fn(PairBatch(
+                    policy_chosen_logps=policy_chosen,
+                    policy_rejected_logps=policy_rejected,
+                    ref_chosen_logps=ref_rows[:, 0],
+                    ref_rejected_logps=ref_rows[:, 1],
+                    chosen_probs_win=prob_rows[:, 0],
+                    chosen_probs_lose=prob_rows[:, 1],
+                    chosen_probs=prob_rows[:, 2],
+                    chosen_lengths=lengths[: len(index)],
+                    rejected_lengths=lengths[len(index):],
+                    wpo_weights=wpo_weights,
+                ), loss_params)
+                # Summed over all ranks before backward, so every rank sees a bad loss at once.
+                micro = torch.stack([
+                    losses.sum(),
+                    (policy_chosen - ref_rows[:, 0]).sum(),
+                    (policy_rejected - ref_rows[:, 1]).sum(),
+                    losses.new_tensor(len(index)),
+                ]).detach().double()
+                dist.all_reduce(micro)
+                if not math.isfinite(micro[0].item()):
+                    raise FloatingPointError(
+                        f"non-finite {cfg.loss} loss ({micro[0].item()}) at step {step}/{num_steps}, epoch {epoch}; "
+                        f"learning rate {engine.get_lr()[0]:.3g}, eta {cfg.eta}: no checkpoint is written"
+                    )
+                sums += micro.cpu()
+                learning_rate = engine.get_lr()[0]
+                engine.backward(losses.mean())
+                boundary = engine.is_gradient_accumulation_boundary()
+                engine.step()
+                if not boundary:
+                    continue
+                loss, chosen_logratio, rejected_logratio = (sums[:3] / sums[3]).tolist()
+                metrics = {
+                    "step": step,
+                    "train/loss": loss,
+                    "train/chosen_logratio": chosen_logratio,
+                    "train/rejected_logratio": rejected_logratio,
+                    "train/learning_rate": learning_rate,
+                    "train/epoch": epoch + (start + cfg.per_device_batch_size) / len(order),
+                }
+                if (grad_norm := engine.get_global_grad_norm()) is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                sums.zero_()
+                history.append(metrics)
+                if rank == 0:
+                    if live_metrics is not None:
+                        live_metrics.log(metrics, step)
+                    if step in (1, num_steps) or time.monotonic() - reported >= PROGRESS_EVERY_S:
+                        logger.info("training: %s, loss %.4g, lr %.3g", progress(step, num_steps,
+                                    time.monotonic() - referenced, "steps"), loss, learning_rate)
+                        reported = time.monotonic()
+
+        # Save: gathered, written beside checkpoint_dir and renamed into place.
+        trained = time.monotonic()
+        publish_checkpoint(engine, policy_dir, checkpoint_dir, save_dtype)
+    finally:  # a failed attempt frees its partitions, and later loads in this process are not partitioned
+        for model in (engine, frozen):
+            if model is not None:
+                model.destroy()
+        del hf_ds_config
+    saved = time.monotonic()
+    if rank == 0:
+        logger.info("published %s after %d steps in %.1fs", checkpoint_dir, len(history), saved - started)
+    timings = {"setup": loaded - started, "data": encoded - started, "model_load": loaded - encoded,
+               "reference_logps": referenced - loaded, "train_steps": trained - referenced,
+               "checkpoint_save": saved - trained}
+    return RecipeResult(history=history, reference_logps=ref.tolist(), zero3_partition=partition, timings=timings)
+
+
+# ---------------------------------------------------------------- torchrun
+
+
+def main(argv: list[str] | None = None) -> None:
+    from sppo.config import ConfigError, load_config, parse_override
+    from sppo.tiny import resolve_model
+
+    parser = argparse.ArgumentParser(prog="python -m sppo.training_recipe",
+                                     description="One SPPO training stage in a torch.distributed process group "
+                                                 "(start it with torchrun).")
+    parser.add_argument("--pairs", required=True, help="a pairs.parquet file, as the pairs stage writes it")
+    parser.add_argument("--policy", required=True, help="pi_t: a local model directory or tiny:policy")
+    parser.add_argument("--checkpoint", required=True, help="where pi_{t+1} is published")
+    parser.add_argument("--config", help="a job config (YAML): its train section (default: the defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, dict(parse_override(text) for text in args.overrides)).train
+    except ConfigError as err:
+        parser.error(str(err))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cfg.use_gpu else torch.device("cpu")
+    if cfg.use_gpu:
+        torch.cuda.set_device(device)
+    result = train(cfg, read_pairs(args.pairs, sampled_tokens=cfg.reference_logps == "sampler"),
+                   resolve_model(args.policy), args.checkpoint, device=device)
+    if int(os.environ.get("RANK", "0")) == 0 and result.history:
+        print(f"trained {len(result.history)} steps, last loss {result.history[-1]['train/loss']:.4g}; "
+              f"published {args.checkpoint}")
+
+
+if __name__ == "__main__":
+    main()
