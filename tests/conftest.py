@@ -31,12 +31,22 @@ LANE_GROUPS = {"demo": "demo-stack", "live_stack": "demo-stack", "ray_cluster": 
 
 
 def pytest_collection_modifyitems(config, items):
+    """Each test's lane group, and the longest work first so that the lanes end together: the
+    demo's tests, the local cluster's, the other slow ones (each starting its own stack or
+    cluster), then the fast ones, each in collection order (durations: docs/testing.md)."""
+    order = {"demo-stack": 0, "local-ray-cluster": 1}
+    rank = {}
     for item in items:
         groups = {LANE_GROUPS[name] for name in item.fixturenames if name in LANE_GROUPS}
         if len(groups) > 1:
             raise pytest.UsageError(f"{item.nodeid} needs both {sorted(groups)}, which may be set up in two lanes")
         if groups:
-            item.add_marker(pytest.mark.xdist_group(groups.pop()))
+            group = groups.pop()
+            item.add_marker(pytest.mark.xdist_group(group))
+            rank[item.nodeid] = order[group]
+        else:
+            rank[item.nodeid] = 2 if item.get_closest_marker("slow") else 3
+    items.sort(key=lambda item: rank[item.nodeid])
 
 
 @pytest.fixture(scope="session")
