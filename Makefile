@@ -64,7 +64,7 @@ demo: install
 	@echo "Servers stay up for browsing; 'make stop' stops them."
 
 test: install
-	$(VENV)/bin/pytest -n $(TEST_LANES) --dist loadgroup $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_LANES) $(PYTEST_ARGS)
 
 # Speed and memory against the baselines, measured side by side (docs/performance.md), into
 # bench/results/latest.json. Not part of `make test`. TRL is a baseline only: installed here, not in the lock.

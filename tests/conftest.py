@@ -24,28 +24,46 @@ import pytest
 if TYPE_CHECKING:
     from sppo.devtools.localstack import LocalStack
 
-# `make test` runs the suite in two lanes (pytest-xdist, --dist loadgroup). A session fixture
-# is set up once per lane that uses it, so the tests sharing one (the demo's stack, the local
-# Ray cluster) are kept in one lane: they start it once, as in a single lane.
-LANE_GROUPS = {"demo": "demo-stack", "live_stack": "demo-stack", "ray_cluster": "local-ray-cluster"}
+# `make test` runs the suite in two lanes (pytest-xdist). A session fixture is set up once in
+# each lane that uses it, so the files whose tests share one (the demo's stack, the local Ray
+# cluster) form one unit of work each, run by one lane: each fixture starts once, as in a single
+# lane. (xdist's own `--dist loadgroup` groups nothing under pytest 9.2's structured node ids:
+# pytest-dev/pytest-xdist#1386.)
+LANES = {
+    "demo-stack": ("test_cluster_faults.py", "test_e2e.py", "test_faults.py", "test_objectives_e2e.py",
+                   "test_ray_jobs.py"),
+    "local-ray-cluster": ("test_judging.py", "test_plan.py", "test_reward_judge.py", "test_sampling.py",
+                          "test_training.py"),
+}
+LANE_FIXTURES = {"demo": "demo-stack", "live_stack": "demo-stack", "ray_cluster": "local-ray-cluster"}
+_LANE_OF_FILE = {file: lane for lane, files in LANES.items() for file in files}
 
 
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LaneScheduling(LoadScopeScheduling):
+        """A lane's files as one unit of work; every other test a unit of its own."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _LANE_OF_FILE.get(Path(nodeid.split("::", 1)[0]).name, nodeid)
+
+    return LaneScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Each test's lane group, and the longest work first so that the lanes end together: the
-    demo's tests, the local cluster's, the other slow ones (each starting its own stack or
-    cluster), then the fast ones, each in collection order (durations: docs/testing.md)."""
-    order = {"demo-stack": 0, "local-ray-cluster": 1}
+    """Every test that needs a lane's fixture is in one of that lane's files (or it would set the
+    fixture up in a second lane); and the longest work first, so that the lanes end together: the
+    lanes' files, then the other slow tests (each starting its own stack or cluster), then the
+    fast ones, each in collection order (durations: docs/testing.md)."""
     rank = {}
     for item in items:
-        groups = {LANE_GROUPS[name] for name in item.fixturenames if name in LANE_GROUPS}
-        if len(groups) > 1:
-            raise pytest.UsageError(f"{item.nodeid} needs both {sorted(groups)}, which may be set up in two lanes")
-        if groups:
-            group = groups.pop()
-            item.add_marker(pytest.mark.xdist_group(group))
-            rank[item.nodeid] = order[group]
-        else:
-            rank[item.nodeid] = 2 if item.get_closest_marker("slow") else 3
+        lane = _LANE_OF_FILE.get(item.path.name)
+        if stray := {LANE_FIXTURES[name] for name in item.fixturenames if name in LANE_FIXTURES} - {lane}:
+            raise pytest.UsageError(f"{item.nodeid} uses the {sorted(stray)} fixture: add its file to that "
+                                    "lane in tests/conftest.py LANES")
+        rank[item.nodeid] = 0 if lane else 1 if item.get_closest_marker("slow") else 2
     items.sort(key=lambda item: rank[item.nodeid])
 
 
