@@ -49,10 +49,10 @@ def with_sequential_passes(base):
             from sppo.chat import render_prompt_ids
 
             params = SamplingParams(**{**params_kwargs, "n": 1})
-            requests = [TokensPrompt(prompt_token_ids=ids) for ids in render_prompt_ids(self._tokenizer, prompts)]
+            requests = [TokensPrompt(prompt_token_ids=ids) for ids in render_prompt_ids(self.tokenizer, prompts)]
             tokens = 0
             for _ in range(k):
-                outputs = self._llm.generate(requests, params, use_tqdm=False)
+                outputs = self.llm.generate(requests, params, use_tqdm=False)
                 tokens += sum(len(c.token_ids) for out in outputs for c in out.outputs)
             return tokens
 
@@ -63,7 +63,7 @@ def with_sequential_passes(base):
                     "niceness": os.nice(0)}
 
         def max_num_seqs(self) -> int:
-            return engine_max_num_seqs(self._llm)
+            return engine_max_num_seqs(self.llm)
 
     return Engine
 

@@ -191,9 +191,9 @@ class VLLMEngine:
         self._cfg = cfg
         # The same tokenizer class the trainer loads, so prompt ids match token for token. Every
         # checkpoint of a run keeps the base model's tokenizer.
-        self._tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         started = time.monotonic()
-        self._llm = LLM(**engine_kwargs(model_dir, cfg, cfg.seed, trust_remote_code, sleep_mode))
+        self.llm = LLM(**engine_kwargs(model_dir, cfg, cfg.seed, trust_remote_code, sleep_mode))
         self._start_s = time.monotonic() - started
         self._unreported_start = True  # the next Samples report this start
         self._policy: str | None = policy  # None: asleep, no weights held
@@ -204,15 +204,15 @@ class VLLMEngine:
             return 0.0
         started = time.monotonic()
         if self._policy is None:
-            self._llm.wake_up()
-        self._llm.collective_rpc("reload_weights", kwargs={"weights_path": local_model(policy)})
+            self.llm.wake_up()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": local_model(policy)})
         self._policy = policy
         return time.monotonic() - started
 
     def sleep(self) -> None:
         """Level 2: weights and KV cache are dropped (the next policy is loaded on wake-up)."""
         if self._policy is not None:
-            self._llm.sleep(level=2)
+            self.llm.sleep(level=2)
             self._policy = None
 
     def generate(self, policy: str, prompts: list[str], seed: int, token_logps: bool = False) -> Samples:
@@ -220,20 +220,20 @@ class VLLMEngine:
         from vllm import SamplingParams, TokensPrompt
 
         load_s = self.load(policy)
-        self._llm.collective_rpc(_seed_worker, args=(seed,))
+        self.llm.collective_rpc(_seed_worker, args=(seed,))
         # Cached prefixes may come from earlier weights, and a warm cache changes what is
         # recomputed: every call starts from an empty cache, as a fresh engine does.
-        self._llm.reset_prefix_cache()
+        self.llm.reset_prefix_cache()
         params = SamplingParams(**sampling_params_kwargs(self._cfg, token_logps))
-        prompt_ids = render_prompt_ids(self._tokenizer, prompts)
+        prompt_ids = render_prompt_ids(self.tokenizer, prompts)
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         # vLLM's progress (done/total prompts, rate, ETA) as our log lines, every 30 s.
-        outputs = self._llm.generate(requests, params, use_tqdm=LoggedProgress)  # in request order
+        outputs = self.llm.generate(requests, params, use_tqdm=LoggedProgress)  # in request order
         completions = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
         if params.detokenize:
             texts = [[c.text for c in cands] for cands in completions]
         else:
-            flat = self._tokenizer.batch_decode([c.token_ids for cands in completions for c in cands],
+            flat = self.tokenizer.batch_decode([c.token_ids for cands in completions for c in cands],
                                                 skip_special_tokens=True)
             texts = [flat[i * params.n : (i + 1) * params.n] for i in range(len(completions))]
         started_here, self._unreported_start = self._unreported_start, False
@@ -253,7 +253,7 @@ class VLLMEngine:
     def close(self) -> None:
         """Stop the vLLM engine core. Killed without this, its processes leave their
         shared-memory queues (RAM-backed files of up to ~250 MB each) in /dev/shm."""
-        self._llm.llm_engine.engine_core.shutdown(timeout=_ENGINE_SHUTDOWN_S)
+        self.llm.llm_engine.engine_core.shutdown(timeout=_ENGINE_SHUTDOWN_S)
 
 
 class EnginePool:
