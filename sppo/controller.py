@@ -28,7 +28,7 @@ from sppo.evaluation import eval_judgments_path, eval_samples_path, evaluate
 from sppo.devtools.faults import kill_point
 from sppo.judging import JUDGES
 from sppo.manifest import STAGES, RunManifest
-from sppo.model_card import card_summary, registry_tags, write_card
+from sppo.model_card import CARD_FILE, card_summary, registry_tags, write_card
 from sppo.pairs import hybrid_candidates, training_rows
 from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
 from sppo.sampling import EnginePool, Samples
@@ -59,7 +59,7 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, p
         rec.tracker.log_history(rec.run_id, json.loads(it.train_history.read_text()))
     if "evaluation" in todo:
         evaluation_stage(cfg, rec, engines, policy, judge)  # pi_{t+1} vs pi_t and pi_0
-    with rec.stage("tracking"):
+    with rec.stage("tracking", card=it.checkpoint / CARD_FILE):
         rec.log_outputs()
     return str(it.checkpoint)
 

@@ -66,11 +66,17 @@ def digest(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def content_hash(path: Path) -> str:
+# Files written into an output directory by a later stage, which records them itself: the
+# tracking stage's model card in the checkpoint.
+_WRITTEN_LATER = {"checkpoint": ("README.md",)}
+
+
+def content_hash(path: Path, exclude: tuple[str, ...] = ()) -> str:
     """sha256 of a file (as `sha256sum` prints it), or of a directory's files: their relative
-    names and bytes, in name order."""
+    names and bytes, in name order, those named in `exclude` (relative paths) left out."""
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and str(p.relative_to(path)) not in exclude) \
+        if path.is_dir() else [path]
     for file in files:
         if path.is_dir():
             h.update(str(file.relative_to(path)).encode())
@@ -110,7 +116,7 @@ class RunManifest:
             "status": "done",
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "outputs": {name: str(p.relative_to(self.root)) for name, p in outputs.items()},
-            "sha256": {name: content_hash(p) for name, p in outputs.items()},
+            "sha256": {name: content_hash(p, _WRITTEN_LATER.get(name, ())) for name, p in outputs.items()},
             "config_digest": stage_digest(cfg, stage),
             "mlflow_run_id": mlflow_run_id,
         }
@@ -127,7 +133,7 @@ class RunManifest:
             return False
         for name, relative in entry["outputs"].items():
             path = self.root / relative
-            if not path.exists() or content_hash(path) != entry["sha256"].get(name):
+            if not path.exists() or content_hash(path, _WRITTEN_LATER.get(name, ())) != entry["sha256"].get(name):
                 return False
         return True
 

@@ -82,7 +82,9 @@ def _publish_iteration(manifest: RunManifest, cfg, t: int) -> dict[str, Path]:
     outputs = {"sampling": {"samples": it / "samples.parquet"}, "judging": {"judgments": it / "judgments.parquet"},
                "pairs": {"pairs": it / "pairs.parquet"},
                "training": {"checkpoint": it / "checkpoint", "train_history": it / "train_history.json"},
-               "evaluation": {"eval_judgments": it / "eval_judgments.parquet"}, "tracking": {}}
+               "evaluation": {"eval_judgments": it / "eval_judgments.parquet"},
+               # The model card goes into the checkpoint directory after training recorded it.
+               "tracking": {"card": it / "checkpoint" / "README.md"}}
     (it / "checkpoint").mkdir(parents=True)
     (it / "checkpoint" / "model.safetensors").write_bytes(b"weights")
     for stage, files in outputs.items():
@@ -119,8 +121,12 @@ def test_the_manifest_alone_decides_what_a_resubmission_redoes(tmp_path):
         manifest.record_stage(1, stage, cfg, {"training": {"checkpoint": first["checkpoint"],
                                                            "train_history": first["train_history"]},
                                               "evaluation": {"eval_judgments": first["eval_judgments"]},
-                                              "tracking": {}}[stage], "run-1")
+                                              "tracking": {"card": first["card"]}}[stage], "run-1")
     assert manifest.resume_point(cfg) == (2, STAGES)
+    first["card"].write_text("edited card")  # the tracking stage's own output, not training's
+    assert RunManifest(manifest.root).resume_point(cfg) == (1, ("tracking",))
+    manifest = RunManifest(manifest.root)
+    manifest.record_stage(1, "tracking", cfg, {"card": first["card"]}, "run-1")
     first["judgments"].write_text("edited")
     assert manifest.resume_point(cfg) == (1, ("judging", "pairs", "training", "evaluation", "tracking"))
     first["samples"].unlink()
