@@ -9,6 +9,7 @@ would recur identically (the loss, the deadline, the disk, the data) is returned
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import threading
@@ -64,6 +65,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from sppo import training_recipe
     from sppo.tracking import LiveMetrics
+    for module in ("deepspeed", "transformers"):  # the recipe's, timed here as the imports phase
+        importlib.import_module(module)
     imported = time.time()
 
     cfg = TrainConfig.model_validate(config["cfg"])
