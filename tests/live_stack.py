@@ -87,6 +87,17 @@ def nested_runs(stack: LocalStack, experiment_id: str, parent_id: str) -> dict[s
     return {r["info"]["run_name"]: r for r in runs}
 
 
+def assert_one_finished_iteration_and_nothing_redone(stack: LocalStack, out: Path, published: dict) -> dict:
+    """After a re-submission of a 1-iteration run: every stage `published` (manifest entries from
+    before it) is as it was, and the parent holds one FINISHED `iter-1` run, which is returned."""
+    stages = json.loads((out / "manifest.json").read_text())["iterations"]["1"]["stages"]
+    assert all(stages[name] == entry for name, entry in published.items())  # nothing redone
+    record = json.loads((out / "run.json").read_text())
+    runs = nested_runs(stack, record["experiment_id"], record["parent_run_id"])
+    assert list(runs) == ["iter-1"] and runs["iter-1"]["info"]["status"] == "FINISHED"
+    return runs["iter-1"]
+
+
 def wait_for_a_training_step(stack: LocalStack, out: Path, job: subprocess.Popen) -> None:
     """Until the iteration run this job opened has logged an optimizer step: the training
     workers are then in their loop. (Their `run_train_fn` title is too short-lived to wait for:

@@ -17,7 +17,8 @@ import time
 import pytest
 
 from sppo.devtools.localstack import LocalStack, free_port
-from tests.live_stack import REPO, nested_runs, rest, submit, submit_command, wait_for_a_training_step
+from tests.live_stack import (REPO, assert_one_finished_iteration_and_nothing_redone, nested_runs, rest, submit,
+                              submit_command, wait_for_a_training_step)
 from tests.processes import process_trees, wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.cluster_faults]
@@ -102,9 +103,5 @@ def test_an_mlflow_outage_is_waited_out_and_a_longer_one_stops_the_job_for_a_res
     stack.start()
     again = submit(stack, out, *limited)
     assert "SPPO finished" in again.stdout
-    stages = json.loads((out / "manifest.json").read_text())["iterations"]["1"]["stages"]
-    assert all(stages[name] == entry for name, entry in published.items())  # nothing redone
-    record = json.loads((out / "run.json").read_text())
-    runs = nested_runs(stack, record["experiment_id"], record["parent_run_id"])
-    assert list(runs) == ["iter-1"] and runs["iter-1"]["info"]["status"] == "FINISHED"
-    assert _steps(stack, runs["iter-1"]) == list(range(1, STEPS + 1))  # the curve, replayed from train_history.json
+    run = assert_one_finished_iteration_and_nothing_redone(stack, out, published)
+    assert _steps(stack, run) == list(range(1, STEPS + 1))  # the curve, replayed from train_history.json

@@ -27,8 +27,8 @@ import pytest
 
 from sppo.devtools.localstack import LocalStack, free_port
 from sppo.manifest import STAGES
-from tests.live_stack import (REPO, VENV_BIN, client_env, nested_runs, rest, submit, submit_command,
-                              wait_for_a_training_step)
+from tests.live_stack import (REPO, VENV_BIN, assert_one_finished_iteration_and_nothing_redone, client_env,
+                              nested_runs, rest, submit, submit_command, wait_for_a_training_step)
 from tests.processes import process_trees, wait_for_titled, wait_gone
 from tests.test_shared_storage import remote_files
 
@@ -227,8 +227,4 @@ def test_a_lost_node_fails_the_stage_naming_it_and_a_resubmission_continues(two_
     stack.add_worker_node(num_cpus=NODE_CPUS)
     again = submit(stack, out, *LOST_NODE_ARGS, job_env=JOB_ENV)
     assert "SPPO finished" in again.stdout
-    stages = json.loads((out / "manifest.json").read_text())["iterations"]["1"]["stages"]
-    assert all(stages[name] == entry for name, entry in published.items())  # nothing redone
-    record = json.loads((out / "run.json").read_text())
-    runs = nested_runs(stack, record["experiment_id"], record["parent_run_id"])
-    assert list(runs) == ["iter-1"] and runs["iter-1"]["info"]["status"] == "FINISHED"
+    assert_one_finished_iteration_and_nothing_redone(stack, out, published)
