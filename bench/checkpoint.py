@@ -77,6 +77,7 @@ OPTIMIZER_STEPS = {"full": 0, "smoke": 1}
 def _through_the_checkpoint_path(stack, root: Path, model_dir: Path, pairs: Path, steps: int):
     """Train (save and publish included), upload, register, load in vLLM: each step's record."""
     from sppo.config import SamplingConfig, TrainConfig
+    from sppo.roles import sampling_role, training_role
     from sppo.sampling import EnginePool
     from sppo.tracking import Tracker
     from sppo.training import train_policy
@@ -88,9 +89,10 @@ def _through_the_checkpoint_path(stack, root: Path, model_dir: Path, pairs: Path
     with ProcessPeaks(os.getpid(), ray_daemon_pids(stack)) as peaks:
         peaks.enter("train")
         with Timer() as trained:
-            result = train_policy(str(pairs), str(model_dir), str(checkpoint), TrainConfig(**TRAIN, max_steps=steps),
+            train_cfg = TrainConfig(**TRAIN, max_steps=steps)
+            result = train_policy(str(pairs), str(model_dir), str(checkpoint), train_cfg,
                                   storage_dir=str(root / "ray_train"), mlflow_tracking_uri=stack.mlflow_url,
-                                  mlflow_run_id=run_id, timeout_s=3600)
+                                  mlflow_run_id=run_id, role=training_role(train_cfg, timeout_s=3600))
         peaks.enter("upload")
         with Timer() as uploaded:
             tracker.log_artifacts(run_id, checkpoint, "checkpoint")
@@ -99,8 +101,8 @@ def _through_the_checkpoint_path(stack, root: Path, model_dir: Path, pairs: Path
             version = tracker.register_checkpoint(run_id, "sppo-bench-1b", "checkpoint")
         peaks.enter("vllm")
         engine_cfg = SamplingConfig(k=2, max_tokens=8, max_model_len=256, cpu_kvcache_gib=1, engine_mode="restart")
-        with Timer() as sampled, EnginePool(engine_cfg) as engines:
-            samples = engines.sample(str(checkpoint), ["Say hello."], seed=0, timeout_s=3600)
+        with Timer() as sampled, EnginePool(engine_cfg, sampling_role(engine_cfg, timeout_s=3600)) as engines:
+            samples = engines.sample(str(checkpoint), ["Say hello."], seed=0)
     tracker.finish(run_id)
     tracker.finish_parent()
     return checkpoint, result, {

@@ -31,6 +31,7 @@ from sppo.manifest import STAGES, RunManifest
 from sppo.model_card import CARD_FILE, card_summary, registry_tags, write_card
 from sppo.pairs import hybrid_candidates, training_rows
 from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
+from sppo.roles import run_roles
 from sppo.sampling import EnginePool, Samples
 from sppo.preflight import preflight
 from sppo.storage import (RUN_CONFIG_FILE, IterationDir, SharedStorage, atomic_write_parquet, atomic_write_text,
@@ -75,7 +76,7 @@ def sample_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, po
     prompts, token_logps = selection.prompts, cfg.train.reference_logps == "sampler"
     with rec.stage("sampling", samples=it.samples):
         samples = engines.sample(rec.for_workers(policy), prompts, seed=cfg.sampling.seed + 1000 * t,
-                                 timeout_s=cfg.timeouts.sampling_s, token_logps=token_logps)
+                                 token_logps=token_logps)
         rows = [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)]
         if token_logps:  # log pi_t of the sampled tokens: the trainer's reference log-probs
             for row, ids, logps in zip(rows, samples.token_ids, samples.token_logps, strict=True):
@@ -91,8 +92,7 @@ def judge_stage(cfg: RunConfig, rec: "IterationRecord", judge: str) -> None:
     offline = dataset_responses(cfg.prompts, it.iteration)
     candidates, off_policy = hybrid_candidates(sampled, [offline.get(p, []) for p in prompts])
     with rec.stage("judging", judgments=it.judgments):
-        matrices = JUDGES[cfg.judge.kind](judge, prompts, candidates, cfg.judge, timeout_s=cfg.timeouts.judging_s,
-                                          node_lost_s=cfg.timeouts.node_lost_s)
+        matrices = JUDGES[cfg.judge.kind](judge, prompts, candidates, cfg.judge, run_roles(cfg).judging)
         rec.publish(it.judgments, [{"prompt": p, "candidates": c, "off_policy": f, "win_matrix": m.tolist()}
                                    for p, c, f, m in zip(prompts, candidates, off_policy, matrices)],
                     {"judging/off_policy_candidates": sum(map(sum, off_policy))})
@@ -119,8 +119,7 @@ def train_stage(cfg: RunConfig, rec: "IterationRecord", policy: str) -> None:
         result = train_policy(str(it.pairs), for_workers(policy), for_workers(str(it.checkpoint)), cfg.train,
                               storage_dir=for_workers(str(it.path / "ray_train")),
                               mlflow_tracking_uri=rec.tracker.uri, mlflow_run_id=rec.run_id,
-                              timeout_s=cfg.timeouts.training_s, trust_remote_code=cfg.policy.trust_remote_code,
-                              node_lost_s=cfg.timeouts.node_lost_s)
+                              role=run_roles(cfg).training, trust_remote_code=cfg.policy.trust_remote_code)
         if rec.storage:  # the workers wrote it to the shared storage: the driver's copy
             rec.storage.pull(it.checkpoint)
         atomic_write_text(it.train_history, json.dumps(result.history))
@@ -188,7 +187,7 @@ def _run_iterations(cfg: RunConfig, out: Path, manifest: RunManifest, storage: S
     judge = cfg.judge.model_path or ""  # each judge actor resolves it on its node
     status = "FAILED"
     # One set of vLLM engines for the whole job: each iteration's stages load the policy they need.
-    engines = EnginePool(cfg.sampling, cfg.policy.trust_remote_code, node_lost_s=cfg.timeouts.node_lost_s)
+    engines = EnginePool(cfg.sampling, run_roles(cfg).sampling, cfg.policy.trust_remote_code)
     try:
         for t in range(first, cfg.iterations + 1):
             log.info("=== iteration %d/%d: policy %s", t, cfg.iterations, policy)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sppo.config import EvalConfig, RunConfig
+from sppo.roles import run_roles
 from sppo.sampling import EnginePool
 from sppo.storage import IterationDir, atomic_write_parquet, read_parquet
 
@@ -90,11 +91,10 @@ def eval_judgments_path(out: Path, t: int) -> Path:
     return IterationDir(out, t).path / EVAL_JUDGMENTS
 
 
-def ensure_eval_samples(path: Path, engines: EnginePool, policy: str, prompts: list[str], cfg: RunConfig,
-                        seed: int) -> list[dict]:
+def ensure_eval_samples(path: Path, engines: EnginePool, policy: str, prompts: list[str], seed: int) -> list[dict]:
     """The held-out samples at `path`, drawn from `policy` when missing (published atomically)."""
     if not path.exists():
-        samples = engines.sample(policy, prompts, seed=seed, timeout_s=cfg.timeouts.sampling_s)
+        samples = engines.sample(policy, prompts, seed=seed)
         atomic_write_parquet(path, [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)])
     rows = read_parquet(path)
     if [r["prompt"] for r in rows] != prompts:
@@ -110,12 +110,11 @@ def evaluate(cfg: RunConfig, out: Path, t: int, policies: dict[int, str], judge:
 
     k = cfg.sampling.k
     starts_before = engines.starts
-    rows = {g: ensure_eval_samples(eval_samples_path(out, g), engines, policies[g], prompts, cfg,
+    rows = {g: ensure_eval_samples(eval_samples_path(out, g), engines, policies[g], prompts,
                                    seed=cfg.eval.seed + 1000 * g) for g in sorted({0, t - 1, t})}
     groups = sorted(rows, reverse=True)  # new first in the matrix: t, t-1, 0
     combined = [[c for g in groups for c in rows[g][n]["candidates"]] for n in range(len(prompts))]
-    matrices = JUDGES[cfg.judge.kind](judge, prompts, combined, cfg.judge, timeout_s=cfg.timeouts.judging_s,
-                                      node_lost_s=cfg.timeouts.node_lost_s)
+    matrices = JUDGES[cfg.judge.kind](judge, prompts, combined, cfg.judge, run_roles(cfg).judging)
     new = slice(0, k)
     prev, base = slice(k, 2 * k), slice((len(groups) - 1) * k, len(groups) * k)
     vs_base = block_win_rates(matrices, new, base)

@@ -6,7 +6,7 @@ so the cluster must hold each stage on its own, not their sum. The exception is 
 engines: unless `sampling.engine_mode` restarts them per call, they live for the whole job, so
 judging and training must fit beside them.
 
-Pure core (no Ray): `resource_plan`, `config_problems`, `parse_node`, `placeable`, `check_fit`,
+Pure core (no Ray), on the roles of sppo/roles.py: `resource_plan`, `config_problems`, `parse_node`, `placeable`, `check_fit`,
 `format_plan`. Ray shell: `cluster_nodes`, the alive nodes of the cluster this process reaches.
 """
 
@@ -19,63 +19,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sppo.config import RunConfig
+from sppo.roles import Role, run_roles
 from sppo.sampling import engine_mode
-from sppo.training import worker_resources
-
-JUDGE_ROLES = {"pairrm": "PairRM judge", "reward_model": "reward-model judge", "rule": "rule judge"}
 # Floating-point slack when dividing capacities by fractional demands (e.g. 0.1 CPU).
 _EPS = 1e-9
 
 
 @dataclass(frozen=True)
 class StagePlan:
-    """`count` identical actors or workers of one stage, each holding `cpus` CPUs and `gpus` GPUs.
+    """One stage's role (`sppo.roles.Role`: its actors' count and resources, the config fields
+    behind them), with a line of detail for the table. `kept`: its actors stay for the whole job
+    (kept vLLM engines), holding their resources while later stages run."""
 
-    `fields` gives the config fields behind count, cpus and gpus with their values, for messages.
-    """
-
-    stage: str
-    role: str
-    count: int
-    cpus: float
-    gpus: float
-    fields: dict[str, str]
+    role: Role
     detail: str = ""
-    # Its actors stay for the whole job (kept vLLM engines), holding their resources.
     kept: bool = False
-
-    @property
-    def total_cpus(self) -> float:
-        return self.count * self.cpus
-
-    @property
-    def total_gpus(self) -> float:
-        return self.count * self.gpus
 
 
 def resource_plan(cfg: RunConfig) -> list[StagePlan]:
-    """What each stage asks Ray for, in stage order (the actors' and workers' resource requests)."""
+    """What each stage asks Ray for, in stage order: the roles the stages start their actors from."""
     s, j, t = cfg.sampling, cfg.judge, cfg.train
-    trainer = worker_resources(t)
+    sampling, judging, training = run_roles(cfg)
     return [
-        StagePlan(
-            "sampling", "vLLM engine", s.num_engines, s.cpus_per_engine, s.gpus_per_engine,
-            {"count": f"sampling.num_engines={s.num_engines}", "CPU": f"sampling.cpus_per_engine={s.cpus_per_engine:g}",
-             "GPU": f"sampling.gpus_per_engine={s.gpus_per_engine:g}"},
-            f"tensor_parallel_size={s.tensor_parallel_size}, {s.dtype}, k={s.k}, engine_mode {engine_mode(s)}",
-            kept=engine_mode(s) != "restart",
-        ),
-        StagePlan(
-            "judging", JUDGE_ROLES[j.kind], 1, j.num_cpus, j.num_gpus,
-            {"count": "judge", "CPU": f"judge.num_cpus={j.num_cpus:g}", "GPU": f"judge.num_gpus={j.num_gpus:g}"},
-            f"batch_size={j.batch_size}",
-        ),
-        StagePlan(
-            "training", "ZeRO-3 worker", t.num_workers, trainer["CPU"], trainer.get("GPU", 0.0),
-            {"count": f"train.num_workers={t.num_workers}", "CPU": f"train.cpus_per_worker={t.cpus_per_worker:g}",
-             "GPU": f"train.use_gpu={str(t.use_gpu).lower()}"},
-            f"global batch {t.global_batch_size}, {'bf16' if t.bf16 else 'fp32'}",
-        ),
+        StagePlan(sampling, f"tensor_parallel_size={s.tensor_parallel_size}, {s.dtype}, k={s.k}, "
+                            f"engine_mode {engine_mode(s)}", kept=engine_mode(s) != "restart"),
+        StagePlan(judging, f"batch_size={j.batch_size}"),
+        StagePlan(training, f"global batch {t.global_batch_size}, {'bf16' if t.bf16 else 'fp32'}"),
     ]
 
 
@@ -117,31 +86,31 @@ def parse_node(spec: str) -> list[dict[str, float]]:
     return [dict(resources) for _ in range(count)]
 
 
-def placeable(stage: StagePlan, node: dict[str, float]) -> int:
-    """How many of the stage's actors fit on one node (math.inf when they ask for nothing)."""
+def placeable(role: Role, node: dict[str, float]) -> int:
+    """How many of the role's actors fit on one node (math.inf when they ask for nothing)."""
     fits = math.inf
-    for name, need in (("CPU", stage.cpus), ("GPU", stage.gpus)):
+    for name, need in (("CPU", role.cpus), ("GPU", role.gpus)):
         if need > 0:
             fits = min(fits, math.floor(node.get(name, 0.0) / need + _EPS))
     return fits
 
 
-def _binding_resource(stage: StagePlan, nodes: Sequence[dict[str, float]]) -> str:
-    """The resource that limits the stage most: the one with the least room over the whole cluster."""
+def _binding_resource(role: Role, nodes: Sequence[dict[str, float]]) -> str:
+    """The resource that limits the role most: the one with the least room over the whole cluster."""
     room = {name: sum(math.floor(n.get(name, 0.0) / need + _EPS) for n in nodes)
-            for name, need in (("CPU", stage.cpus), ("GPU", stage.gpus)) if need > 0}
+            for name, need in (("CPU", role.cpus), ("GPU", role.gpus)) if need > 0}
     return min(room, key=room.get)
 
 
-def left_beside(stage: StagePlan, nodes: Sequence[dict[str, float]]) -> list[dict[str, float]]:
-    """The nodes' resources once the stage's actors are placed, first fit, node by node."""
+def left_beside(role: Role, nodes: Sequence[dict[str, float]]) -> list[dict[str, float]]:
+    """The nodes' resources once the role's actors are placed, first fit, node by node."""
     left = [dict(node) for node in nodes]
-    for _ in range(stage.count):
-        node = next((n for n in left if placeable(stage, n) >= 1), None)
+    for _ in range(role.count):
+        node = next((n for n in left if placeable(role, n) >= 1), None)
         if node is None:
             break
-        node["CPU"] = node.get("CPU", 0.0) - stage.cpus
-        node["GPU"] = node.get("GPU", 0.0) - stage.gpus
+        node["CPU"] = node.get("CPU", 0.0) - role.cpus
+        node["GPU"] = node.get("GPU", 0.0) - role.gpus
     return left
 
 
@@ -150,22 +119,23 @@ def check_fit(plan: Sequence[StagePlan], nodes: Sequence[dict[str, float]]) -> l
     Stages after kept actors must fit in what those leave."""
     problems, kept = [], None
     for stage in plan:
-        fits = sum(placeable(stage, node) for node in nodes)
-        if fits >= stage.count:
+        role = stage.role
+        fits = sum(placeable(role, node) for node in nodes)
+        if fits >= role.count:
             if stage.kept:
-                kept, nodes = stage, left_beside(stage, nodes)
+                kept, nodes = role, left_beside(role, nodes)
             continue
-        resource = _binding_resource(stage, nodes)
-        per_actor = stage.cpus if resource == "CPU" else stage.gpus
+        resource = _binding_resource(role, nodes)
+        per_actor = role.cpus if resource == "CPU" else role.gpus
         biggest = max((n.get(resource, 0.0) for n in nodes), default=0.0)
         total = sum(n.get(resource, 0.0) for n in nodes)
         problems.append(
-            f"stage '{stage.stage}' does not fit: {stage.count} x {stage.role} at {per_actor:g} {resource} each "
-            f"({stage.fields['count'] + ', ' if stage.count > 1 else ''}{stage.fields[resource]}) but the "
+            f"stage '{role.stage}' does not fit: {role.count} x {role.name} at {per_actor:g} {resource} each "
+            f"({role.fields['count'] + ', ' if role.count > 1 else ''}{role.fields[resource]}) but the "
             f"cluster can place {fits} ({total:g} {resource} over {len(nodes)} node(s), at most {biggest:g} on one); "
-            f"lower {(stage.fields['count'] if stage.count > 1 else stage.fields[resource]).split('=')[0]} "
+            f"lower {(role.fields['count'] if role.count > 1 else role.fields[resource]).split('=')[0]} "
             f"or add {resource}s"
-            + (f" (beside the kept {kept.role}s: {kept.fields[resource]}; sampling.engine_mode=restart frees them "
+            + (f" (beside the kept {kept.name}s: {kept.fields[resource]}; sampling.engine_mode=restart frees them "
                "between stages)" if kept else "")
         )
     return problems
@@ -175,13 +145,14 @@ def format_plan(cfg: RunConfig, plan: Sequence[StagePlan], nodes: Sequence[dict[
     lines = [f"Resource plan ({cfg.iterations} iteration(s); stages run in turn, each frees its resources"
              + (", but the vLLM engines stay for the whole job):" if plan[0].kept else "):")]
     for stage in plan:
+        r = stage.role
         lines.append(
-            f"  {stage.stage:<9} {stage.count:>3} x {stage.role:<14} {stage.cpus:>5g} CPU {stage.gpus:>4g} GPU each"
-            f"  = {stage.total_cpus:g} CPU, {stage.total_gpus:g} GPU   ({stage.detail})"
+            f"  {r.stage:<9} {r.count:>3} x {r.name:<14} {r.cpus:>5g} CPU {r.gpus:>4g} GPU each"
+            f"  = {r.total_cpus:g} CPU, {r.total_gpus:g} GPU   ({stage.detail})"
         )
-    kept = [s for s in plan if s.kept]
-    peak_cpus = sum(s.total_cpus for s in kept) + max(s.total_cpus for s in plan if not s.kept)
-    peak_gpus = sum(s.total_gpus for s in kept) + max(s.total_gpus for s in plan if not s.kept)
+    kept = [s.role for s in plan if s.kept]
+    peak_cpus = sum(r.total_cpus for r in kept) + max(s.role.total_cpus for s in plan if not s.kept)
+    peak_gpus = sum(r.total_gpus for r in kept) + max(s.role.total_gpus for s in plan if not s.kept)
     lines.append(f"  peak: {peak_cpus:g} CPU, {peak_gpus:g} GPU "
                  f"({'the kept engines plus ' if kept else ''}the largest single stage; "
                  "the job's driver reserves none by default)")

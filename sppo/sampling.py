@@ -2,7 +2,7 @@
 
 Pure core (`shard`, `sampling_params_kwargs`, `engine_kwargs`, `engine_env`, `engine_mode`,
 `Samples`): no Ray, no vLLM. `VLLMEngine` wraps one vLLM `LLM`; `EnginePool`, the Ray shell,
-holds `cfg.num_engines` of them as Ray actors and shards each call's prompts over them.
+holds the sampling role's engines (`sppo.roles`) as Ray actors and shards each call's prompts over them.
 
 How long engines live is `sampling.engine_mode` (see `engine_mode`):
 - resident: started once per job; a new policy is loaded into them in place (vLLM's
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from sppo.chat import render_prompt_ids
-from sppo.cluster import NodeWatch, wait_for_all
 from sppo.config import SamplingConfig
 from sppo.progress import LoggedProgress
+from sppo.roles import Role, sampling_role
 from sppo.storage import local_model
 
 logger = logging.getLogger("sppo.sampling")
@@ -257,14 +257,14 @@ class VLLMEngine:
 
 
 class EnginePool:
-    """`cfg.num_engines` vLLM engine actors, started on first use and kept as `engine_mode`
+    """The sampling role's vLLM engine actors (`role.count` of them, with its resources, restarts
+    and deadlines: `sppo.roles.sampling_role`), started on first use and kept as `engine_mode`
     says; `close` (or leaving a `with` block) stops them."""
 
-    def __init__(self, cfg: SamplingConfig, trust_remote_code: bool = False, node_lost_s: float | None = None):
-        """node_lost_s: a sampling call fails that long after a node it started with leaves the
-        cluster, if it has not finished without it (`sppo.cluster.NodeWatch`); None: never."""
+    def __init__(self, cfg: SamplingConfig, role: Role | None = None, trust_remote_code: bool = False):
+        """role: default `sampling_role(cfg)`, which never times out."""
         self.cfg, self.mode, self._trust_remote_code = cfg, engine_mode(cfg), trust_remote_code
-        self.node_lost_s = node_lost_s
+        self.role = role if role is not None else sampling_role(cfg)
         self._engines: list = []
         self.starts = 0  # engine starts (Ray's restarts after a crash included) since the pool was made
 
@@ -274,18 +274,16 @@ class EnginePool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def sample(self, policy: str, prompts: list[str], seed: int, timeout_s: float | None = None,
-               token_logps: bool = False) -> Samples:
+    def sample(self, policy: str, prompts: list[str], seed: int, token_logps: bool = False) -> Samples:
         """cfg.k candidates per prompt from `policy`: engine i samples the i-th contiguous shard
         with seed + i. With token_logps the samples also carry each candidate's token ids and
-        their log-probs. `timeout_s` bounds the whole call, engine start included. On error the
-        engines are stopped (the next call starts new ones); in restart mode, always."""
+        their log-probs. The role's timeout_s bounds the whole call, engine start included. On
+        error the engines are stopped (the next call starts new ones); in restart mode, always."""
         if not prompts:
             return Samples(candidates=[], prompt_token_ids=[], num_generated_tokens=0)
         sampling_params_kwargs(self.cfg)  # fail on the driver, before any engine starts
-        shards = [part for part in shard(prompts, self.cfg.num_engines) if part]
+        shards = [part for part in shard(prompts, self.role.count) if part]
         started = time.monotonic()
-        watch = NodeWatch("sampling", self.node_lost_s) if self.node_lost_s is not None else None
         idle = set(range(len(self._engines)))  # engines not busy with a request, safe to close
         try:
             if not self._engines:
@@ -303,8 +301,8 @@ class EnginePool:
                             i + 1, len(shards), len(shards[i]), sum(map(len, result.candidates)),
                             result.num_generated_tokens, time.monotonic() - started)
 
-            results = wait_for_all(
-                pending, stage="sampling", timeout_s=timeout_s, started=started, watch=watch, on_done=shard_done,
+            results = self.role.wait(
+                pending, started=started, on_done=shard_done,
                 describe=lambda i: f"vLLM engine {i} (seed {seed + i}, {len(shards[i])} prompts, model {policy})")
         except BaseException:
             self._stop(idle)
@@ -331,17 +329,12 @@ class EnginePool:
     def _start(self, policy: str, count: int) -> None:
         import ray
 
-        engine_cls = ray.remote(
-            num_cpus=self.cfg.cpus_per_engine,
-            num_gpus=self.cfg.gpus_per_engine,
-            runtime_env={"env_vars": engine_env(self.cfg)},
-            # A crashed engine is restarted and its in-flight call retried on it: the call names
-            # its policy and seed, so the restarted engine loads that policy and draws the same.
-            max_restarts=self.cfg.max_restarts,
-            max_task_retries=self.cfg.max_restarts,
-        )(VLLMEngine)
+        # A crashed engine is restarted and its in-flight call retried on it: the call names its
+        # policy and seed, so the restarted engine loads that policy and draws the same.
+        engine_cls = ray.remote(runtime_env={"env_vars": engine_env(self.cfg)},
+                                **self.role.actor_options())(VLLMEngine)
         # Restart mode starts only the engines this call's shards need.
-        count = count if self.mode == "restart" else self.cfg.num_engines
+        count = count if self.mode == "restart" else self.role.count
         self._engines = [engine_cls.remote(policy, self.cfg, self._trust_remote_code, self.mode == "sleep")
                          for _ in range(count)]
         logger.info("sampling: starting %d vLLM engine(s) on %s (engine_mode %s, dtype %s)", count, policy,
@@ -363,8 +356,8 @@ class EnginePool:
         logger.info("sampling: stopped %d vLLM engine(s)", len(engines))
 
 
-def sample_candidates(policy: str, prompts: list[str], cfg: SamplingConfig, seed: int, timeout_s: float | None = None,
+def sample_candidates(policy: str, prompts: list[str], cfg: SamplingConfig, seed: int, role: Role | None = None,
                       trust_remote_code: bool = False, token_logps: bool = False) -> Samples:
     """One sampling call on engines started for it and stopped after it (`EnginePool.sample`)."""
-    with EnginePool(cfg.model_copy(update={"engine_mode": "restart"}), trust_remote_code) as pool:
-        return pool.sample(policy, prompts, seed, timeout_s, token_logps)
+    with EnginePool(cfg.model_copy(update={"engine_mode": "restart"}), role, trust_remote_code) as pool:
+        return pool.sample(policy, prompts, seed, token_logps)

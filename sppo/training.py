@@ -1,10 +1,11 @@
 """Training stage, the Ray shell: the recipe (`sppo.training_recipe`) on a Ray Train
 `TorchTrainer` worker group, DeepSpeed ZeRO-3 across its processes.
 
-`train_policy` reads and checks the pairs on the driver, starts the workers, bounds the
-stage's time (timeout_s, a lost node), and turns a worker's failure into a TrainingError.
-Ray Train restarts the worker group when a worker dies (train.max_failures); a failure that
-would recur identically (the loss, the deadline, the disk, the data) is returned instead.
+`train_policy` reads and checks the pairs on the driver, starts the training role's workers
+(`sppo.roles.training_role`: count, resources, restarts), bounds the stage's time (the role's
+timeout_s and node_lost_s), and turns a worker's failure into a TrainingError. Ray Train restarts
+the worker group when a worker dies (train.max_failures); a failure that would recur identically
+(the loss, the deadline, the disk, the data) is returned instead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from sppo.cluster import POLL_S, NodeWatch
 from sppo.config import TrainConfig
 from sppo.losses import get_loss
+from sppo.roles import Role, training_role
 from sppo.storage import is_local_path, local_model
 from sppo.training_data import read_pairs, total_steps
 
@@ -46,11 +48,6 @@ class TrainResult:
     # Rank 0's seconds per phase: worker_start, imports, then the recipe's (setup = data + model_load,
     # reference_logps, train_steps, checkpoint_save).
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def worker_resources(cfg: TrainConfig) -> dict[str, float]:
-    """What each Ray Train worker holds: train.cpus_per_worker CPUs, and one GPU with train.use_gpu."""
-    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if cfg.use_gpu else {})}
 
 
 # ---------------------------------------------------------------- worker
@@ -129,18 +126,18 @@ def train_policy(
     storage_dir: str,
     mlflow_tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
-    timeout_s: float | None = None,
+    role: Role | None = None,
     trust_remote_code: bool = False,
-    node_lost_s: float | None = None,
 ) -> TrainResult:
     """Train pi_{t+1} from pi_t (policy_dir) on pairs_path; publish it at checkpoint_dir.
 
     An existing checkpoint_dir is replaced only once the new checkpoint is complete.
-    timeout_s is enforced three ways, since fit() itself has no timeout: the workers check
-    the deadline before each micro-batch, the process group times out any collective after
-    timeout_s, and placing the workers is retried for about timeout_s (at least 60 s).
-    node_lost_s: fail that long after a node the training started with leaves the cluster, if
-    the training has not finished without it (`sppo.cluster.NodeWatch`); None: never.
+    role (default `training_role(cfg)`, which never times out): the workers' count, resources and
+    restarts, and the stage's deadlines. Its timeout_s is enforced three ways, since fit() itself
+    has no timeout: the workers check the deadline before each micro-batch, the process group
+    times out any collective after timeout_s, and placing the workers is retried for about
+    timeout_s (at least 60 s). Its node_lost_s: fail that long after a node the training started
+    with leaves the cluster, if the training has not finished without it (`sppo.cluster.NodeWatch`).
     Raises TrainingError with the worker's message when training fails.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -152,17 +149,18 @@ def train_policy(
     num_steps = total_steps(len(rows), cfg)
     get_loss(cfg.loss)
 
-    resources = worker_resources(cfg)
+    role = role if role is not None else training_role(cfg)
+    timeout_s = role.timeout_s
     backend = "nccl" if cfg.use_gpu else "gloo"
     # A dead worker restarts the whole group, which retrains from pi_t: the checkpoint is
     # published only at the end, so a restart never resumes from a half-trained state.
-    torch_config, failure_config = TorchConfig(backend=backend), FailureConfig(max_failures=cfg.max_failures)
+    torch_config, failure_config = TorchConfig(backend=backend), FailureConfig(max_failures=role.restarts)
     if timeout_s is not None:
         torch_config = TorchConfig(backend=backend, timeout_s=max(1, math.ceil(timeout_s)))
         # Ray Train retries placing the workers every WORKER_GROUP_START_TIMEOUT_S (60 s),
         # forever by default: this bounds the retries to about timeout_s.
         failure_config = FailureConfig(
-            max_failures=cfg.max_failures, controller_failure_limit=max(0, math.ceil(timeout_s / 60) - 1)
+            max_failures=role.restarts, controller_failure_limit=max(0, math.ceil(timeout_s / 60) - 1)
         )
     trainer = TorchTrainer(
         _train_loop_per_worker,
@@ -178,7 +176,8 @@ def train_policy(
             "submitted_at": time.time(),
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+            num_workers=role.count, use_gpu=role.gpus > 0,
+            resources_per_worker={"CPU": role.cpus, **({"GPU": role.gpus} if role.gpus > 0 else {})},
         ),
         torch_config=torch_config,
         run_config=RunConfig(
@@ -189,9 +188,9 @@ def train_policy(
     )
     logger.info(
         "training %s on %d pairs: %d steps of %d pairs on %d workers",
-        policy_dir, len(rows), num_steps, cfg.global_batch_size, cfg.num_workers,
+        policy_dir, len(rows), num_steps, cfg.global_batch_size, role.count,
     )
-    watch = NodeWatch("training", node_lost_s) if node_lost_s is not None else None
+    watch = role.node_watch()
     try:
         result = trainer.fit() if watch is None else _fit_watching_nodes(trainer, watch)
     except TrainingFailedError as err:

@@ -115,7 +115,7 @@ def test_kuberay_and_launcher_nodes_hold_every_stage_of_the_production_configs(c
         if name != launcher["head_node_type"]:
             nodes += [dict(node_type["resources"]) for _ in range(node_type["min_workers"])]
     assert check_fit(plan, nodes) == []
-    assert max(s.total_gpus for s in plan) == sum(n.get("GPU", 0) for n in nodes) == 8  # 1x8 by default
+    assert max(s.role.total_gpus for s in plan) == sum(n.get("GPU", 0) for n in nodes) == 8  # 1x8 by default
 
 
 def test_the_resource_check_catches_a_worker_group_too_small():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sppo.config import JudgeConfig
+from sppo.roles import judging_role
 from sppo.judging.pairrm import (
     PairRMJudge,
     estimate_win_matrix,
@@ -253,7 +254,7 @@ def _wait_for_free_cpus(ray, expected: float, within_s: float = 30.0) -> None:
 def test_judge_candidates_in_a_ray_actor(ray_cluster, tiny_pairrm_dir, judge):
     free = ray_cluster.available_resources().get("CPU", 0.0)
     cfg = SMALL.model_copy(update={"batch_size": 8})
-    matrices = judge_candidates(tiny_pairrm_dir, PROMPTS, CANDIDATES, cfg, timeout_s=300)
+    matrices = judge_candidates(tiny_pairrm_dir, PROMPTS, CANDIDATES, cfg, judging_role(cfg, timeout_s=300))
     assert len(matrices) == len(PROMPTS)
     for got, expected in zip(matrices, judge.win_matrices(PROMPTS, CANDIDATES), strict=True):
         assert got.shape == (5, 5)
@@ -266,7 +267,7 @@ def test_judge_candidates_timeout_names_role_and_stage(ray_cluster, tiny_pairrm_
     free = ray_cluster.available_resources().get("CPU", 0.0)
     # The actor cannot even import llm-blender in half a second.
     with pytest.raises(TimeoutError, match="stage 'judging': the PairRM judge"):
-        judge_candidates(tiny_pairrm_dir, PROMPTS, CANDIDATES, SMALL, timeout_s=0.5)
+        judge_candidates(tiny_pairrm_dir, PROMPTS, CANDIDATES, SMALL, judging_role(SMALL, timeout_s=0.5))
     _wait_for_free_cpus(ray_cluster, free)
 
 
@@ -274,7 +275,7 @@ def test_judge_candidates_timeout_names_role_and_stage(ray_cluster, tiny_pairrm_
 def test_judge_candidates_reports_a_failed_judge(ray_cluster, tmp_path):
     free = ray_cluster.available_resources().get("CPU", 0.0)
     with pytest.raises(RuntimeError, match=r"stage 'judging': the PairRM judge \(num_cpus=.*\) failed") as failure:
-        judge_candidates(str(tmp_path), PROMPTS, CANDIDATES, SMALL, timeout_s=300)
+        judge_candidates(str(tmp_path), PROMPTS, CANDIDATES, SMALL, judging_role(SMALL, timeout_s=300))
     assert f"PairRM directory {tmp_path}: no config.json" in str(failure.value)
     _wait_for_free_cpus(ray_cluster, free)
 
@@ -317,7 +318,8 @@ def test_a_killed_judge_is_restarted_and_the_call_retried(ray_cluster, tiny_pair
     repeats = 60  # ~7,000 ordered pairs at batch size 1: seconds of judging to land the kill in
     prompts, candidates = PROMPTS * repeats, CANDIDATES * repeats
     with ThreadPoolExecutor(1) as pool:
-        judging = pool.submit(judge_candidates, tiny_pairrm_dir, prompts, candidates, SMALL, timeout_s=600)
+        judging = pool.submit(judge_candidates, tiny_pairrm_dir, prompts, candidates, SMALL,
+                              judging_role(SMALL, timeout_s=600))
         try:
             victim = wait_for_titled([os.getpid()], "ray::PairRMJudgeActor.win_matrices",
                                      still_running=lambda: not judging.done())

@@ -23,16 +23,18 @@ def config(name: str, **overrides):
 
 
 def test_plan_reads_each_stage_from_the_config():
-    sampling, judging, training = resource_plan(config("gemma-2-9b-it-sppo.yaml"))
+    sampling, judging, training = (s.role for s in resource_plan(config("gemma-2-9b-it-sppo.yaml")))
     assert (sampling.stage, sampling.count, sampling.cpus, sampling.gpus) == ("sampling", 8, 4.0, 1.0)
     assert (judging.stage, judging.count, judging.cpus, judging.gpus) == ("judging", 1, 4.0, 1.0)
     assert (training.stage, training.count, training.cpus, training.gpus) == ("training", 8, 4.0, 1.0)
     tiny = resource_plan(config("tiny.yaml"))
-    assert [(s.count, s.cpus, s.gpus) for s in tiny] == [(1, 1.0, 0.0), (1, 1.0, 0.0), (2, 1.0, 0.0)]
+    assert [(s.role.count, s.role.cpus, s.role.gpus) for s in tiny] == [(1, 1.0, 0.0), (1, 1.0, 0.0), (2, 1.0, 0.0)]
     # The judging role is the configured judge's.
-    assert (judging.role, tiny[1].role) == ("PairRM judge", "rule judge")
+    assert (judging.name, tiny[1].role.name) == ("PairRM judge", "rule judge")
     reward = resource_plan(config("tiny.yaml", **{"judge.kind": "reward_model", "judge.path": "tiny:reward"}))
-    assert reward[1].role == "reward-model judge"
+    assert reward[1].role.name == "reward-model judge"
+    # The restarts and timeouts the stages run with are the same role's.
+    assert (sampling.restarts, training.restarts, training.timeout_s) == (1, 1, 48 * 3600.0)
 
 
 @pytest.mark.parametrize("name", PRODUCTION)
@@ -58,7 +60,7 @@ def test_actors_must_fit_on_one_node_not_only_in_the_cluster_total():
     cfg = config("gemma-2-9b-it-sppo.yaml", **{"sampling.num_engines": 4, "sampling.gpus_per_engine": 2,
                                                "sampling.tensor_parallel_size": 2})
     sampling = resource_plan(cfg)[0]
-    assert placeable(sampling, {"CPU": 64, "GPU": 3}) == 1
+    assert placeable(sampling.role, {"CPU": 64, "GPU": 3}) == 1
     problems = check_fit([sampling], parse_node("3x CPU=64,GPU=3"))
     assert len(problems) == 1 and "can place 3 (9 GPU over 3 node(s), at most 3 on one)" in problems[0]
     assert check_fit([sampling], parse_node("2x CPU=64,GPU=4")) == []
@@ -66,7 +68,7 @@ def test_actors_must_fit_on_one_node_not_only_in_the_cluster_total():
 
 def test_fractional_demands_and_cpu_only_stages():
     cfg = config("tiny.yaml", **{"sampling.num_engines": 4, "sampling.cpus_per_engine": 0.5})
-    sampling = resource_plan(cfg)[0]
+    sampling = resource_plan(cfg)[0].role
     assert placeable(sampling, {"CPU": 2.0}) == 4 and placeable(sampling, {"CPU": 1.9}) == 3
     assert placeable(sampling, {"GPU": 8.0}) == 0  # it asks for CPUs, and this node has none
     assert check_fit(resource_plan(config("tiny.yaml")), [{"CPU": 3.0}]) == []
@@ -131,3 +133,17 @@ def test_plan_against_the_running_cluster(ray_cluster):
     assert check_fit(resource_plan(config("tiny.yaml")), nodes) == []
     problems = check_fit(resource_plan(config("tiny.yaml", **{"train.num_workers": 3})), nodes)
     assert len(problems) == 1 and "stage 'training'" in problems[0] and "train.num_workers=3" in problems[0]
+
+
+def test_each_role_carries_what_its_stage_starts_and_waits_on():
+    from sppo.roles import run_roles
+
+    cfg = config("gemma-2-9b-it-sppo.yaml", **{"judge.max_restarts": 3, "timeouts.judging_s": 60,
+                                               "timeouts.node_lost_s": 30})
+    sampling, judging, training = run_roles(cfg)
+    assert judging.actor_options() == {"num_cpus": 4.0, "num_gpus": 1.0, "max_restarts": 3, "max_task_retries": 3}
+    assert (judging.timeout_s, judging.node_lost_s, judging.resources) == (60.0, 30.0, "num_cpus=4, num_gpus=1")
+    assert (sampling.timeout_s, training.timeout_s) == (cfg.timeouts.sampling_s, cfg.timeouts.training_s)
+    assert training.fields["restarts"] == "train.max_failures=1"
+    # --plan checks exactly the roles the stages run with.
+    assert [s.role for s in resource_plan(cfg)] == [sampling, judging, training]

@@ -15,6 +15,7 @@ from sppo.config import JudgeConfig
 from sppo.judging import JUDGES
 from sppo.judging.reward_model import RewardModelJudge, bradley_terry_matrix, judge_candidates
 from sppo.pairs import select_pair
+from sppo.roles import judging_role
 from sppo.tiny.policy import bundled_prompts
 from tests.test_judging import _wait_for_free_cpus
 
@@ -126,7 +127,7 @@ def test_judge_names_a_model_that_is_not_a_scalar_reward_model(tmp_path, tiny_re
 @pytest.mark.slow
 def test_judge_candidates_in_a_ray_actor(ray_cluster, tiny_reward_dir, judge):
     free = ray_cluster.available_resources().get("CPU", 0.0)
-    matrices = JUDGES["reward_model"](tiny_reward_dir, PROMPTS, CANDIDATES, CFG, timeout_s=300)
+    matrices = JUDGES["reward_model"](tiny_reward_dir, PROMPTS, CANDIDATES, CFG, judging_role(CFG, timeout_s=300))
     for got, expected in zip(matrices, judge.win_matrices(PROMPTS, CANDIDATES), strict=True):
         assert got.shape == (4, 4) and got.flags.writeable
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
@@ -138,6 +139,6 @@ def test_judge_candidates_reports_a_failed_judge(ray_cluster, tmp_path):
     free = ray_cluster.available_resources().get("CPU", 0.0)
     cfg = CFG.model_copy(update={"max_restarts": 0})
     with pytest.raises(RuntimeError, match=r"stage 'judging': the reward-model judge \(num_cpus=.*\) failed") as failure:
-        judge_candidates(str(tmp_path), PROMPTS, CANDIDATES, cfg, timeout_s=300)
+        judge_candidates(str(tmp_path), PROMPTS, CANDIDATES, cfg, judging_role(cfg, timeout_s=300))
     assert f"reward model directory {tmp_path}: no config.json" in str(failure.value)
     _wait_for_free_cpus(ray_cluster, free)

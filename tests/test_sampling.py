@@ -19,6 +19,7 @@ import pytest
 
 from sppo.chat import render_prompt_ids
 from sppo.config import SamplingConfig
+from sppo.roles import sampling_role
 from sppo.sampling import (
     EnginePool,
     Samples,
@@ -209,7 +210,8 @@ def sampled(ray_cluster, tiny_policy_dir, prompts) -> SamplingRun:
     total_cpus = ray_cluster.cluster_resources()["CPU"]
     shm_before = _shm_entries()
     started = time.monotonic()
-    samples = sample_candidates(tiny_policy_dir, prompts, NEAR_GREEDY, seed=0, timeout_s=900, token_logps=True)
+    samples = sample_candidates(tiny_policy_dir, prompts, NEAR_GREEDY, seed=0, role=sampling_role(NEAR_GREEDY, timeout_s=900),
+                                token_logps=True)
     print(f"sample_candidates: {time.monotonic() - started:.1f}s for {len(prompts)} prompts")
     return SamplingRun(samples, total_cpus, _leaked_shm(shm_before))
 
@@ -321,7 +323,7 @@ def test_timeout_names_role_and_stage_and_releases_engines(ray_cluster, tiny_pol
     cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1})
     # Far shorter than an engine start: the engine is killed while it is still loading.
     with pytest.raises(TimeoutError, match=r"stage 'sampling': vLLM engine 0 \(seed 0, 2 prompts, model .*\): not done within timeout_s=1 s"):
-        sample_candidates(tiny_policy_dir, prompts[:2], cfg, seed=0, timeout_s=1.0)
+        sample_candidates(tiny_policy_dir, prompts[:2], cfg, seed=0, role=sampling_role(cfg, timeout_s=1.0))
     assert _wait_for_cpus(ray_cluster, total_cpus) == total_cpus
 
 
@@ -331,7 +333,7 @@ def test_engine_failure_names_the_engine_and_model(ray_cluster, tmp_path, prompt
     missing = str(tmp_path / "no-such-policy")
     cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1})
     with pytest.raises(RuntimeError, match=r"stage 'sampling': vLLM engine 0 .*no-such-policy.* failed"):
-        sample_candidates(missing, prompts[:2], cfg, seed=0, timeout_s=600)
+        sample_candidates(missing, prompts[:2], cfg, seed=0, role=sampling_role(cfg, timeout_s=600))
     assert _wait_for_cpus(ray_cluster, total_cpus) == total_cpus
 
 
@@ -348,7 +350,8 @@ def test_a_killed_engine_is_restarted_and_its_shard_retried(ray_cluster, tiny_po
     prompts = bundled_prompts()[:64]  # a few seconds of generation to land the kill in
     cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1, "max_tokens": 32})
     with ThreadPoolExecutor(1) as pool:
-        sampling = pool.submit(sample_candidates, tiny_policy_dir, prompts, cfg, seed=0, timeout_s=900)
+        sampling = pool.submit(sample_candidates, tiny_policy_dir, prompts, cfg, seed=0,
+                               role=sampling_role(cfg, timeout_s=900))
         victim = wait_for_titled([os.getpid()], "ray::VLLMEngine.generate",
                                  still_running=lambda: not sampling.done())
         victim.kill()

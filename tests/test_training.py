@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sppo.chat import render_prompt_ids
 from sppo.config import TrainConfig
+from sppo.roles import training_role
 from sppo.training import TrainingError, train_policy
 from sppo.training_data import (
     EncodedPair,
@@ -267,7 +268,7 @@ def trained(ray_cluster, tiny_policy_dir, tmp_path_factory):
         storage_dir=str(root / "ray"),
         mlflow_tracking_uri=tracking_uri,
         mlflow_run_id=run_id,
-        timeout_s=600,
+        role=training_role(cfg, timeout_s=600),
     )
     return {"result": result, "rows": rows, "cfg": cfg, "client": client, "run_id": run_id, "root": root}
 
@@ -347,7 +348,7 @@ def test_sampler_reference_is_taken_as_given_and_no_reference_pass_runs(ray_clus
     cfg = TrainConfig(**{**TRAIN_CFG, "gradient_accumulation_steps": 1, "epochs": 1, "reference_logps": "sampler",
                          "max_length": 96, "max_prompt_length": 90})
     result = train_policy(str(pairs_path), tiny_policy_dir, str(tmp_path / "ckpt" / "iter1"), cfg,
-                          storage_dir=str(tmp_path / "ray"), timeout_s=900)
+                          storage_dir=str(tmp_path / "ray"), role=training_role(cfg, timeout_s=900))
     pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                          sampled_tokens=True)
     kept = [[-0.5 * (len(s.input_ids) - s.prompt_length) for s in (p.chosen, p.rejected)] for p in pairs]
@@ -522,7 +523,7 @@ def test_a_killed_worker_restarts_the_group_and_retrains(ray_cluster, tiny_polic
     with ThreadPoolExecutor(1) as pool:
         training = pool.submit(train_policy, str(pairs_path), tiny_policy_dir, str(checkpoint), cfg,
                                storage_dir=str(tmp_path / "ray"), mlflow_tracking_uri=tracking_uri,
-                               mlflow_run_id=run_id, timeout_s=1200)
+                               mlflow_run_id=run_id, role=training_role(cfg, timeout_s=1200))
         # Step 1 logged: the workers are in the training loop, past Ray Train's start-up.
         while not client.get_metric_history(run_id, "train/loss"):
             assert not training.done(), f"training ended before its first step: {training.exception()}"

@@ -198,5 +198,5 @@ class PairRMJudgeActor(PairRMJudge):
 
 
 # Win matrices for every prompt from one PairRM judge actor, killed afterwards.
-judge_candidates = actor_judge(PairRMJudgeActor, "PairRM",
+judge_candidates = actor_judge(PairRMJudgeActor,
                                lambda candidates: f"{sum(len(c) * (len(c) - 1) for c in candidates)} ordered pairs")

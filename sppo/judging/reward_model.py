@@ -134,5 +134,5 @@ class RewardModelJudgeActor(RewardModelJudge):
 
 
 # Bradley-Terry win matrices for every prompt from one reward-model actor, killed afterwards.
-judge_candidates = actor_judge(RewardModelJudgeActor, "reward-model",
+judge_candidates = actor_judge(RewardModelJudgeActor,
                                lambda candidates: f"{sum(map(len, candidates))} candidates")

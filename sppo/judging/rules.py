@@ -26,6 +26,7 @@ import numpy as np
 from sppo.config import JudgeConfig, RuleJudgeConfig
 from sppo.judging.actor import check_inputs
 from sppo.judging.pairrm import win_matrix
+from sppo.roles import Role
 
 log = logging.getLogger("sppo.judging")
 
@@ -58,11 +59,10 @@ def rule_win_matrix(candidates: list[str], cfg: RuleJudgeConfig) -> np.ndarray:
 
 
 def judge_candidates(
-    judge_path: str, prompts: list[str], candidates: list[list[str]], cfg: JudgeConfig, timeout_s: float | None = None,
-    node_lost_s: float | None = None,
+    judge_path: str, prompts: list[str], candidates: list[list[str]], cfg: JudgeConfig, role: Role | None = None,
 ) -> list[np.ndarray]:
-    """The judging stage's interface (sppo.judging.JUDGES); judge_path, timeout_s and node_lost_s
-    are unused: the rule needs no model, runs on the driver and finishes in milliseconds."""
+    """The judging stage's interface (sppo.judging.JUDGES); judge_path and role are unused: the
+    rule needs no model, runs on the driver and finishes in milliseconds."""
     check_inputs(prompts, candidates)
     log.info("judging %d prompts with the rule judge (weights %s)", len(prompts), dict(cfg.rule.weights))
     return [rule_win_matrix(cands, cfg.rule) for cands in candidates]

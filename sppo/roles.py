@@ -1,0 +1,118 @@
+"""Roles as data: what each stage's actors ask Ray for, how often Ray restarts them, and how long
+the stage may wait on them.
+
+One `Role` per stage: the vLLM engines (sampling, and evaluation's samples), the judge (judging,
+and evaluation's matrices) and the ZeRO-3 workers (training). The stages start their actors
+from it and wait on them through it (`Role.wait`: one deadline, the nodes watched, the culprit
+named); `--plan` (sppo/plan.py) checks the same roles against a cluster. The config keeps its
+fields per stage (`sampling.num_engines`, `judge.num_cpus`, `train.cpus_per_worker`, ...);
+this is the one place that reads them as resources.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from sppo.cluster import NodeWatch, wait_for_all
+from sppo.config import JudgeConfig, RunConfig, SamplingConfig, TrainConfig
+
+JUDGE_NAMES = {"pairrm": "PairRM judge", "reward_model": "reward-model judge", "rule": "rule judge"}
+
+
+@dataclass(frozen=True)
+class Role:
+    """`count` identical actors (or Ray Train workers) of one stage, each holding `cpus` CPUs and
+    `gpus` GPUs; Ray restarts a crashed one `restarts` times. The stage fails once it has waited
+    timeout_s on them, or node_lost_s after a node it began with left (None: never).
+
+    `fields` names the config fields behind count, CPU, GPU and restarts, with their values,
+    for messages."""
+
+    stage: str
+    name: str
+    count: int
+    cpus: float
+    gpus: float
+    restarts: int
+    fields: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float | None = None
+    node_lost_s: float | None = None
+
+    @property
+    def total_cpus(self) -> float:
+        return self.count * self.cpus
+
+    @property
+    def total_gpus(self) -> float:
+        return self.count * self.gpus
+
+    @property
+    def resources(self) -> str:
+        """Each actor's request, as Ray spells it: 'num_cpus=1, num_gpus=0'."""
+        return f"num_cpus={self.cpus:g}, num_gpus={self.gpus:g}"
+
+    def actor_options(self) -> dict[str, Any]:
+        """`ray.remote(...).options(...)` of one actor: its resources, and a crashed one restarted
+        with its in-flight call retried on it (each call names all it needs, so a retry redoes it
+        exactly)."""
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus, "max_restarts": self.restarts,
+                "max_task_retries": self.restarts}
+
+    def node_watch(self) -> NodeWatch | None:
+        return NodeWatch(self.stage, self.node_lost_s) if self.node_lost_s is not None else None
+
+    def wait(self, pending: Mapping[Any, Hashable], describe: Callable[[Hashable], str], *,
+             started: float | None = None, on_done: Callable[[Hashable, Any], None] | None = None) -> dict:
+        """The results of the role's actor calls (`pending`: object ref -> key), by key, within
+        timeout_s of `started` (time.monotonic(); default now), the stage's nodes watched; an
+        error names the culprit by describe(key) (`sppo.cluster.wait_for_all`)."""
+        started = time.monotonic() if started is None else started
+        return wait_for_all(pending, stage=self.stage, describe=describe, timeout_s=self.timeout_s,
+                            started=started, watch=self.node_watch(), on_done=on_done)
+
+
+def sampling_role(cfg: SamplingConfig, timeout_s: float | None = None, node_lost_s: float | None = None) -> Role:
+    return Role(
+        "sampling", "vLLM engine", cfg.num_engines, cfg.cpus_per_engine, cfg.gpus_per_engine, cfg.max_restarts,
+        {"count": f"sampling.num_engines={cfg.num_engines}", "CPU": f"sampling.cpus_per_engine={cfg.cpus_per_engine:g}",
+         "GPU": f"sampling.gpus_per_engine={cfg.gpus_per_engine:g}", "restarts": f"sampling.max_restarts={cfg.max_restarts}"},
+        timeout_s, node_lost_s,
+    )
+
+
+def judging_role(cfg: JudgeConfig, timeout_s: float | None = None, node_lost_s: float | None = None) -> Role:
+    return Role(
+        "judging", JUDGE_NAMES[cfg.kind], 1, cfg.num_cpus, cfg.num_gpus, cfg.max_restarts,
+        {"count": "judge", "CPU": f"judge.num_cpus={cfg.num_cpus:g}", "GPU": f"judge.num_gpus={cfg.num_gpus:g}",
+         "restarts": f"judge.max_restarts={cfg.max_restarts}"},
+        timeout_s, node_lost_s,
+    )
+
+
+def training_role(cfg: TrainConfig, timeout_s: float | None = None, node_lost_s: float | None = None) -> Role:
+    """Ray Train's workers: train.cpus_per_worker CPUs each, and one GPU each with train.use_gpu;
+    restarts are the whole group's (train.max_failures)."""
+    return Role(
+        "training", "ZeRO-3 worker", cfg.num_workers, cfg.cpus_per_worker, 1.0 if cfg.use_gpu else 0.0,
+        cfg.max_failures,
+        {"count": f"train.num_workers={cfg.num_workers}", "CPU": f"train.cpus_per_worker={cfg.cpus_per_worker:g}",
+         "GPU": f"train.use_gpu={str(cfg.use_gpu).lower()}", "restarts": f"train.max_failures={cfg.max_failures}"},
+        timeout_s, node_lost_s,
+    )
+
+
+class RunRoles(NamedTuple):
+    sampling: Role
+    judging: Role
+    training: Role
+
+
+def run_roles(cfg: RunConfig) -> RunRoles:
+    """The job's roles in stage order, with the config's timeouts."""
+    t = cfg.timeouts
+    return RunRoles(sampling_role(cfg.sampling, t.sampling_s, t.node_lost_s),
+                    judging_role(cfg.judge, t.judging_s, t.node_lost_s),
+                    training_role(cfg.train, t.training_s, t.node_lost_s))
