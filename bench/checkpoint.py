@@ -79,10 +79,11 @@ def _through_the_checkpoint_path(stack, root: Path, model_dir: Path, pairs: Path
     from sppo.config import SamplingConfig, TrainConfig
     from sppo.roles import sampling_role, training_role
     from sppo.sampling import EnginePool
+    from sppo.run_directory import RunDirectory
     from sppo.tracking import Tracker
     from sppo.training import train_policy
 
-    tracker = Tracker(stack.mlflow_url, "sppo-bench-checkpoint", root)
+    tracker = Tracker(stack.mlflow_url, "sppo-bench-checkpoint", RunDirectory(root))
     tracker.start_parent("checkpoint", {})
     run_id = tracker.start_iteration(1, {})
     checkpoint = root / "out" / "iter-1" / "checkpoint"

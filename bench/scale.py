@@ -109,7 +109,8 @@ def _job(stack, root: Path, prompts: int, setting: dict, max_tokens: int, presam
 
     from sppo.config import load_config, parse_override
     from sppo.manifest import RunManifest
-    from sppo.storage import IterationDir, atomic_write_parquet
+    from sppo.run_directory import RunDirectory
+    from sppo.storage import atomic_write_parquet
 
     source = root / f"prompts-{prompts}.jsonl"
     every = generated_prompts(prompts + setting["eval_size"], seed=prompts)
@@ -123,11 +124,11 @@ def _job(stack, root: Path, prompts: int, setting: dict, max_tokens: int, presam
                  "tracking.register_model=null", "timeouts.sampling_s=36000", "timeouts.judging_s=36000",
                  "timeouts.training_s=36000"]
     if presampled:  # published and recorded as the sampling stage does, so that the job skips it
-        samples = IterationDir(out, 1).samples
+        samples = RunDirectory(out).iteration(1).samples
         atomic_write_parquet(samples, presampled_candidates(every[:prompts], setting["k"], max_tokens))
         cfg = load_config(CONFIG, {**dict(parse_override(o) for o in overrides), "iterations": 1,
                                    "output_dir": str(out)})
-        RunManifest(out).record_stage(1, "sampling", cfg, {"samples": samples}, mlflow_run_id="presampled")
+        RunManifest(RunDirectory(out)).record_stage(1, "sampling", cfg, {"samples": samples}, mlflow_run_id="presampled")
     command = [sys.executable, "-m", "sppo.run", "--config", str(CONFIG), "--iters", "1", "--output-dir", str(out)]
     for override in overrides:
         command += ["--set", override]

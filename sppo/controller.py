@@ -24,18 +24,19 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from sppo.config import RunConfig
-from sppo.evaluation import eval_judgments_path, eval_samples_path, evaluate
+from sppo.evaluation import evaluate
 from sppo.devtools.faults import kill_point
 from sppo.judging import JUDGES
 from sppo.manifest import STAGES, RunManifest
 from sppo.model_card import CARD_FILE, card_summary, registry_tags, write_card
 from sppo.pairs import hybrid_candidates, training_rows
 from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
-from sppo.roles import run_roles
-from sppo.sampling import EnginePool, Samples
+from sppo.models import local_model
 from sppo.preflight import preflight
-from sppo.storage import (RUN_CONFIG_FILE, IterationDir, SharedStorage, atomic_write_parquet, atomic_write_text,
-                          local_model, read_parquet)
+from sppo.roles import run_roles
+from sppo.run_directory import IterationDir, RunDirectory
+from sppo.sampling import EnginePool, Samples
+from sppo.storage import SharedStorage, read_parquet
 from sppo.tracking import Tracker, sample_table
 from sppo.training import train_policy
 
@@ -114,15 +115,14 @@ def pairs_stage(cfg: RunConfig, rec: "IterationRecord") -> None:
 def train_stage(cfg: RunConfig, rec: "IterationRecord", policy: str) -> None:
     it, for_workers = rec.it, rec.for_workers
     # Held-out samples of a pi_{t+1} this stage replaces (a changed train.* config) are not reused.
-    eval_samples_path(it.root, it.iteration).unlink(missing_ok=True)
+    it.eval_samples.unlink(missing_ok=True)
     with rec.stage("training", checkpoint=it.checkpoint, train_history=it.train_history):
         result = train_policy(str(it.pairs), for_workers(policy), for_workers(str(it.checkpoint)), cfg.train,
                               storage_dir=for_workers(str(it.path / "ray_train")),
                               mlflow_tracking_uri=rec.tracker.uri, mlflow_run_id=rec.run_id,
                               role=run_roles(cfg).training, trust_remote_code=cfg.policy.trust_remote_code)
-        if rec.storage:  # the workers wrote it to the shared storage: the driver's copy
-            rec.storage.pull(it.checkpoint)
-        atomic_write_text(it.train_history, json.dumps(result.history))
+        it.run.pull(it.checkpoint)  # with shared storage the workers wrote it there: the driver's copy
+        it.run.write_text(it.train_history, json.dumps(result.history))
     # Inside time/training_s: setup, reference log-probs, optimizer steps, checkpoint save.
     rec.record({**({"train/final_loss": result.metrics["train/loss"]} if result.history else {}),
                 **{f"time/training/{phase}_s": s for phase, s in result.timings.items()}})
@@ -151,39 +151,33 @@ def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool
         rec.manifest.record_stage(t, "evaluation", cfg, {}, rec.run_id)
         return
     policies = {0: cfg.policy.path, t - 1: rec.for_workers(policy), t: rec.for_workers(str(it.checkpoint))}
-    with rec.stage("evaluation", eval_judgments=eval_judgments_path(it.root, t)):
-        rec.publish(eval_judgments_path(it.root, t), *evaluate(cfg, it.root, t, policies, judge, heldout, engines))
+    with rec.stage("evaluation", eval_judgments=it.eval_judgments):
+        rec.publish(it.eval_judgments, *evaluate(cfg, it.run, t, policies, judge, heldout, engines))
 
 
 def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False, checked: bool = False) -> list[Path]:
     """Run iterations until cfg.iterations; returns every iteration's checkpoint directory.
     checked: the caller ran `preflight` on output_dir already (the CLI does, before Ray starts)."""
     out = Path(cfg.output_dir).resolve()
-    storage = SharedStorage.open(cfg.storage_uri, out)
-    try:
-        manifest = preflight(cfg, resume_from, force, storage, checked=checked)
-        return _run_iterations(cfg, out, manifest, storage, resume_from)
-    finally:
-        if storage:
-            storage.close()
+    manifest = preflight(cfg, resume_from, force, SharedStorage.open(cfg.storage_uri, out), checked=checked)
+    return _run_iterations(cfg, manifest.run, manifest, resume_from)
 
 
-def _run_iterations(cfg: RunConfig, out: Path, manifest: RunManifest, storage: SharedStorage | None,
-                    resume_from: int | None) -> list[Path]:
-    tracker = Tracker(cfg.tracking.resolved_uri, cfg.tracking.experiment, out, cfg.tracking.system_metrics)
-    tracker.start_parent(cfg.tracking.run_name or out.name, cfg.flat())
+def _run_iterations(cfg: RunConfig, run: RunDirectory, manifest: RunManifest, resume_from: int | None) -> list[Path]:
+    tracker = Tracker(cfg.tracking.resolved_uri, cfg.tracking.experiment, run, cfg.tracking.system_metrics)
+    tracker.start_parent(cfg.tracking.run_name or run.root.name, cfg.flat())
     links = tracker.ui_links()
     log.info("MLflow: runs %s ; per-iteration curves %s", links["runs"], links["curves"])
-    atomic_write_text(out / RUN_CONFIG_FILE, cfg.to_yaml())
+    run.write_text(run.config_file, cfg.to_yaml())
     if resume_from:  # an explicit restart redoes iteration N onwards; earlier outputs are kept aside
         for t in range(resume_from, cfg.iterations + 1):
-            if (moved := IterationDir(out, t).archive()) is not None:
+            if (moved := run.archive(t)) is not None:
                 manifest.forget(t)
                 log.info("iteration %d: earlier outputs moved to %s", t, moved)
     first, todo = manifest.resume_point(cfg)
     if first <= cfg.iterations and todo != STAGES:
         log.info("iteration %d: continuing at %s (the manifest vouches for the stages before it)", first, todo[0])
-    policy = cfg.policy.path if first == 1 else str(IterationDir(out, first - 1).checkpoint)
+    policy = cfg.policy.path if first == 1 else str(run.iteration(first - 1).checkpoint)
     judge = cfg.judge.model_path or ""  # each judge actor resolves it on its node
     status = "FAILED"
     # One set of vLLM engines for the whole job: each iteration's stages load the policy they need.
@@ -191,14 +185,14 @@ def _run_iterations(cfg: RunConfig, out: Path, manifest: RunManifest, storage: S
     try:
         for t in range(first, cfg.iterations + 1):
             log.info("=== iteration %d/%d: policy %s", t, cfg.iterations, policy)
-            with IterationRecord.open(tracker, manifest, IterationDir(out, t), cfg, policy, storage) as rec:
+            with IterationRecord.open(tracker, manifest, run.iteration(t), cfg, policy) as rec:
                 policy = run_iteration(cfg, rec, engines, policy, judge, todo if t == first else STAGES)
             log.info("=== iteration %d done: %s", t, rec.summary())
         status = "FINISHED"
     finally:
         engines.close()
         tracker.finish_parent(status)
-    return [IterationDir(out, t).checkpoint for t in range(1, cfg.iterations + 1)]
+    return [run.iteration(t).checkpoint for t in range(1, cfg.iterations + 1)]
 
 
 def sampling_metrics(candidates: list[list[str]], generated_tokens: int) -> dict[str, float]:
@@ -236,18 +230,15 @@ def _columns(rows: list[dict], *names: str) -> tuple[list, ...]:
 class IterationRecord:
     """An iteration's nested MLflow run plus its metrics file, kept in step."""
 
-    def __init__(self, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, run_id: str,
-                 storage: SharedStorage | None = None):
+    def __init__(self, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, run_id: str):
         self.tracker, self.manifest, self.it, self.cfg, self.run_id = tracker, manifest, it, cfg, run_id
-        self.storage = storage
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, policy: str,
-             storage: SharedStorage | None = None):
+    def open(cls, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, policy: str):
         run_id = tracker.start_iteration(it.iteration, {**cfg.flat(), "iteration": it.iteration,
                                                         "policy.input": policy})
-        rec = cls(tracker, manifest, it, cfg, run_id, storage)
+        rec = cls(tracker, manifest, it, cfg, run_id)
         tracker.log_metrics(run_id, it.read_metrics())  # stages finished by an earlier attempt
         try:
             yield rec
@@ -268,22 +259,20 @@ class IterationRecord:
         log.info("iteration %d: %s done in %.1f s", self.it.iteration, name, seconds)
 
     def for_workers(self, spec: str) -> str:
-        """A model or directory as engines, judges and train workers on any node must be given it:
-        with shared storage, its storage URI; without, output_dir is shared and paths serve."""
-        return self.storage.worker_spec(spec) if self.storage else spec
+        return self.it.run.for_workers(spec)
 
     def record(self, metrics: dict[str, float]) -> None:
         self.it.add_metrics(metrics)
         self.tracker.log_metrics(self.run_id, metrics)
 
     def publish(self, path: Path, rows: list[dict], metrics: dict[str, float]) -> None:
-        atomic_write_parquet(path, rows)
+        self.it.run.write_rows(path, rows)
         self.record(metrics)
 
     def log_outputs(self) -> None:
         for data in (self.it.samples, self.it.judgments, self.it.pairs, self.it.train_history):
             self.tracker.log_artifact(self.run_id, data, "data")
-        if (judged := eval_judgments_path(self.it.root, self.it.iteration)).exists():
+        if (judged := self.it.eval_judgments).exists():
             self.tracker.log_artifact(self.run_id, judged, "data")
         if rows := self.cfg.tracking.sample_table_rows:
             self.tracker.log_table(self.run_id, sample_table(self.it.judgments, self.it.pairs, rows), "samples.json")

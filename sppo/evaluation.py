@@ -21,19 +21,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from sppo.config import EvalConfig, RunConfig
 from sppo.roles import run_roles
+from sppo.run_directory import IterationDir, RunDirectory
 from sppo.sampling import EnginePool
-from sppo.storage import IterationDir, atomic_write_parquet, read_parquet
+from sppo.storage import read_parquet
 
 log = logging.getLogger("sppo.evaluation")
-
-EVAL_SAMPLES = "eval_samples.parquet"
-EVAL_JUDGMENTS = "eval_judgments.parquet"
 
 
 # ---------------------------------------------------------------- pure core
@@ -82,27 +79,19 @@ def response_length_metrics(candidates: list[list[str]]) -> dict[str, float]:
 # ---------------------------------------------------------------- the stage
 
 
-def eval_samples_path(out: Path, t: int) -> Path:
-    """Held-out samples of pi_t (t = 0: the base policy)."""
-    return IterationDir(out, t).path / EVAL_SAMPLES
-
-
-def eval_judgments_path(out: Path, t: int) -> Path:
-    return IterationDir(out, t).path / EVAL_JUDGMENTS
-
-
-def ensure_eval_samples(path: Path, engines: EnginePool, policy: str, prompts: list[str], seed: int) -> list[dict]:
-    """The held-out samples at `path`, drawn from `policy` when missing (published atomically)."""
+def ensure_eval_samples(it: IterationDir, engines: EnginePool, policy: str, prompts: list[str], seed: int) -> list[dict]:
+    """The held-out samples of iteration it's policy, drawn from `policy` when not yet published."""
+    path = it.eval_samples
     if not path.exists():
         samples = engines.sample(policy, prompts, seed=seed)
-        atomic_write_parquet(path, [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)])
+        it.run.write_rows(path, [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)])
     rows = read_parquet(path)
     if [r["prompt"] for r in rows] != prompts:
         raise ValueError(f"{path}: its prompts are not the current held-out prompts (prompts.eval_*)")
     return rows
 
 
-def evaluate(cfg: RunConfig, out: Path, t: int, policies: dict[int, str], judge: str, prompts: list[str],
+def evaluate(cfg: RunConfig, run: RunDirectory, t: int, policies: dict[int, str], judge: str, prompts: list[str],
              engines: EnginePool):
     """Judge pi_t's held-out samples against pi_{t-1}'s and pi_0's; `policies` maps 0, t-1 and t
     to their model directories. Returns the judgment rows and the iteration's eval metrics."""
@@ -110,8 +99,8 @@ def evaluate(cfg: RunConfig, out: Path, t: int, policies: dict[int, str], judge:
 
     k = cfg.sampling.k
     starts_before = engines.starts
-    rows = {g: ensure_eval_samples(eval_samples_path(out, g), engines, policies[g], prompts,
-                                   seed=cfg.eval.seed + 1000 * g) for g in sorted({0, t - 1, t})}
+    rows = {g: ensure_eval_samples(run.iteration(g), engines, policies[g], prompts, seed=cfg.eval.seed + 1000 * g)
+            for g in sorted({0, t - 1, t})}
     groups = sorted(rows, reverse=True)  # new first in the matrix: t, t-1, 0
     combined = [[c for g in groups for c in rows[g][n]["candidates"]] for n in range(len(prompts))]
     matrices = JUDGES[cfg.judge.kind](judge, prompts, combined, cfg.judge, run_roles(cfg).judging)

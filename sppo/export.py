@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 from sppo.config import ConfigError, load_config
-from sppo.manifest import MANIFEST_FILE, RunManifest
+from sppo.manifest import RunManifest
 from sppo.model_card import CARD_FILE, card_of
-from sppo.storage import RUN_CONFIG_FILE, IterationDir, publish_directory
+from sppo.run_directory import RunDirectory
+from sppo.storage import publish_directory
 
 
 class ExportError(ValueError):
@@ -39,10 +40,11 @@ def check_hub_access() -> str:
 def export_iteration(output_dir: Path, iteration: int, target: Path) -> Path:
     """Copy iteration `iteration`'s checkpoint and card to `target`; returns `target`."""
     output_dir = output_dir.resolve()
-    if not (output_dir / MANIFEST_FILE).is_file():
-        raise ExportError(f"--output-dir: {output_dir} holds no run ({MANIFEST_FILE} missing)")
-    it = IterationDir(output_dir, iteration)
-    if RunManifest(output_dir).stage(iteration, "tracking") is None:
+    run = RunDirectory(output_dir)
+    if not run.manifest_file.is_file():
+        raise ExportError(f"--output-dir: {output_dir} holds no run ({run.manifest_file.name} missing)")
+    it = run.iteration(iteration)
+    if RunManifest(run).stage(iteration, "tracking") is None:
         raise ExportError(f"--iteration {iteration}: iteration {iteration} of {output_dir} is not finished; "
                           "re-submit the run to finish it")
     if not it.trained:
@@ -54,7 +56,7 @@ def export_iteration(output_dir: Path, iteration: int, target: Path) -> Path:
     def fill(staging: Path) -> None:
         shutil.copytree(it.checkpoint, staging, dirs_exist_ok=True)
         if not (staging / CARD_FILE).exists():  # a checkpoint published before cards were written
-            (staging / CARD_FILE).write_text(str(card_of(load_config(output_dir / RUN_CONFIG_FILE), it)))
+            (staging / CARD_FILE).write_text(str(card_of(load_config(run.config_file), it)))
 
     publish_directory(target, fill)  # an empty target directory (checked above) is replaced
     return target

@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sppo.config import RunConfig
-from sppo.storage import atomic_write_text
-
-MANIFEST_FILE = "manifest.json"
+from sppo.run_directory import RunDirectory
 
 # Changing any of these makes the iterations already done answer a different question.
 LINEAGE_FIELDS = (
@@ -87,9 +85,8 @@ def content_hash(path: Path, exclude: tuple[str, ...] = ()) -> str:
 
 
 class RunManifest:
-    def __init__(self, output_dir: Path):
-        self.root = Path(output_dir)
-        self.path = self.root / MANIFEST_FILE
+    def __init__(self, run: RunDirectory):
+        self.run, self.root, self.path = run, run.root, run.manifest_file
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {
             "lineage": None, "iterations": {}}
 
@@ -167,4 +164,4 @@ class RunManifest:
             self._save()
 
     def _save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True))
+        self.run.write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from sppo.config import RunConfig
-from sppo.storage import IterationDir, atomic_write_text
+from sppo.run_directory import IterationDir
 
 CARD_FILE = "README.md"
 
@@ -227,14 +227,14 @@ def build_card(cfg: RunConfig, iteration: int, results: list[IterationResult],
 
 def card_of(cfg: RunConfig, it: IterationDir) -> ModelCard:
     """Iteration it's card, from the metrics every iteration so far recorded in the output directory."""
-    results = [IterationResult(t, IterationDir(it.root, t).read_metrics()) for t in range(1, it.iteration + 1)]
+    results = [IterationResult(t, it.run.iteration(t).read_metrics()) for t in range(1, it.iteration + 1)]
     return build_card(cfg, it.iteration, results, software_versions())
 
 
 def write_card(cfg: RunConfig, it: IterationDir) -> ModelCard:
     """Publish iteration it's card as its checkpoint's README.md."""
     card = card_of(cfg, it)
-    atomic_write_text(it.checkpoint / CARD_FILE, str(card))
+    it.run.write_text(it.checkpoint / CARD_FILE, str(card))
     return card
 
 

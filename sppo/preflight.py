@@ -23,11 +23,13 @@ import tempfile
 from pathlib import Path
 
 from sppo.config import RunConfig
-from sppo.manifest import MANIFEST_FILE, RunManifest
+from sppo.manifest import RunManifest
+from sppo.models import local_model_dir
 from sppo.prompts import (PromptSourceError, dataset_responses, heldout_prompts, iteration_prompts,
                           prompt_length_filter)
-from sppo.storage import IterationDir, SharedStorage, StorageError
-from sppo.tracking import RUN_FILE, check_reachable
+from sppo.run_directory import MANIFEST_FILE, RUN_FILE, RunDirectory
+from sppo.storage import SharedStorage, StorageError
+from sppo.tracking import check_reachable
 
 # MLflow stores a run's records in one of these; anything else fails only when the job logs.
 TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
@@ -73,7 +75,7 @@ def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = Fals
     if not checked or storage is not None:
         check_run(cfg, resume_from)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = RunManifest(out)
+    manifest = RunManifest(RunDirectory(out, storage))
     manifest.check_lineage(cfg, force=force)  # refused before anything is recorded
     return manifest
 
@@ -81,10 +83,11 @@ def preflight(cfg: RunConfig, resume_from: int | None = None, force: bool = Fals
 def check_resume(out: Path, resume_from: int, iterations: int) -> None:
     if not 1 <= resume_from <= iterations:
         raise PreflightError(f"--resume-from {resume_from}: must be between 1 and the number of iterations ({iterations})")
-    if resume_from > 1 and not IterationDir(out, resume_from - 1).trained:
+    previous = RunDirectory(out).iteration(resume_from - 1)
+    if resume_from > 1 and not previous.trained:
         raise PreflightError(
             f"--resume-from {resume_from}: iteration {resume_from - 1}'s checkpoint "
-            f"{IterationDir(out, resume_from - 1).checkpoint} is missing or incomplete"
+            f"{previous.checkpoint} is missing or incomplete"
         )
 
 
@@ -97,18 +100,6 @@ def check_judge(cfg: RunConfig) -> None:
     if kind == "pairrm" and path in REWARD_MODELS:
         raise PreflightError(f"judge.path: judge.kind 'pairrm' needs a PairRM model (e.g. llm-blender/PairRM), "
                              f"but judge.path is the reward model {path!r}; or set judge.kind: reward_model")
-
-
-def local_model_dir(spec: str) -> Path | None:
-    """The directory a model spec names on this machine: a local path, or a tiny: model (built
-    on first use); None for hub ids and storage URIs, which are fetched where they are used."""
-    if spec.startswith(("/", "./", "../", "~")):
-        return Path(spec).expanduser()
-    if spec.startswith("tiny:"):
-        from sppo.tiny import resolve_model
-
-        return Path(resolve_model(spec))
-    return None
 
 
 def check_model_dir(field: str, spec: str, trust_remote_code: bool = False, chat_template: bool = False):

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from sppo.storage import IterationDir
-from sppo.tracking import RUN_FILE, run_links
+from sppo.run_directory import RUN_FILE, RunDirectory
+from sppo.tracking import run_links
 
 PLOT_FILE = "report.png"
 STAGES = ("sampling", "judging", "training", "evaluation")
@@ -23,7 +23,7 @@ def iteration_metrics(out: Path) -> dict[int, dict[str, float]]:
     for path in out.glob("iter-*/stage_metrics.json"):
         name = path.parent.name[len("iter-"):]
         if name.isdigit() and int(name) > 0:
-            found[int(name)] = IterationDir(out, int(name)).read_metrics()
+            found[int(name)] = RunDirectory(out).iteration(int(name)).read_metrics()
     return dict(sorted(found.items()))
 
 

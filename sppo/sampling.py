@@ -33,7 +33,7 @@ from sppo.chat import render_prompt_ids
 from sppo.config import SamplingConfig
 from sppo.progress import LoggedProgress
 from sppo.roles import Role, sampling_role
-from sppo.storage import local_model
+from sppo.models import local_model
 
 logger = logging.getLogger("sppo.sampling")
 

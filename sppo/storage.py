@@ -1,37 +1,21 @@
-"""The output directory: per-iteration stage outputs, each published atomically.
+"""Publishing files and directories whole or not at all, and the shared storage a run can live in.
 
-A stage output appears at its final path only when complete (write to a temporary
-sibling, then rename), so a file that exists is always whole and a resumed job can
-trust it.
-
-    <output_dir>/run.json                parent MLflow run id (sppo.tracking)
-    <output_dir>/manifest.json           per-stage status, outputs, hashes, run ids (sppo.manifest)
-    <output_dir>/config.yaml             resolved config of the latest submission
-    <output_dir>/iter-N/samples.parquet    prompt, candidates[K]
-    <output_dir>/iter-N/judgments.parquet  prompt, candidates[K], win_matrix[K][K]
-    <output_dir>/iter-N/pairs.parquet      SPPO training rows
-    <output_dir>/iter-N/stage_metrics.json stage metrics, replayed into a fresh MLflow run
-    <output_dir>/iter-N/train_history.json per-step training metrics (written after training)
-    <output_dir>/iter-N/checkpoint/        consolidated HF checkpoint (safetensors) = pi_N
-
-With `storage_uri` set (a shared path, s3://, gs://: anything `pyarrow.fs` opens), that is where
-the run lives: every file above is uploaded there as soon as it is published locally, the
-training workers write the checkpoint there, and engines, judges and workers read models only
-from there (`local_model`), never from the driver's disk. output_dir is then the driver's copy,
-made equal to the storage at the start of every submission (`SharedStorage.sync_down`).
+- `write_then_replace`, `atomic_write_text`, `atomic_write_parquet`: a file appears at its path
+  only when complete (written to a temporary sibling, then renamed), so a file that exists is
+  whole. `publish_directory` does the same for a directory (checkpoints, cached models).
+- `SharedStorage`: a `storage_uri` (a shared path, s3://, gs://: anything `pyarrow.fs` opens)
+  that holds a copy of output_dir; the run directory (sppo/run_directory.py) uploads to it
+  explicitly, and nodes read models from it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -92,12 +76,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(fh.fileno())
 
     write_then_replace(path, write)
-    _push_to_shared_storage(path)
 
 
 def atomic_write_parquet(path: Path, rows: list[dict]) -> None:
     write_then_replace(path, lambda tmp: pq.write_table(pa.Table.from_pylist(rows), tmp))
-    _push_to_shared_storage(path)
 
 
 def read_parquet(path: Path, columns: list[str] | None = None, limit: int | None = None) -> list[dict]:
@@ -112,66 +94,6 @@ def read_parquet(path: Path, columns: list[str] | None = None, limit: int | None
     return rows
 
 
-RUN_CONFIG_FILE = "config.yaml"  # the resolved config of the run, in its output directory
-
-
-@dataclass(frozen=True)
-class IterationDir:
-    root: Path
-    iteration: int
-
-    @property
-    def path(self) -> Path:
-        return self.root / f"iter-{self.iteration}"
-
-    @property
-    def samples(self) -> Path:
-        return self.path / "samples.parquet"
-
-    @property
-    def judgments(self) -> Path:
-        return self.path / "judgments.parquet"
-
-    @property
-    def pairs(self) -> Path:
-        return self.path / "pairs.parquet"
-
-    @property
-    def stage_metrics(self) -> Path:
-        return self.path / "stage_metrics.json"
-
-    @property
-    def train_history(self) -> Path:
-        return self.path / "train_history.json"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / "checkpoint"
-
-    @property
-    def trained(self) -> bool:
-        """Training is done when both its checkpoint and its metric history were published."""
-        return (self.checkpoint / "config.json").exists() and self.train_history.exists()
-
-    def read_metrics(self) -> dict[str, float]:
-        return json.loads(self.stage_metrics.read_text()) if self.stage_metrics.exists() else {}
-
-    def add_metrics(self, metrics: dict[str, float]) -> None:
-        atomic_write_text(self.stage_metrics, json.dumps({**self.read_metrics(), **metrics}, indent=2))
-
-    def archive(self) -> Path | None:
-        """Move this iteration's outputs aside (nothing is deleted); returns where they went."""
-        if not self.path.exists():
-            return None
-        n = 1
-        while (target := self.root / f"iter-{self.iteration}.superseded-{n}").exists():
-            n += 1
-        shutil.move(str(self.path), str(target))
-        for shared in _shared_storages(self.path):
-            shared.move(self.path, target)
-        return target
-
-
 # ---------------------------------------------------------------- shared storage
 
 
@@ -179,35 +101,16 @@ def is_uri(spec: str) -> bool:
     return "://" in spec
 
 
-def is_local_path(spec: str) -> bool:
-    """A model spec that names a directory on this machine (not a storage URI, not tiny:)."""
-    return not (is_uri(spec) or spec.startswith("tiny:"))
-
-
 class StorageError(OSError):
     """The shared storage (storage_uri) cannot be opened, read or written."""
-
-
-# Stage outputs are written from many modules through atomic_write_*; the storage they belong
-# to is looked up here rather than passed down every call chain.
-_OPEN_STORAGES: dict[Path, "SharedStorage"] = {}
-
-
-def _shared_storages(path: Path) -> list["SharedStorage"]:
-    path = path.resolve()
-    return [s for root, s in _OPEN_STORAGES.items() if path.is_relative_to(root)]
-
-
-def _push_to_shared_storage(path: Path) -> None:
-    for shared in _shared_storages(path):
-        shared.push(path)
 
 
 class SharedStorage:
     """storage_uri's copy of output_dir: where a run's outputs live for every node.
 
-    The driver publishes each file in output_dir first (atomically) and uploads it right after;
-    a file missing from the storage counts as never published, so `sync_down` sets it aside.
+    The driver publishes each file in output_dir first (atomically) and uploads it right after
+    (`sppo.run_directory.RunDirectory`); a file missing from the storage counts as never
+    published, so `sync_down` sets it aside.
     Object stores make a single upload visible whole; on a shared path it is renamed into place.
     """
 
@@ -221,16 +124,8 @@ class SharedStorage:
 
     @classmethod
     def open(cls, uri: str | None, output_dir: Path) -> "SharedStorage | None":
-        """The run's shared storage (None without storage_uri: output_dir is then the storage),
-        registered so that every atomic write under output_dir is uploaded."""
-        if uri is None:
-            return None
-        shared = cls(uri, output_dir)
-        _OPEN_STORAGES[shared.local_root] = shared
-        return shared
-
-    def close(self) -> None:
-        _OPEN_STORAGES.pop(self.local_root, None)
+        """The run's shared storage; None without storage_uri (output_dir is then the storage)."""
+        return None if uri is None else cls(uri, output_dir)
 
     def _relative(self, local: Path) -> str:
         return Path(local).resolve().relative_to(self.local_root).as_posix()
@@ -241,7 +136,7 @@ class SharedStorage:
     def worker_spec(self, spec: str) -> str:
         """What a worker on any node is given for a model: the storage URI of a path under
         output_dir, anything else (hub id, tiny:, another path) as it is."""
-        if not is_local_path(spec):
+        if is_uri(spec) or spec.startswith("tiny:"):
             return spec
         try:
             return f"{self.uri}/{self._relative(Path(spec))}"
@@ -334,29 +229,3 @@ def upload_dir(local: Path, fs: pafs.FileSystem, target: str) -> None:
         fs.delete_dir(target)
     fs.create_dir(target, recursive=True)
     pafs.copy_files(str(local), target, destination_filesystem=fs)
-
-
-def local_model(spec: str) -> str:
-    """A model directory on this node for `spec`: a storage URI is downloaded into this node's
-    cache (keyed by the URI and the files' sizes and times, so a retrained checkpoint at the same
-    URI is fetched again); tiny: models are built here; hub ids and paths pass through."""
-    from sppo.tiny import cache_root, resolve_model
-
-    if not is_uri(spec):
-        return resolve_model(spec)
-    try:
-        fs, path = pafs.FileSystem.from_uri(spec)
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except Exception as err:
-        raise StorageError(f"model {spec}: cannot list it: {err}") from err
-    files = sorted((i.path, i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File)
-    if not any(p.endswith("/config.json") for p, _, _ in files):
-        raise FileNotFoundError(f"model {spec}: no config.json there")
-    key = hashlib.sha256(json.dumps([spec, files]).encode()).hexdigest()[:16]
-    target = cache_root() / "models" / f"{Path(path).parent.name}-{Path(path).name}-{key}"
-    if not (target / "config.json").exists():
-        # Whole or absent in the cache; of concurrent downloads on this node, one wins.
-        publish_directory(target, lambda staging: pafs.copy_files(path, str(staging), source_filesystem=fs),
-                          keep_existing=True)
-        log.info("model %s downloaded to %s", spec, target)
-    return str(target)

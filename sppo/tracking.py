@@ -23,12 +23,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from sppo.run_directory import RunDirectory
 from sppo.secrets import redact
-from sppo.storage import atomic_write_text, read_parquet
+from sppo.storage import read_parquet
 
 log = logging.getLogger("sppo.tracking")
 
-RUN_FILE = "run.json"
 # MLflow caps a param value at 6000 characters and a log_batch at 100 params / 1000 metrics.
 _MAX_PARAM_LEN = 6000
 _PARAM_BATCH = 100
@@ -122,16 +122,17 @@ def ui_links(tracking_uri: str, experiment_id: str, parent_run_id: str) -> dict[
 
 def run_links(output_dir: Path) -> dict[str, str]:
     """ui_links of the run an output directory records (its run.json)."""
-    record = json.loads((Path(output_dir) / RUN_FILE).read_text())
+    record = json.loads(RunDirectory(Path(output_dir)).run_file.read_text())
     return ui_links(record["tracking_uri"], record["experiment_id"], record["parent_run_id"])
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str, output_dir: Path, system_metrics: bool = False):
+    def __init__(self, uri: str, experiment: str, run: RunDirectory, system_metrics: bool = False):
+        """run: the run directory whose run.json records the parent run."""
         check_reachable(uri)
         self.uri = uri
         self.client = MlflowClient(uri)
-        self.output_dir = Path(output_dir)
+        self.run = run
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             self.experiment_id = self.client.create_experiment(experiment, tags=EXPERIMENT_KIND)
@@ -146,7 +147,7 @@ class Tracker:
     # -- parent run ---------------------------------------------------------------------
     def start_parent(self, run_name: str, params: Mapping[str, Any]) -> str:
         """Reopen the parent run recorded in the output directory, or create it."""
-        record = self.output_dir / RUN_FILE
+        record = self.run.run_file
         if record.exists():
             saved = json.loads(record.read_text())
             if saved.get("tracking_uri") != self.uri:
@@ -160,7 +161,7 @@ class Tracker:
             run = self.client.create_run(self.experiment_id, run_name=run_name)
             self.parent_id = run.info.run_id
             self.log_params(self.parent_id, params)
-            atomic_write_text(
+            self.run.write_text(
                 record,
                 json.dumps(
                     {"parent_run_id": self.parent_id, "experiment_id": self.experiment_id, "tracking_uri": self.uri},

@@ -59,17 +59,18 @@ def test_evaluate_judges_new_against_previous_and_base_samples_already_drawn(tmp
     """Iteration 2 with every policy's held-out samples on disk: no engine starts, the rule judge
     compares pi_2 (clean text) with pi_1 (half clean) and pi_0 (noise)."""
     from sppo.config import load_config
-    from sppo.evaluation import eval_samples_path, evaluate
+    from sppo.evaluation import evaluate
+    from sppo.run_directory import RunDirectory
     from sppo.sampling import EnginePool
-    from sppo.storage import atomic_write_parquet
 
     cfg = load_config("configs/tiny.yaml", {"output_dir": str(tmp_path), "sampling.k": 2})
     prompts = ["p1", "p2", "p3"]
     drawn = {0: ["\x01\x02", "\ufffd!"], 1: ["words", "\x01\x02"], 2: ["words here", "more words"]}
+    run = RunDirectory(tmp_path)
     for g, cands in drawn.items():
-        atomic_write_parquet(eval_samples_path(tmp_path, g), [{"prompt": p, "candidates": cands} for p in prompts])
+        run.write_rows(run.iteration(g).eval_samples, [{"prompt": p, "candidates": cands} for p in prompts])
     engines = EnginePool(cfg.sampling)  # every policy's samples exist: no engine starts
-    rows, metrics = evaluate(cfg, tmp_path, 2, {0: "unused", 1: "unused", 2: "unused"}, "", prompts, engines)
+    rows, metrics = evaluate(cfg, run, 2, {0: "unused", 1: "unused", 2: "unused"}, "", prompts, engines)
     assert metrics["eval/win_rate_vs_base"] > 0.99
     assert 0.7 < metrics["eval/win_rate_vs_prev"] < 0.8  # ties with "words", beats the noise
     assert metrics["eval/mean_response_chars"] == 10.0 and metrics["eval/prompts"] == 3
@@ -77,4 +78,4 @@ def test_evaluate_judges_new_against_previous_and_base_samples_already_drawn(tmp
     assert rows[0]["policies"] == [2, 2, 1, 1, 0, 0] and len(rows[0]["win_matrix"]) == 6
     # Samples of other prompts are not silently reused.
     with pytest.raises(ValueError, match="not the current held-out prompts"):
-        evaluate(cfg, tmp_path, 2, {0: "unused", 1: "unused", 2: "unused"}, "", ["other"], engines)
+        evaluate(cfg, run, 2, {0: "unused", 1: "unused", 2: "unused"}, "", ["other"], engines)

@@ -7,6 +7,7 @@ import pytest
 from sppo.config import load_config
 from sppo.preflight import preflight
 from sppo.manifest import STAGES, LineageError, RunManifest, content_hash
+from sppo.run_directory import RunDirectory
 from tests.test_config import CONFIGS
 from tests.test_run_cli import run_cli
 
@@ -46,11 +47,11 @@ def test_stage_records_hash_outputs(tmp_path):
     pairs = root / "iter-1" / "pairs.parquet"
     pairs.write_bytes(b"rows")
     (root / "iter-1" / "checkpoint" / "config.json").write_text("{}")
-    manifest = RunManifest(root)
+    manifest = RunManifest(RunDirectory(root))
     manifest.record_stage(1, "pairs", cfg, {"pairs": pairs}, "run-a")
     manifest.record_stage(1, "training", cfg, {"checkpoint": root / "iter-1" / "checkpoint"}, "run-a")
 
-    again = RunManifest(root)  # what a resumed job reads back
+    again = RunManifest(RunDirectory(root))  # what a resumed job reads back
     pairs_entry = again.stage(1, "pairs")
     assert pairs_entry["status"] == "done" and pairs_entry["outputs"] == {"pairs": "iter-1/pairs.parquet"}
     assert pairs_entry["sha256"]["pairs"] == hashlib.sha256(b"rows").hexdigest()
@@ -59,9 +60,9 @@ def test_stage_records_hash_outputs(tmp_path):
     # The training stage's digest follows train.*; the pairs stage depends on no config field.
     other = tiny(tmp_path, **{"train.learning_rate": 1e-4})
     manifest.record_stage(1, "training", other, {}, "run-b")
-    assert RunManifest(root).stage(1, "training")["config_digest"] != again.stage(1, "training")["config_digest"]
+    assert RunManifest(RunDirectory(root)).stage(1, "training")["config_digest"] != again.stage(1, "training")["config_digest"]
     again.forget(1)
-    assert RunManifest(root).stage(1, "pairs") is None
+    assert RunManifest(RunDirectory(root)).stage(1, "pairs") is None
 
 
 def test_preflight_rejects_missing_models_and_unwritable_output(tmp_path):
@@ -99,11 +100,11 @@ def test_the_manifest_alone_decides_what_a_resubmission_redoes(tmp_path):
     """A stage is done when recorded, its outputs hash as recorded and its config fields are
     unchanged; the first stage that is not, and everything after it, runs again. No MLflow."""
     cfg = tiny(tmp_path, iterations=3)
-    manifest = RunManifest(tmp_path / "out")
+    manifest = RunManifest(RunDirectory(tmp_path / "out"))
     assert manifest.resume_point(cfg) == (1, STAGES)
     first = _publish_iteration(manifest, cfg, 1)
     _publish_iteration(manifest, cfg, 2)
-    assert RunManifest(manifest.root).resume_point(cfg) == (3, STAGES)
+    assert RunManifest(manifest.run).resume_point(cfg) == (3, STAGES)
     assert manifest.resume_point(tiny(tmp_path, iterations=2)) == (3, ())  # all done
     # Resources and restarts change how training runs, not what it makes: nothing is redone.
     assert manifest.resume_point(tiny(tmp_path, iterations=3, **{"train.max_failures": 5, "sampling.num_engines": 2,
@@ -111,12 +112,12 @@ def test_the_manifest_alone_decides_what_a_resubmission_redoes(tmp_path):
 
     # A changed training field: training of iteration 1 and all after it; what came before stays.
     changed = tiny(tmp_path, iterations=3, **{"train.learning_rate": 1e-4})
-    assert RunManifest(manifest.root).resume_point(changed) == (1, ("training", "evaluation", "tracking"))
-    again = RunManifest(manifest.root)  # the entries made from what is redone are gone from the file
+    assert RunManifest(manifest.run).resume_point(changed) == (1, ("training", "evaluation", "tracking"))
+    again = RunManifest(manifest.run)  # the entries made from what is redone are gone from the file
     assert set(again.data["iterations"]) == {"1"} and set(again.stage(1, "pairs")) and not again.stage(1, "training")
 
     # An output that no longer hashes as recorded (edited, or half-restored from a backup).
-    manifest = RunManifest(tmp_path / "out")
+    manifest = RunManifest(RunDirectory(tmp_path / "out"))
     for stage in ("training", "evaluation", "tracking"):
         manifest.record_stage(1, stage, cfg, {"training": {"checkpoint": first["checkpoint"],
                                                            "train_history": first["train_history"]},
@@ -124,10 +125,10 @@ def test_the_manifest_alone_decides_what_a_resubmission_redoes(tmp_path):
                                               "tracking": {"card": first["card"]}}[stage], "run-1")
     assert manifest.resume_point(cfg) == (2, STAGES)
     first["card"].write_text("edited card")  # the tracking stage's own output, not training's
-    assert RunManifest(manifest.root).resume_point(cfg) == (1, ("tracking",))
-    manifest = RunManifest(manifest.root)
+    assert RunManifest(manifest.run).resume_point(cfg) == (1, ("tracking",))
+    manifest = RunManifest(manifest.run)
     manifest.record_stage(1, "tracking", cfg, {"card": first["card"]}, "run-1")
     first["judgments"].write_text("edited")
     assert manifest.resume_point(cfg) == (1, ("judging", "pairs", "training", "evaluation", "tracking"))
     first["samples"].unlink()
-    assert RunManifest(manifest.root).resume_point(cfg) == (1, STAGES)
+    assert RunManifest(manifest.run).resume_point(cfg) == (1, STAGES)

@@ -16,7 +16,8 @@ from sppo.config import load_config
 from sppo.manifest import RunManifest
 from sppo.model_card import (CARD_FILE, IterationResult, build_card, card_summary, hyperparameters, registry_tags,
                              software_versions, write_card)
-from sppo.storage import IterationDir, atomic_write_text
+from sppo.run_directory import RunDirectory
+from sppo.storage import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,15 +97,15 @@ def run_dir(tmp_path, tiny_policy_dir):
     and iteration 2 trained but not tracked, as the controller's own writers leave them."""
     out = tmp_path / "run"
     cfg = load_config(REPO / "configs" / "tiny.yaml", {"output_dir": str(out), "iterations": 2})
-    manifest = RunManifest(out)
+    manifest = RunManifest(RunDirectory(out))
     atomic_write_text(out / "config.yaml", cfg.to_yaml())
     for t in (1, 2):
-        it = IterationDir(out, t)
+        it = RunDirectory(out).iteration(t)
         shutil.copytree(tiny_policy_dir, it.checkpoint)
         atomic_write_text(it.train_history, "[]")
         it.add_metrics(metrics_of(t))
         manifest.record_stage(t, "training", cfg, {"checkpoint": it.checkpoint}, "run-id")
-    write_card(cfg, IterationDir(out, 1))
+    write_card(cfg, RunDirectory(out).iteration(1))
     manifest.record_stage(1, "tracking", cfg, {}, "run-id")
     return out
 
@@ -121,7 +122,7 @@ def test_export_copies_the_checkpoint_and_its_card_for_from_pretrained(run_dir, 
     done = export("--output-dir", str(run_dir), "--iteration", "1", "--to", str(target))
     assert done.returncode == 0, done.stderr
     assert f"exported iteration 1 to {target}" in done.stdout
-    source = IterationDir(run_dir, 1).checkpoint
+    source = RunDirectory(run_dir).iteration(1).checkpoint
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in source.iterdir())
     assert (target / CARD_FILE).read_text() == (source / CARD_FILE).read_text()
     assert ModelCard.load(target / CARD_FILE).data.base_model == "tiny:policy"
@@ -139,7 +140,7 @@ def test_export_refuses_in_one_line_and_overwrites_nothing(run_dir, tmp_path, ca
     if case == "unfinished":
         args[3], expected = "2", "--iteration 2: iteration 2 of"
     elif case == "missing checkpoint":
-        (IterationDir(run_dir, 1).checkpoint / "config.json").unlink()
+        (RunDirectory(run_dir).iteration(1).checkpoint / "config.json").unlink()
         expected = "--iteration 1: the checkpoint"
     elif case == "not a run":
         args[1], expected = str(tmp_path), f"--output-dir: {tmp_path} holds no run"

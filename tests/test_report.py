@@ -7,17 +7,17 @@ import json
 from mlflow import MlflowClient
 
 from sppo.report import main, table
-from sppo.storage import IterationDir
+from sppo.run_directory import RunDirectory
 
 
 def _write_run(out, tracking_uri=None):
     for t, (base, prev, loss) in enumerate([(0.66, 0.66, 22.5), (0.82, 0.70, 18.1), (0.93, 0.71, 14.3)], start=1):
-        IterationDir(out, t).add_metrics({
+        RunDirectory(out).iteration(t).add_metrics({
             "eval/win_rate_vs_base": base, "eval/win_rate_vs_base_ci_low": base - 0.05,
             "eval/win_rate_vs_base_ci_high": base + 0.04, "eval/win_rate_vs_prev": prev,
             "eval/win_rate_vs_prev_ci_low": prev - 0.06, "eval/win_rate_vs_prev_ci_high": prev + 0.05,
             "train/final_loss": loss, "time/sampling_s": 30.0 + t, "time/training_s": 60.0, "time/evaluation_s": 40.0})
-    IterationDir(out, 0).path.mkdir(parents=True)  # the base policy's eval samples live here: not an iteration
+    RunDirectory(out).iteration(0).path.mkdir(parents=True)  # the base policy's eval samples live here: not an iteration
 
 
 def test_table_lists_every_iteration_with_intervals_loss_and_times(tmp_path):

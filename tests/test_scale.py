@@ -15,7 +15,8 @@ from mlflow import MlflowClient
 
 from sppo.config import load_config
 from sppo.pairs import training_rows
-from sppo.storage import IterationDir, atomic_write_parquet
+from sppo.run_directory import IterationDir, RunDirectory
+from sppo.storage import atomic_write_parquet
 from sppo.tracking import Tracker, sample_table
 
 
@@ -36,7 +37,7 @@ def _judged(n: int, k: int = 5, seed: int = 0) -> tuple[list[dict], list[dict]]:
 
 
 def _published(tmp_path: Path, n: int) -> IterationDir:
-    it = IterationDir(tmp_path / f"out-{n}", 1)
+    it = RunDirectory(tmp_path / f"out-{n}").iteration(1)
     judged, pairs = _judged(n)
     atomic_write_parquet(it.judgments, judged)
     atomic_write_parquet(it.pairs, pairs)
@@ -56,7 +57,7 @@ def test_the_sample_table_holds_the_configured_prompts_whatever_the_iteration_si
 
     # What MLflow receives: the same size at 300 and at 3,000 prompts.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = Tracker(uri, "exp", tmp_path)
+    tracker = Tracker(uri, "exp", RunDirectory(tmp_path))
     tracker.start_parent("job", {})
     sizes = []
     for iteration, it in enumerate((small, large), start=1):
@@ -90,10 +91,10 @@ def test_a_full_disk_under_any_stage_output_names_the_file_and_publishes_nothing
 
     disk = small_disk("1m")
     cfg = load_config("configs/tiny.yaml", {"output_dir": str(disk)})
-    it = IterationDir(disk, 1)
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", tmp_path / "tracking")
+    it = RunDirectory(disk).iteration(1)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", RunDirectory(tmp_path / "tracking"))
     tracker.start_parent("job", {})
-    rec = IterationRecord(tracker, RunManifest(disk), it, cfg, tracker.start_iteration(1, {}))
+    rec = IterationRecord(tracker, RunManifest(RunDirectory(disk)), it, cfg, tracker.start_iteration(1, {}))
     # Random text does not compress: 40 prompts x 4 candidates of 2 kB, about 320 kB a file.
     rows = [{"prompt": f"prompt {i}", "candidates": [os.urandom(1000).hex() for _ in range(4)]} for i in range(40)]
 

@@ -12,8 +12,9 @@ import pytest
 
 from sppo.config import RunConfig, load_config
 from sppo.preflight import PreflightError, preflight
-from sppo.storage import (IterationDir, SharedStorage, atomic_write_parquet, atomic_write_text,
-                          local_model, read_parquet, upload_dir)
+from sppo.models import local_model
+from sppo.run_directory import RunDirectory
+from sppo.storage import SharedStorage, atomic_write_parquet, atomic_write_text, read_parquet, upload_dir
 
 
 def remote_files(uri: str) -> dict[str, bytes]:
@@ -29,25 +30,26 @@ def remote_files(uri: str) -> dict[str, bytes]:
 
 @pytest.fixture
 def storage(s3_bucket, tmp_path):
-    shared = SharedStorage.open(f"{s3_bucket}/runs/a", tmp_path / "out")
-    yield shared
-    shared.close()
+    return SharedStorage.open(f"{s3_bucket}/runs/a", tmp_path / "out")
 
 
-def test_every_published_file_is_uploaded_to_the_same_place(storage, tmp_path):
-    it = IterationDir(tmp_path / "out", 1)
-    atomic_write_parquet(it.samples, [{"prompt": "p", "candidates": ["a", "b"]}])
+def test_every_file_the_run_directory_publishes_is_uploaded_to_the_same_place(storage, tmp_path):
+    run = RunDirectory(tmp_path / "out", storage)
+    it = run.iteration(1)
+    run.write_rows(it.samples, [{"prompt": "p", "candidates": ["a", "b"]}])
     it.add_metrics({"time/sampling_s": 1.5})
-    atomic_write_text(tmp_path / "elsewhere.txt", "not under output_dir")  # not this run's: stays local
+    run.write_text(run.manifest_file, "{}")
+    # A plain atomic write publishes locally only: uploading is explicit, never a side effect.
+    atomic_write_text(it.path / "scratch.txt", "not published")
 
     files = remote_files(storage.uri)
-    assert set(files) == {"iter-1/samples.parquet", "iter-1/stage_metrics.json"}
+    assert set(files) == {"iter-1/samples.parquet", "iter-1/stage_metrics.json", "manifest.json"}
     assert files["iter-1/samples.parquet"] == it.samples.read_bytes()
     assert json.loads(files["iter-1/stage_metrics.json"]) == {"time/sampling_s": 1.5}
 
 
 def test_workers_are_given_storage_uris_for_paths_under_output_dir(storage, tmp_path):
-    ckpt = IterationDir(tmp_path / "out", 2).checkpoint
+    ckpt = RunDirectory(tmp_path / "out").iteration(2).checkpoint
     assert storage.worker_spec(str(ckpt)) == f"{storage.uri}/iter-2/checkpoint"
     # The base model, a hub id or a path outside the run: every node resolves those itself.
     for spec in ("tiny:policy", "google/gemma-2-9b-it", "/models/llama", "s3://other/model"):
@@ -89,30 +91,24 @@ def test_checkpoint_upload_replaces_the_earlier_one_without_stale_files(storage,
     upload_dir(new, fs, base)
     assert remote_files(f"{storage.uri}/iter-1/checkpoint") == {"config.json": b"new", "model.safetensors": b"new"}
 
-    local = IterationDir(tmp_path / "out", 1).checkpoint
+    local = RunDirectory(tmp_path / "out", storage).iteration(1).checkpoint
     local.parent.mkdir(parents=True)
-    storage.pull(local)
+    RunDirectory(tmp_path / "out", storage).pull(local)
     assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_a_fresh_driver_disk_is_filled_from_storage_and_unpublished_files_set_aside(s3_bucket, tmp_path):
     uri = f"{s3_bucket}/run"
-    first = SharedStorage.open(uri, tmp_path / "first")
-    try:
-        atomic_write_text(tmp_path / "first" / "manifest.json", json.dumps({"iterations": {}}))
-        atomic_write_parquet(IterationDir(tmp_path / "first", 1).samples, [{"prompt": "p"}])
-    finally:
-        first.close()
+    first = RunDirectory(tmp_path / "first", SharedStorage.open(uri, tmp_path / "first"))
+    first.write_text(first.manifest_file, json.dumps({"iterations": {}}))
+    first.write_rows(first.iteration(1).samples, [{"prompt": "p"}])
 
     fresh = SharedStorage.open(uri, tmp_path / "second")  # the driver's disk is gone: a new one
-    try:
-        stray = IterationDir(tmp_path / "second", 1).judgments  # written, but the upload never happened
-        stray.parent.mkdir(parents=True)
-        stray.write_text("half a stage")
-        fresh.sync_down()
-    finally:
-        fresh.close()
-    second = IterationDir(tmp_path / "second", 1)
+    stray = RunDirectory(tmp_path / "second").iteration(1).judgments  # written, but the upload never happened
+    stray.parent.mkdir(parents=True)
+    stray.write_text("half a stage")
+    fresh.sync_down()
+    second = RunDirectory(tmp_path / "second").iteration(1)
     assert read_parquet(second.samples) == [{"prompt": "p"}]
     assert json.loads((tmp_path / "second" / "manifest.json").read_text()) == {"iterations": {}}
     assert not stray.exists()  # a resumed job redoes judging rather than trusting it
@@ -121,20 +117,16 @@ def test_a_fresh_driver_disk_is_filled_from_storage_and_unpublished_files_set_as
 
 
 def test_archive_moves_the_stored_iteration_too(storage, tmp_path):
-    it = IterationDir(tmp_path / "out", 1)
-    atomic_write_parquet(it.samples, [{"prompt": "p"}])
-    it.archive()
+    run = RunDirectory(tmp_path / "out", storage)
+    run.write_rows(run.iteration(1).samples, [{"prompt": "p"}])
+    assert run.archive(1) == tmp_path / "out" / "iter-1.superseded-1"
     assert set(remote_files(storage.uri)) == {"iter-1.superseded-1/samples.parquet"}
 
 
 def test_a_shared_directory_works_the_same_way(tmp_path):
-    shared = SharedStorage.open(str(tmp_path / "nfs" / "run"), tmp_path / "out")
-    try:
-        atomic_write_parquet(IterationDir(tmp_path / "out", 1).pairs, [{"chosen": "a"}])
-        assert shared.worker_spec(str(tmp_path / "out" / "iter-1" / "checkpoint")) == \
-            f"{tmp_path}/nfs/run/iter-1/checkpoint"
-    finally:
-        shared.close()
+    run = RunDirectory(tmp_path / "out", SharedStorage.open(str(tmp_path / "nfs" / "run"), tmp_path / "out"))
+    run.write_rows(run.iteration(1).pairs, [{"chosen": "a"}])
+    assert run.for_workers(str(tmp_path / "out" / "iter-1" / "checkpoint")) == f"{tmp_path}/nfs/run/iter-1/checkpoint"
     assert read_parquet(tmp_path / "nfs" / "run" / "iter-1" / "pairs.parquet") == [{"chosen": "a"}]
     assert not list((tmp_path / "nfs" / "run" / "iter-1").glob("*.uploading-*"))
 
@@ -147,12 +139,8 @@ def test_preflight_names_storage_uri_when_the_bucket_is_missing(s3_server, monke
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
     cfg = _cfg(tmp_path, storage_uri="s3://no-such-bucket/run")
-    shared = SharedStorage.open(cfg.storage_uri, Path(cfg.output_dir))
-    try:
-        with pytest.raises(PreflightError, match="storage_uri: s3://no-such-bucket/run is not writable"):
-            preflight(cfg, storage=shared)
-    finally:
-        shared.close()
+    with pytest.raises(PreflightError, match="storage_uri: s3://no-such-bucket/run is not writable"):
+        preflight(cfg, storage=SharedStorage.open(cfg.storage_uri, Path(cfg.output_dir)))
 
 
 def test_preflight_refuses_a_storage_uri_that_does_not_hold_the_local_run(storage, s3_bucket, tmp_path):

@@ -6,7 +6,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from sppo.tracking import RUN_FILE, Tracker
+from sppo.run_directory import RUN_FILE, RunDirectory
+from sppo.tracking import Tracker
 
 
 @pytest.fixture()
@@ -17,12 +18,12 @@ def uri(tmp_path):
 def test_parent_run_is_recorded_and_reopened(tmp_path, uri):
     out = tmp_path / "out"
     out.mkdir()
-    first = Tracker(uri, "exp", out)
+    first = Tracker(uri, "exp", RunDirectory(out))
     parent = first.start_parent("job", {"train.eta": 1000.0})
     assert json.loads((out / RUN_FILE).read_text())["parent_run_id"] == parent
     first.finish_parent("FAILED")
 
-    again = Tracker(uri, "exp", out)
+    again = Tracker(uri, "exp", RunDirectory(out))
     assert again.start_parent("job", {}) == parent
     assert MlflowClient(uri).get_run(parent).info.status == "RUNNING"
     assert MlflowClient(uri).get_run(parent).data.params["train.eta"] == "1000.0"
@@ -31,7 +32,7 @@ def test_parent_run_is_recorded_and_reopened(tmp_path, uri):
 def test_redone_iteration_replaces_its_run(tmp_path, uri):
     out = tmp_path / "out"
     out.mkdir()
-    tracker = Tracker(uri, "exp", out)
+    tracker = Tracker(uri, "exp", RunDirectory(out))
     tracker.start_parent("job", {})
     one = tracker.start_iteration(1, {"k": 4})
     tracker.finish(one)
@@ -53,7 +54,7 @@ def test_redone_iteration_replaces_its_run(tmp_path, uri):
 def test_history_and_metrics_are_logged_with_steps(tmp_path, uri):
     out = tmp_path / "out"
     out.mkdir()
-    tracker = Tracker(uri, "exp", out)
+    tracker = Tracker(uri, "exp", RunDirectory(out))
     tracker.start_parent("job", {})
     run = tracker.start_iteration(1, {})
     tracker.log_history(run, [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5}])
@@ -64,7 +65,7 @@ def test_history_and_metrics_are_logged_with_steps(tmp_path, uri):
 
 def test_unreachable_server_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="not reachable"):
-        Tracker("http://127.0.0.1:9", "exp", tmp_path)
+        Tracker("http://127.0.0.1:9", "exp", RunDirectory(tmp_path))
 
 
 def test_params_never_carry_secrets(tmp_path, uri):
@@ -76,7 +77,7 @@ def test_params_never_carry_secrets(tmp_path, uri):
     assert redact("train.learning_rate", 1e-6) == "1e-06"
     out = tmp_path / "out"
     out.mkdir()
-    tracker = Tracker(uri, "exp", out)
+    tracker = Tracker(uri, "exp", RunDirectory(out))
     parent = tracker.start_parent("job", {"tracking.tracking_uri": "http://bob:hunter2@host:5000",
                                           "db_password": "hunter2", "train.eta": 1000})
     params = MlflowClient(uri).get_run(parent).data.params
@@ -91,14 +92,14 @@ def test_experiments_are_marked_as_model_training_unless_a_kind_was_set(tmp_path
     client = MlflowClient(uri)
     out = tmp_path / "out"
     out.mkdir()
-    made = Tracker(uri, "new", out).experiment_id
+    made = Tracker(uri, "new", RunDirectory(out)).experiment_id
     assert client.get_experiment(made).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
     older = client.create_experiment("older")  # made before experiments were tagged
     assert EXPERIMENT_KIND_TAG not in client.get_experiment(older).tags
-    Tracker(uri, "older", out)
+    Tracker(uri, "older", RunDirectory(out))
     assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
     chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
-    Tracker(uri, "chosen", out)
+    Tracker(uri, "chosen", RunDirectory(out))
     assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
 
 

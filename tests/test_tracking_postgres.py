@@ -25,6 +25,7 @@ import pytest
 
 from sppo.devtools.localstack import free_port
 from sppo.secrets import MASK
+from sppo.run_directory import RunDirectory
 from sppo.tracking import Tracker
 
 INSTALL_HINT = ("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/initdb): install Debian's "
@@ -131,7 +132,7 @@ def test_a_jobs_tracking_life_on_postgres(mlflow_on_postgres, postgres_url, tmp_
     (tmp_path / "checkpoint" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "samples.parquet").write_bytes(b"PAR1 not really parquet, an artifact all the same")
 
-    tracker = Tracker(mlflow_on_postgres, "sppo-postgres", out)
+    tracker = Tracker(mlflow_on_postgres, "sppo-postgres", RunDirectory(out))
     parent = tracker.start_parent("job", {"train.eta": 1000.0, "hub_token": "hf_should_not_be_stored"})
     one = tracker.start_iteration(1, {"iteration": 1, "sampling.k": 5})
     tracker.log_metrics(one, {"sampling/prompts": 48, "time/sampling_s": 3.5})
@@ -142,7 +143,7 @@ def test_a_jobs_tracking_life_on_postgres(mlflow_on_postgres, postgres_url, tmp_
     interrupted = tracker.start_iteration(2, {"iteration": 2})  # a driver killed mid-iteration
     tracker.finish_parent("FAILED")
 
-    again = Tracker(mlflow_on_postgres, "sppo-postgres", out)  # the re-submitted job
+    again = Tracker(mlflow_on_postgres, "sppo-postgres", RunDirectory(out))  # the re-submitted job
     assert again.start_parent("job", {}) == parent
     assert {t: r.info.status for t, r in again.iteration_runs().items()} == {1: "FINISHED", 2: "RUNNING"}
     two = again.start_iteration(2, {"iteration": 2})

@@ -28,7 +28,7 @@ from sppo.config import JudgeConfig
 from sppo.judging.actor import actor_judge, check_inputs
 from sppo.judging.llm_blender_compat import import_llm_blender
 from sppo.progress import PROGRESS_EVERY_S, progress
-from sppo.storage import local_model
+from sppo.models import local_model
 
 log = logging.getLogger("sppo.judging")
 

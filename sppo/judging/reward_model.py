@@ -23,7 +23,7 @@ import numpy as np
 from sppo.config import JudgeConfig
 from sppo.judging.actor import actor_judge, check_inputs
 from sppo.judging.pairrm import win_matrix
-from sppo.storage import local_model
+from sppo.models import local_model
 
 log = logging.getLogger("sppo.judging")
 
