@@ -26,6 +26,12 @@ export RAY_AUTH_MODE := token
 # DeepSpeed's CPU op is built once at install into the venv, not into ~/.cache, so that every
 # process using this venv finds it whatever its home directory.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+# The venv's tools first, for every process started from here: Ray puts them first for its
+# workers, and DeepSpeed builds that op with whichever `ninja` PATH finds. The venv's ninja
+# (1.13) and the system's (1.11) record a build differently, so each took the other's build
+# for stale and rebuilt it: about a CPU-minute at every switch between a Ray Train worker and a
+# process started outside Ray (docs/testing.md).
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo test bench stop status
 
