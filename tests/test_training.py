@@ -458,6 +458,43 @@ def test_an_online_reference_trains_as_the_precomputed_one(one_process_group, ti
         tmp_path / "policy" / "model.safetensors").keys()
 
 
+@pytest.mark.slow
+def test_a_checkpoint_written_in_many_shards_loads_as_the_policy(one_process_group, tiny_policy_dir, tmp_path,
+                                                                 monkeypatch):
+    """Rank 0 writes the checkpoint shard by shard, holding one shard at a time; cut into many
+    (shards of 64 KiB here) it has Hugging Face's index, and transformers loads from it exactly
+    the policy it was trained from (no optimizer step)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from sppo import checkpoint
+
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 64 * 1024)
+    train(TrainConfig(**{**ONE_RANK_CFG, "max_steps": 0}), make_rows(8), tiny_policy_dir, str(tmp_path / "ckpt"),
+          device=one_process_group)
+    shards = sorted((tmp_path / "ckpt").glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "ckpt" / checkpoint.INDEX_FILE).read_text())["weight_map"]
+    assert sorted(set(index.values())) == [p.name for p in shards]
+    for path in shards:  # a shard over the limit holds one parameter larger than it
+        tensors = load_file(path)
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) <= 64 * 1024 or len(tensors) == 1
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").state_dict()
+    policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).state_dict()
+    assert loaded.keys() == policy.keys()
+    assert all(torch.equal(loaded[name], policy[name]) for name in policy)
+
+
+def test_shards_are_consecutive_parameters_up_to_the_limit():
+    from sppo.checkpoint import shard_file, shard_plan
+
+    sizes = [("a", 3), ("b", 3), ("c", 10), ("d", 1), ("e", 6)]
+    assert shard_plan(sizes, 6) == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert shard_plan(sizes, 100) == [["a", "b", "c", "d", "e"]]
+    assert (shard_file(0, 1), shard_file(1, 3)) == ("model.safetensors", "model-00002-of-00003.safetensors")
+
+
 def test_the_recipe_names_a_process_group_of_the_wrong_size(one_process_group, tiny_policy_dir, tmp_path):
     with pytest.raises(ValueError, match="train.num_workers is 2, but the process group has 1 processes"):
         train(TrainConfig(**TRAIN_CFG), make_rows(8), tiny_policy_dir, str(tmp_path / "ckpt"),
