@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import tempfile
 from pathlib import Path
 
@@ -179,9 +180,6 @@ def check_prompts(cfg: RunConfig, tokenizer) -> None:
 
 def check_tracking(cfg: RunConfig) -> None:
     """A tracking URI MLflow can store runs in, that answers; names MLflow would refuse later."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_experiment_name, _validate_model_name
-
     uri = cfg.tracking.resolved_uri
     scheme = uri.split("://", 1)[0] if "://" in uri else "file"
     field = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.tracking_uri"
@@ -192,15 +190,37 @@ def check_tracking(cfg: RunConfig) -> None:
         check_reachable(uri, attempts=1)
     except RuntimeError as err:
         raise PreflightError(f"{field}: {err}") from err
-    # MLflow's own validators: the same rules its server applies when the job gets there.
-    for name, value, validate in (("tracking.experiment", cfg.tracking.experiment, _validate_experiment_name),
-                                  ("tracking.register_model", cfg.tracking.register_model, _validate_model_name)):
-        if value is None:
-            continue
-        try:
-            validate(value)
-        except MlflowException as err:
-            raise PreflightError(f"{name}: {err.message}") from err
+    for field, problem in (("tracking.experiment", experiment_name_problem(cfg.tracking.experiment)),
+                           ("tracking.register_model", model_name_problem(cfg.tracking.register_model))):
+        if problem is not None:
+            raise PreflightError(f"{field}: {problem}")
+
+
+# MLflow's rules for the names it stores, which its server applies once the job gets there. MLflow
+# keeps its validators private; tests/test_tracking.py checks these against them.
+MAX_EXPERIMENT_NAME_LENGTH = 500
+
+
+def experiment_name_problem(name: str) -> str | None:
+    if not name:
+        return f"Invalid experiment name: '{name}'"
+    if len(name) > MAX_EXPERIMENT_NAME_LENGTH:
+        return f"an experiment name is at most {MAX_EXPERIMENT_NAME_LENGTH} characters, this one {len(name)}"
+    return None
+
+
+def model_name_problem(name: str | None) -> str | None:
+    """None: no model is registered."""
+    if name is None:
+        return None
+    if not name.strip():
+        return "a registered model's name cannot be empty"
+    if "/" in name or ":" in name:
+        return f"Invalid model name '{name}'. Names cannot contain '/' or ':'."
+    as_path = posixpath.normpath(name)
+    if as_path != name or as_path == "." or as_path.startswith(".."):
+        return f"Invalid model name '{name}': as a file name it would resolve to {as_path!r}"
+    return None
 
 
 def check_writable(out: Path) -> None:

@@ -110,3 +110,26 @@ def test_retry_env_waits_out_the_outage_limit():
     assert retry_env(240.0) == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2"}
     assert retry_env(20.0)["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "4"  # 4 + 8 + 16 = 28 s
     assert retry_env(3.0)["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+
+
+NAMES = ["", " ", "sppo", "sppo tiny-1_b", "a" * 500, "a" * 501, "team/sppo", "sppo:v1", ".", "..", "..sppo",
+         "./sppo", "sppo/..", "a//b", "sppo.", "日本語"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_preflight_refuses_exactly_the_names_mlflow_refuses(name):
+    """Preflight applies MLflow's naming rules before any compute; MLflow keeps its validators
+    private, so ours are checked against them here."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_experiment_name, _validate_model_name
+
+    from sppo.preflight import experiment_name_problem, model_name_problem
+
+    for ours, theirs in ((experiment_name_problem, _validate_experiment_name),
+                         (model_name_problem, _validate_model_name)):
+        try:
+            theirs(name)
+            refused = False
+        except MlflowException:
+            refused = True
+        assert (ours(name) is not None) == refused, (ours.__name__, name)
