@@ -34,7 +34,7 @@ from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, 
 from sppo.models import local_model
 from sppo.preflight import preflight
 from sppo.roles import run_roles
-from sppo.run_directory import IterationDir, RunDirectory
+from sppo.run_directory import IterationDir
 from sppo.sampling import EnginePool, Samples
 from sppo.storage import SharedStorage, read_parquet
 from sppo.tracking import Tracker, sample_table
@@ -160,10 +160,11 @@ def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False
     checked: the caller ran `preflight` on output_dir already (the CLI does, before Ray starts)."""
     out = Path(cfg.output_dir).resolve()
     manifest = preflight(cfg, resume_from, force, SharedStorage.open(cfg.storage_uri, out), checked=checked)
-    return _run_iterations(cfg, manifest.run, manifest, resume_from)
+    return _run_iterations(cfg, manifest, resume_from)
 
 
-def _run_iterations(cfg: RunConfig, run: RunDirectory, manifest: RunManifest, resume_from: int | None) -> list[Path]:
+def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | None) -> list[Path]:
+    run = manifest.run  # the output directory, and the shared storage it is mirrored to
     tracker = Tracker(cfg.tracking.resolved_uri, cfg.tracking.experiment, run, cfg.tracking.system_metrics)
     tracker.start_parent(cfg.tracking.run_name or run.root.name, cfg.flat())
     links = tracker.ui_links()
