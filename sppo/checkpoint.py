@@ -68,7 +68,7 @@ def publish_checkpoint(engine, policy_dir: str, checkpoint_dir: str, dtype: torc
         try:
             _gather_shards(params, shards, dtype,
                            write=lambda name, tensors: _save_shard(tensors, staging / name))
-            _write_model_files(engine, policy_dir, staging, shards, dict(sizes), dtype)
+            _write_model_files(engine, policy_dir, staging, shards, sum(size for _, size in sizes), dtype)
         except Exception as err:  # safetensors reports a full disk as its own error type
             raise OSError(f"writing the checkpoint for {checkpoint_dir} failed: {err}") from err
 
@@ -115,14 +115,14 @@ def _save_shard(tensors: dict, path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})  # transformers loads "pt" safetensors
 
 
-def _write_model_files(engine, policy_dir: str, staging: Path, shards: list[list[str]], sizes: dict[str, int],
+def _write_model_files(engine, policy_dir: str, staging: Path, shards: list[list[str]], total_bytes: int,
                        dtype: torch.dtype) -> None:
     """Beside the shards: the index (more than one shard), config, generation config, and the
     policy's other files (tokenizer, chat template)."""
     if len(shards) > 1:
         weight_map = {name: shard_file(i, len(shards)) for i, names in enumerate(shards) for name in names}
         (staging / INDEX_FILE).write_text(json.dumps(
-            {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, indent=2))
+            {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
     model = engine.module
     model.config.dtype = dtype
     model.config.architectures = [type(model).__name__]

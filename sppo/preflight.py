@@ -190,10 +190,10 @@ def check_tracking(cfg: RunConfig) -> None:
         check_reachable(uri, attempts=1)
     except RuntimeError as err:
         raise PreflightError(f"{field}: {err}") from err
-    for field, problem in (("tracking.experiment", experiment_name_problem(cfg.tracking.experiment)),
-                           ("tracking.register_model", model_name_problem(cfg.tracking.register_model))):
+    for name_field, problem in (("tracking.experiment", experiment_name_problem(cfg.tracking.experiment)),
+                                ("tracking.register_model", model_name_problem(cfg.tracking.register_model))):
         if problem is not None:
-            raise PreflightError(f"{field}: {problem}")
+            raise PreflightError(f"{name_field}: {problem}")
 
 
 # MLflow's rules for the names it stores, which its server applies once the job gets there. MLflow

@@ -11,7 +11,6 @@ this is the one place that reads them as resources.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -69,7 +68,6 @@ class Role:
         """The results of the role's actor calls (`pending`: object ref -> key), by key, within
         timeout_s of `started` (time.monotonic(); default now), the stage's nodes watched; an
         error names the culprit by describe(key) (`sppo.cluster.wait_for_all`)."""
-        started = time.monotonic() if started is None else started
         return wait_for_all(pending, stage=self.stage, describe=describe, timeout_s=self.timeout_s,
                             started=started, watch=self.node_watch(), on_done=on_done)
 

@@ -31,9 +31,9 @@ from typing import TypeVar
 
 from sppo.chat import render_prompt_ids
 from sppo.config import SamplingConfig
+from sppo.models import local_model
 from sppo.progress import LoggedProgress
 from sppo.roles import Role, sampling_role
-from sppo.models import local_model
 
 logger = logging.getLogger("sppo.sampling")
 

@@ -23,8 +23,8 @@ from typing import Any
 from sppo.cluster import POLL_S, NodeWatch
 from sppo.config import TrainConfig
 from sppo.losses import get_loss
-from sppo.roles import Role, training_role
 from sppo.models import is_local_path, local_model
+from sppo.roles import Role, training_role
 from sppo.training_data import read_pairs, total_steps
 
 logger = logging.getLogger("sppo.training")
