@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
-from sppo.storage import is_uri, publish_directory, upload_dir
+from sppo.storage import follow_umask, is_uri, publish_directory, upload_dir
 
 # Files of a model directory that the checkpoint writes itself rather than copies.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -113,6 +113,7 @@ def _save_shard(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata={"format": "pt"})  # transformers loads "pt" safetensors
+    follow_umask(path)  # safetensors leaves its temporary file's 0600
 
 
 def _write_model_files(engine, policy_dir: str, staging: Path, shards: list[list[str]], total_bytes: int,
@@ -132,4 +133,4 @@ def _write_model_files(engine, policy_dir: str, staging: Path, shards: list[list
     for source in Path(policy_dir).iterdir():
         written_here = source.name in _MODEL_FILES or source.name.endswith(_WEIGHT_SUFFIXES)
         if source.is_file() and not written_here:
-            shutil.copy2(source, staging / source.name)
+            shutil.copyfile(source, staging / source.name)  # the umask's mode, not the policy's files

@@ -21,7 +21,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No float field means anything at inf or nan (train.eta: .inf would fail only after sampling).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class PolicyConfig(_Strict):
@@ -69,6 +70,9 @@ class SamplingConfig(_Strict):
     # bfloat16; auto is vLLM's choice (bfloat16 for a float32 checkpoint on CPUs).
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     max_model_len: int | None = Field(default=None, ge=1)
+    # vLLM's enforce_eager: no compilation (and no CUDA graphs) at engine start; a faster start,
+    # slower decoding. Worth it only where starts dominate: the tiny configs (docs/performance.md).
+    enforce_eager: bool = False
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     # Sequences an engine decodes at once (vLLM's max_num_seqs), up to what its KV cache holds;
     # null takes vLLM's default for the hardware. 1024 is that default on H100-class GPUs; on
@@ -86,6 +90,10 @@ class SamplingConfig(_Strict):
     # auto: resident on CPUs, restart on GPUs. Kept engines hold their Ray resources for the
     # whole job: judging and training must fit beside them (`--plan` checks).
     engine_mode: Literal["auto", "resident", "sleep", "restart"] = "auto"
+    # When kept engines would leave no room for judging or training on the live cluster (checked
+    # before the first stage, sppo/plan.py), restart them per sampling call instead of waiting;
+    # false: the configured mode must fit, or the job refuses to start.
+    engine_fallback: bool = True
 
 
 class RuleJudgeConfig(_Strict):
@@ -224,6 +232,9 @@ class TimeoutsConfig(_Strict):
     # workers, on the nodes that are left if they have room; a stage that has not finished this
     # long after the loss fails, naming the node (sppo/cluster.py). Re-submitting continues.
     node_lost_s: float = Field(default=300.0, gt=0.0)
+    # A stage whose actors Ray has not placed (the cluster busy with other jobs, or an autoscaler
+    # adding nodes) logs what is pending every 30 s, and fails once it has waited this long.
+    placement_s: float = Field(default=3600.0, gt=0.0)
 
 
 class EvalConfig(_Strict):
@@ -303,6 +314,37 @@ class RunConfig(_Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping that holds the same key twice (PyYAML would silently keep the last)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark):
+        super().__init__(None, None, f"key {key!r} appears twice in the same mapping "
+                         f"(line {first.line + 1} and line {again.line + 1})", again)
+        self.key, self.first_line, self.line = key, first.line + 1, again.line + 1
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys, at every nesting level."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden, by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], key_node.start_mark)
+                seen[key] = key_node.start_mark
+            except TypeError:  # unhashable: SafeLoader's own error follows
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -320,7 +362,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.learning_rate=1e-6")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
+        value = _load_yaml(raw) if raw.strip() else raw
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text!r}: value is not valid YAML: {err}") from err
     return key.strip(), value
@@ -332,11 +374,20 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     if path is not None:
         path = Path(path)
         try:
-            text = path.read_text()
+            data = path.read_bytes()
         except OSError as err:
             raise ConfigError(f"config file {path}: cannot read ({err.strerror})") from err
         try:
-            loaded = yaml.safe_load(text)
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line, column = data.count(b"\n", 0, err.start) + 1, err.start - data.rfind(b"\n", 0, err.start)
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}, "
+                              f"column {column})") from err
+        try:
+            loaded = _load_yaml(text)
+        except DuplicateKeyError as err:
+            raise ConfigError(f"config file {path}: key {err.key!r} is given twice in the same mapping, "
+                              f"at line {err.first_line} and again at line {err.line}; keep one") from err
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -32,6 +32,7 @@ from sppo.model_card import CARD_FILE, card_summary, registry_tags, write_card
 from sppo.pairs import hybrid_candidates, training_rows
 from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
 from sppo.models import local_model
+from sppo.plan import PlacementError, job_placement
 from sppo.preflight import preflight
 from sppo.roles import run_roles
 from sppo.run_directory import IterationDir
@@ -74,6 +75,7 @@ def sample_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, po
     it, t = rec.it, rec.it.iteration
     selection = iteration_prompts(cfg.prompts, t, too_long=too_long_filter(cfg, policy))
     rec.record({f"prompts/{k}": v for k, v in selection.counts.items()})
+    log.info("%s", selection.summary(t, cfg.train.max_prompt_length))
     prompts, token_logps = selection.prompts, cfg.train.reference_logps == "sampler"
     with rec.stage("sampling", samples=it.samples):
         samples = engines.sample(rec.for_workers(policy), prompts, seed=cfg.sampling.seed + 1000 * t,
@@ -160,10 +162,15 @@ def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False
     checked: the caller ran `preflight` on output_dir already (the CLI does, before Ray starts)."""
     out = Path(cfg.output_dir).resolve()
     manifest = preflight(cfg, resume_from, force, SharedStorage.open(cfg.storage_uri, out), checked=checked)
-    return _run_iterations(cfg, manifest, resume_from)
+    placement = job_placement(cfg)  # every stage against the live cluster, before the first one
+    if placement.problems:
+        raise PlacementError("; ".join(placement.problems))
+    for note in placement.notes:
+        log.warning("placement: %s", note)
+    return _run_iterations(cfg, manifest, resume_from, placement.engine_mode)
 
 
-def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | None) -> list[Path]:
+def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | None, engine_mode: str) -> list[Path]:
     run = manifest.run  # the output directory, and the shared storage it is mirrored to
     tracker = Tracker(cfg.tracking.resolved_uri, cfg.tracking.experiment, run, cfg.tracking.system_metrics)
     tracker.start_parent(cfg.tracking.run_name or run.root.name, cfg.flat())
@@ -182,11 +189,12 @@ def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | No
     judge = cfg.judge.model_path or ""  # each judge actor resolves it on its node
     status = "FAILED"
     # One set of vLLM engines for the whole job: each iteration's stages load the policy they need.
-    engines = EnginePool(cfg.sampling, run_roles(cfg).sampling, cfg.policy.trust_remote_code)
+    engines = EnginePool(cfg.sampling.model_copy(update={"engine_mode": engine_mode}), run_roles(cfg).sampling,
+                         cfg.policy.trust_remote_code)
     try:
         for t in range(first, cfg.iterations + 1):
             log.info("=== iteration %d/%d: policy %s", t, cfg.iterations, policy)
-            with IterationRecord.open(tracker, manifest, run.iteration(t), cfg, policy) as rec:
+            with IterationRecord.open(tracker, manifest, run.iteration(t), cfg, policy, engines.mode) as rec:
                 policy = run_iteration(cfg, rec, engines, policy, judge, todo if t == first else STAGES)
             log.info("=== iteration %d done: %s", t, rec.summary())
         status = "FINISHED"
@@ -236,9 +244,10 @@ class IterationRecord:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, policy: str):
+    def open(cls, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, policy: str,
+             engine_mode: str):
         run_id = tracker.start_iteration(it.iteration, {**cfg.flat(), "iteration": it.iteration,
-                                                        "policy.input": policy})
+                                                        "policy.input": policy, "sampling.engine_mode_used": engine_mode})
         rec = cls(tracker, manifest, it, cfg, run_id)
         tracker.log_metrics(run_id, it.read_metrics())  # stages finished by an earlier attempt
         try:

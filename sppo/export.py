@@ -54,7 +54,8 @@ def export_iteration(output_dir: Path, iteration: int, target: Path) -> Path:
         raise ExportError(f"--to: {target} exists and is not an empty directory; nothing was overwritten")
 
     def fill(staging: Path) -> None:
-        shutil.copytree(it.checkpoint, staging, dirs_exist_ok=True)
+        # copyfile, not copy2: new files take the exporting user's umask, not the checkpoint's modes.
+        shutil.copytree(it.checkpoint, staging, copy_function=shutil.copyfile, dirs_exist_ok=True)
         if not (staging / CARD_FILE).exists():  # a checkpoint published before cards were written
             (staging / CARD_FILE).write_text(str(card_of(load_config(run.config_file), it)))
 

@@ -2,7 +2,8 @@
 
 A spec is one of: `tiny:<name>` (built from code into the cache, sppo/tiny), a storage URI
 (s3://..., gs://...: a checkpoint in a run's shared storage, downloaded into this node's cache),
-a local directory, or a Hugging Face hub id (loaded by transformers/vLLM where it is used).
+a local directory (a path from /, ./, ../ or ~, or a relative one that exists), or a Hugging Face
+hub id (`name` or `org/name`, loaded by transformers/vLLM where it is used).
 """
 
 from __future__ import annotations
@@ -19,21 +20,39 @@ from sppo.storage import StorageError, is_uri, publish_directory
 log = logging.getLogger("sppo.models")
 
 
+PATH_PREFIXES = ("/", "./", "../", "~")
+
+
 def is_local_path(spec: str) -> bool:
-    """A model spec that names a directory on this machine (not a storage URI, not tiny:)."""
-    return not (is_uri(spec) or spec.startswith("tiny:"))
+    """A model spec that names a path on this machine: written as one (/, ./, ../, ~), or a
+    relative path that exists here, as transformers and vLLM read it too (not a storage URI, a
+    tiny: model or a hub id)."""
+    if spec.startswith(PATH_PREFIXES):
+        return True
+    return not (is_uri(spec) or spec.startswith("tiny:")) and Path(spec).exists()
 
 
 def local_model_dir(spec: str) -> Path | None:
     """The directory a model spec names on this machine: a local path, or a tiny: model (built
     on first use); None for hub ids and storage URIs, which are fetched where they are used."""
-    if spec.startswith(("/", "./", "../", "~")):
+    if is_local_path(spec):
         return Path(spec).expanduser()
     if spec.startswith("tiny:"):
         from sppo.tiny import resolve_model
 
         return Path(resolve_model(spec))
     return None
+
+
+def is_hub_id(spec: str) -> bool:
+    """A well-formed hub model id (`name` or `org/name`), by the hub's own rules."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
 
 
 def local_model(spec: str) -> str:

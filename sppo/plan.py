@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from sppo.config import RunConfig
 from sppo.roles import Role, run_roles
@@ -141,6 +141,64 @@ def check_fit(plan: Sequence[StagePlan], nodes: Sequence[dict[str, float]]) -> l
     return problems
 
 
+class PlacementError(RuntimeError):
+    """A stage the cluster cannot hold, found before the first stage; nothing was published."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What a job does about the cluster it runs on, decided before its first stage.
+
+    engine_mode: the lifetime its engines run with, the configured one or `restart` where kept
+    engines would leave a later stage waiting for ever; notes: one log line per adaptation (the
+    fallback, stages left to the autoscaler); problems: non-empty, the job cannot run and refuses."""
+
+    engine_mode: str
+    notes: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+
+
+def _resources(nodes: Sequence[Mapping[str, float]]) -> str:
+    cpus, gpus = (sum(n.get(name, 0.0) for n in nodes) for name in ("CPU", "GPU"))
+    return f"{cpus:g} CPU, {gpus:g} GPU over {len(nodes)} node(s)"
+
+
+def decide_placement(cfg: RunConfig, nodes: Sequence[dict[str, float]],
+                     can_grow_to: Mapping[str, float] | None = None) -> Placement:
+    """The plan against the live cluster's nodes. can_grow_to: the CPU and GPU totals an autoscaler
+    may grow the cluster to (None: it cannot grow). A stage that does not fit now but fits those
+    totals waits for the autoscaler; kept engines that leave no room for a later stage are restarted
+    per sampling call instead (unless sampling.engine_fallback is false); anything else refuses."""
+    plan, mode = resource_plan(cfg), engine_mode(cfg.sampling)
+    if problems := config_problems(cfg):
+        return Placement(mode, problems=tuple(problems))
+    # An autoscaler's limits are totals, not node shapes: checked as one node of that size, as
+    # Ray Train checks its worker group against them.
+    grown = [dict(can_grow_to)] if can_grow_to is not None else None
+    target = grown or nodes
+    if check_fit(plan, nodes) and grown is not None and not check_fit(plan, grown):
+        return Placement(mode, notes=(f"the plan does not fit the cluster as it is ({_resources(nodes)}), but its "
+                                      f"autoscaler can grow it to {_resources(grown).rsplit(' over', 1)[0]}: stages "
+                                      f"wait for nodes up to timeouts.placement_s={cfg.timeouts.placement_s:g} s",))
+    if not check_fit(plan, target):
+        return Placement(mode)
+    if problems := check_fit([replace(stage, kept=False) for stage in plan], target):
+        return Placement(mode, problems=tuple(problems))  # a stage that does not fit even alone
+    # Each stage fits alone: the kept engines (the only kept role) leave no room beside a later one.
+    kept = plan[0].role
+    crowded = [s.role for s in plan[1:] if check_fit([plan[0], s], target)]
+    beside = "; ".join(f"stage '{r.stage}' needs {r.count} x {r.cpus:g} CPU, {r.gpus:g} GPU" for r in crowded)
+    why = (f"the kept vLLM engines hold {kept.total_cpus:g} CPU, {kept.total_gpus:g} GPU "
+           f"({kept.fields['count']}, {kept.fields['CPU']}, {kept.fields['GPU']}); {beside}; the cluster has "
+           f"{_resources(target)}")
+    if not cfg.sampling.engine_fallback:
+        return Placement(mode, problems=(f"{why}, and sampling.engine_fallback=false forbids restarting them per "
+                                         "call: set sampling.engine_mode=restart, or add resources",))
+    return Placement("restart", notes=(f"{why}: the engines restart for each sampling call instead of staying "
+                                       f"(engine_mode restart, not {mode}; sampling.engine_fallback=false refuses "
+                                       "instead)",))
+
+
 def format_plan(cfg: RunConfig, plan: Sequence[StagePlan], nodes: Sequence[dict[str, float]] | None) -> str:
     lines = [f"Resource plan ({cfg.iterations} iteration(s); stages run in turn, each frees its resources"
              + (", but the vLLM engines stay for the whole job):" if plan[0].kept else "):")]
@@ -168,6 +226,29 @@ def format_plan(cfg: RunConfig, plan: Sequence[StagePlan], nodes: Sequence[dict[
 # ---------------------------------------------------------------- Ray shell
 
 
+def autoscaler_limits(nodes: Sequence[dict[str, float]]) -> dict[str, float] | None:
+    """The CPU and GPU totals the cluster's autoscaler (KubeRay, the cluster launcher) may grow it
+    to, when above what its nodes have now; None for a cluster that cannot grow."""
+    # Ray keeps the autoscaler's node types private; Ray Train checks its worker group against
+    # them the same way before placing it.
+    from ray._private.state import state
+
+    try:
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # no autoscaler has published a config: a fixed cluster
+        return None
+    limits = {name: float(limits.get(name, 0)) for name in ("CPU", "GPU")}
+    now = {name: sum(n.get(name, 0.0) for n in nodes) for name in ("CPU", "GPU")}
+    return limits if any(limits[name] > now[name] for name in limits) else None
+
+
+def job_placement(cfg: RunConfig) -> Placement:
+    """`decide_placement` against the cluster this job runs on."""
+    nodes = cluster_nodes()
+    return decide_placement(cfg, nodes, autoscaler_limits(nodes))
+
+
+
 def cluster_nodes() -> list[dict[str, float]]:
     """Resources of every alive node of the running cluster this process reaches: the one it is
     connected to, else RAY_ADDRESS or a local head. Never starts a cluster. Raises ConnectionError."""
@@ -190,21 +271,41 @@ def cluster_nodes() -> list[dict[str, float]]:
             ray.shutdown()
 
 
-def plan_main(cfg: RunConfig, node_specs: Sequence[str]) -> int:
+# --plan's exit statuses, documented in `python -m sppo.run --help` and docs/operations.md.
+FITS, DOES_NOT_FIT, BAD_INPUT, NOTHING_TO_CHECK = 0, 1, 2, 3
+
+
+def plan_main(cfg: RunConfig, node_specs: Sequence[str], unchecked: Sequence[str] = (), strict: bool = False) -> int:
     """`--plan`: print the plan, check it against --node specs or the running cluster; run nothing.
-    0 when it fits, 1 when it does not, 2 when there is nothing to check against."""
+    unchecked: the run's checks not made here (`sppo.preflight.check_run`), one line each; with
+    strict they count. Returns FITS; DOES_NOT_FIT; BAD_INPUT for a bad --node; NOTHING_TO_CHECK
+    with no cluster and no --node, or when it fits but strict and checks were not made here."""
     plan = resource_plan(cfg)
     try:
-        nodes = [node for spec in node_specs for node in parse_node(spec)] if node_specs else cluster_nodes()
-    except (ValueError, ConnectionError) as err:
+        nodes = [node for spec in node_specs for node in parse_node(spec)] if node_specs else None
+    except ValueError as err:
         print(format_plan(cfg, plan, None))
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
+    try:
+        nodes = nodes if nodes is not None else cluster_nodes()
+    except ConnectionError as err:
+        nodes, nothing = None, err
     print(format_plan(cfg, plan, nodes))
+    for line in unchecked:
+        print(f"not checked here: {line}")
+    if nodes is None:
+        print(f"error: {nothing}", file=sys.stderr)
+        return NOTHING_TO_CHECK
     problems = config_problems(cfg) + check_fit(plan, nodes)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
-        return 1
+        return DOES_NOT_FIT
     print("The plan fits: every stage can be placed.")
-    return 0
+    if strict and unchecked:
+        print(f"error: --strict: {len(unchecked)} check(s) above were not made here; run --plan where the "
+              "cluster's hub, tracking server and output directory answer (e.g. in a Ray job), or without --strict",
+              file=sys.stderr)
+        return NOTHING_TO_CHECK
+    return FITS

@@ -30,6 +30,64 @@ class PromptSelection:
 
     prompts: list[str]
     counts: dict[str, int] = field(default_factory=dict)
+    # For messages, not metrics: the iteration's split before the held-out, length and
+    # per_iteration filters, and the parts a pooled source was cut into (None: ready-made splits).
+    split_size: int = 0
+    num_splits: int | None = None
+
+    def _over_cap(self) -> int:
+        c = self.counts
+        return self.split_size - c.get("heldout_dropped", 0) - c.get("too_long_dropped", 0) - c["selected"]
+
+    def _unusable(self) -> list[tuple[int, str]]:
+        c = self.counts
+        duplicates = c["duplicates_dropped"]
+        return [(c["empty_dropped"], "empty"), (duplicates, _plural(duplicates, "duplicate"))]
+
+    def summary(self, iteration: int, max_prompt_length: int) -> str:
+        """The job log's line: how many prompts the iteration keeps, and why the others were left out."""
+        c = self.counts
+        # A pooled source's held-out set is taken before the cut; a ready split loses its own.
+        heldout = c["heldout"] if self.num_splits else c["heldout_dropped"]
+        left = _listed([(c.get("too_long_dropped", 0), _too_long(max_prompt_length)), *self._unusable(),
+                        (heldout, "held out"), (self._over_cap(), f"over prompts.per_iteration={c['selected']}")])
+        return f"iteration {iteration}: {c['selected']} prompts; " + (f"left out {left}" if left else "none left out")
+
+    def shortage(self, iteration: int, max_prompt_length: int) -> str:
+        """Where the source's prompts went, for the error when an iteration keeps too few."""
+        c = self.counts
+        dropped = _listed(self._unusable())
+        had = f"{c['source_rows']} prompts" + (f" ({dropped} dropped)" if dropped else "")
+        if self.num_splits:
+            pool = c["source_rows"] - c["empty_dropped"] - c["duplicates_dropped"] - c["heldout"]
+            size, extra = divmod(pool, self.num_splits)
+            cut = f"the other {pool} are cut into {self.num_splits} splits (prompts.num_splits) of {size}"
+            if extra:
+                cut += f" or {size + 1}, iteration {iteration}'s of {self.split_size}"
+            parts = [f"the source has {had}", f"the held-out set takes {c['heldout']} (prompts.eval_size)",
+                     cut if pool else f"none are left for the {self.num_splits} splits (prompts.num_splits)"]
+        else:
+            parts = [f"iteration {iteration}'s split has {had}"]
+            if c["heldout_dropped"]:
+                parts.append(f"{c['heldout_dropped']} of them are held out (prompts.eval_split)")
+        if c.get("too_long_dropped"):
+            parts.append(f"{c['too_long_dropped']} of iteration {iteration}'s are {_too_long(max_prompt_length)}")
+        if self._over_cap():
+            parts.append(f"prompts.per_iteration caps it at {c['selected']}")
+        return "; ".join(parts)
+
+
+def _listed(counted: list[tuple[int, str]]) -> str:
+    """'3 empty, 2 duplicates': the nonzero counts only."""
+    return ", ".join(f"{n} {what}" for n, what in counted if n)
+
+
+def _too_long(max_prompt_length: int) -> str:
+    return f"too long (> train.max_prompt_length={max_prompt_length} tokens)"
+
+
+def _plural(n: int, word: str) -> str:
+    return word if n == 1 else word + "s"
 
 
 def load_prompts(cfg: PromptsConfig, iteration: int | None = None, split: str | None = None) -> list[str]:
@@ -225,7 +283,7 @@ def iteration_prompts(cfg: PromptsConfig, iteration: int, too_long=None) -> Prom
     if too_long is not None:
         fitting = [p for p in kept if not too_long(p)]
         counts["too_long_dropped"] = len(kept) - len(fitting)
-        if not fitting:
+        if kept and not fitting:  # none left before the length filter: `PromptSelection.shortage` says why
             raise PromptSourceError(
                 f"prompts.source {cfg.source}: all {len(kept)} prompts of iteration {iteration} are longer "
                 "than train.max_prompt_length tokens"
@@ -234,7 +292,7 @@ def iteration_prompts(cfg: PromptsConfig, iteration: int, too_long=None) -> Prom
     selected = kept[: cfg.per_iteration] if cfg.per_iteration else kept
     counts["selected"] = len(selected)
     counts["heldout"] = len(heldout)
-    return PromptSelection(selected, counts)
+    return PromptSelection(selected, counts, len(split), None if _ready_splits(cfg) else cfg.num_splits)
 
 
 def prompt_length_filter(tokenizer, max_prompt_length: int):

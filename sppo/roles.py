@@ -11,11 +11,11 @@ this is the one place that reads them as resources.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from sppo.cluster import NodeWatch, wait_for_all
+from sppo.cluster import NodeWatch, PlacementWait, wait_for_all
 from sppo.config import JudgeConfig, RunConfig, SamplingConfig, TrainConfig
 
 JUDGE_NAMES = {"pairrm": "PairRM judge", "reward_model": "reward-model judge", "rule": "rule judge"}
@@ -39,6 +39,7 @@ class Role:
     fields: Mapping[str, str] = field(default_factory=dict)
     timeout_s: float | None = None
     node_lost_s: float | None = None
+    placement_s: float | None = None
 
     @property
     def total_cpus(self) -> float:
@@ -63,34 +64,65 @@ class Role:
     def node_watch(self) -> NodeWatch | None:
         return NodeWatch(self.stage, self.node_lost_s) if self.node_lost_s is not None else None
 
+    def actors_placement(self, actors: Sequence) -> PlacementWait:
+        """Watches the role's `actors` (handles) until Ray has placed them all."""
+        import ray
+
+        ready = [actor.__ray_ready__.remote() for actor in actors]
+
+        def pending() -> list[str]:
+            left = ray.wait(ready, num_returns=len(ready), timeout=0)[1] if ready else []
+            return [f"{len(left)} x {self.name} ({self.resources})"] if left else []
+
+        return PlacementWait(self.stage, pending, self.placement_s)
+
+    def group_placement(self) -> PlacementWait:
+        """Watches the placement group Ray Train makes for the role's workers until Ray has placed
+        it. Placement groups carry no owner: ours is the pending one of our workers' shape."""
+        import ray
+
+        shape = [{name: amount for name, amount in (("CPU", self.cpus), ("GPU", self.gpus)) if amount}] * self.count
+
+        def pending() -> list[str]:
+            waiting = any(group["state"] in ("PENDING", "RESCHEDULING") and list(group["bundles"].values()) == shape
+                          for group in ray.util.placement_group_table().values())
+            return [f"{self.count} x {self.name} ({self.resources})"] if waiting else []
+
+        return PlacementWait(self.stage, pending, self.placement_s)
+
     def wait(self, pending: Mapping[Any, Hashable], describe: Callable[[Hashable], str], *,
-             started: float | None = None, on_done: Callable[[Hashable, Any], None] | None = None) -> dict:
+             started: float | None = None, on_done: Callable[[Hashable, Any], None] | None = None,
+             placement: PlacementWait | None = None) -> dict:
         """The results of the role's actor calls (`pending`: object ref -> key), by key, within
-        timeout_s of `started` (time.monotonic(); default now), the stage's nodes watched; an
-        error names the culprit by describe(key) (`sppo.cluster.wait_for_all`)."""
+        timeout_s of `started` (time.monotonic(); default now), the stage's nodes watched (and its
+        actors' placement, `placement`); an error names the culprit by describe(key)
+        (`sppo.cluster.wait_for_all`)."""
         return wait_for_all(pending, stage=self.stage, describe=describe, timeout_s=self.timeout_s,
-                            started=started, watch=self.node_watch(), on_done=on_done)
+                            started=started, watch=self.node_watch(), on_done=on_done, placement=placement)
 
 
-def sampling_role(cfg: SamplingConfig, timeout_s: float | None = None, node_lost_s: float | None = None) -> Role:
+def sampling_role(cfg: SamplingConfig, timeout_s: float | None = None, node_lost_s: float | None = None,
+                  placement_s: float | None = None) -> Role:
     return Role(
         "sampling", "vLLM engine", cfg.num_engines, cfg.cpus_per_engine, cfg.gpus_per_engine, cfg.max_restarts,
         {"count": f"sampling.num_engines={cfg.num_engines}", "CPU": f"sampling.cpus_per_engine={cfg.cpus_per_engine:g}",
          "GPU": f"sampling.gpus_per_engine={cfg.gpus_per_engine:g}", "restarts": f"sampling.max_restarts={cfg.max_restarts}"},
-        timeout_s, node_lost_s,
+        timeout_s, node_lost_s, placement_s,
     )
 
 
-def judging_role(cfg: JudgeConfig, timeout_s: float | None = None, node_lost_s: float | None = None) -> Role:
+def judging_role(cfg: JudgeConfig, timeout_s: float | None = None, node_lost_s: float | None = None,
+                  placement_s: float | None = None) -> Role:
     return Role(
         "judging", JUDGE_NAMES[cfg.kind], 1, cfg.num_cpus, cfg.num_gpus, cfg.max_restarts,
         {"count": "judge", "CPU": f"judge.num_cpus={cfg.num_cpus:g}", "GPU": f"judge.num_gpus={cfg.num_gpus:g}",
          "restarts": f"judge.max_restarts={cfg.max_restarts}"},
-        timeout_s, node_lost_s,
+        timeout_s, node_lost_s, placement_s,
     )
 
 
-def training_role(cfg: TrainConfig, timeout_s: float | None = None, node_lost_s: float | None = None) -> Role:
+def training_role(cfg: TrainConfig, timeout_s: float | None = None, node_lost_s: float | None = None,
+                  placement_s: float | None = None) -> Role:
     """Ray Train's workers: train.cpus_per_worker CPUs each, and one GPU each with train.use_gpu;
     restarts are the whole group's (train.max_failures)."""
     return Role(
@@ -98,7 +130,7 @@ def training_role(cfg: TrainConfig, timeout_s: float | None = None, node_lost_s:
         cfg.max_failures,
         {"count": f"train.num_workers={cfg.num_workers}", "CPU": f"train.cpus_per_worker={cfg.cpus_per_worker:g}",
          "GPU": f"train.use_gpu={str(cfg.use_gpu).lower()}", "restarts": f"train.max_failures={cfg.max_failures}"},
-        timeout_s, node_lost_s,
+        timeout_s, node_lost_s, placement_s,
     )
 
 
@@ -111,6 +143,6 @@ class RunRoles(NamedTuple):
 def run_roles(cfg: RunConfig) -> RunRoles:
     """The job's roles in stage order, with the config's timeouts."""
     t = cfg.timeouts
-    return RunRoles(sampling_role(cfg.sampling, t.sampling_s, t.node_lost_s),
-                    judging_role(cfg.judge, t.judging_s, t.node_lost_s),
-                    training_role(cfg.train, t.training_s, t.node_lost_s))
+    return RunRoles(sampling_role(cfg.sampling, t.sampling_s, t.node_lost_s, t.placement_s),
+                    judging_role(cfg.judge, t.judging_s, t.node_lost_s, t.placement_s),
+                    training_role(cfg.train, t.training_s, t.node_lost_s, t.placement_s))

@@ -40,8 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; values are parsed as YAML)")
     parser.add_argument("--plan", action="store_true",
                         help="print each stage's resources (engines, judge, training workers), check them against "
-                        "the running cluster (or the --node descriptions) and exit without running anything: "
-                        "0 fits, 1 does not fit, 2 nothing to check against")
+                        "the running cluster (or the --node descriptions), run the run's checks, and exit "
+                        "without running or downloading anything. Checks that need what the cluster reaches "
+                        "(hub models and hf: datasets, the tracking server, the output directory) are made "
+                        "where they answer here, else printed as 'not checked here: ...'. Exit status: 0 fits; "
+                        "1 a stage does not fit; 2 bad input or a failed check; 3 nothing to check against "
+                        "(no running cluster and no --node) or, with --strict, a check not made here")
+    parser.add_argument("--strict", action="store_true",
+                        help="with --plan: a check not made here counts in the exit status (3)")
     parser.add_argument("--verbose", action="store_true",
                         help="stream the engines', judge's and trainers' third-party output (vLLM, DeepSpeed, "
                         "transformers) into the job's log too; by default it goes to sppo-third-party-<pid>.log "
@@ -77,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     from sppo.manifest import LineageError
     from sppo.preflight import PreflightError, check_run, preflight
 
+    if args.strict and not args.plan:
+        print("error: --strict: only with --plan", file=sys.stderr)
+        return 2
+    unchecked = []
     try:  # before any cluster or server is touched; --plan writes nothing
         if args.plan:
-            check_run(cfg, args.resume_from)
+            unchecked = check_run(cfg, args.resume_from, plan=True)
         else:
             preflight(cfg, args.resume_from, args.force)
     except (PreflightError, LineageError) as err:
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         from sppo.plan import plan_main
 
-        return plan_main(cfg, args.nodes)
+        return plan_main(cfg, args.nodes, [one_line(line) for line in unchecked], args.strict)
 
     lease = OutputLease.for_run(Path(cfg.output_dir), cfg.storage_uri, cfg.timeouts.lease_s)
     try:  # one job per output directory, before any Ray work
@@ -108,6 +118,7 @@ def run_job(cfg, resume_from: int | None, force: bool) -> int:
 
     from sppo.cluster import NodeLostError
     from sppo.controller import run_sppo
+    from sppo.plan import PlacementError
     from sppo.tracking import LARGE_ARTIFACT_ENV, answers, retry_env, run_links
 
     # Every MLflow client of the job (driver and training workers) retries for outage_limit_s;
@@ -123,6 +134,9 @@ def run_job(cfg, resume_from: int | None, force: bool) -> int:
     uri = cfg.tracking.resolved_uri
     try:
         checkpoints = run_sppo(cfg, resume_from=resume_from, force=force, checked=True)
+    except PlacementError as err:  # within seconds of the start, before anything is published
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
     except NodeLostError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1

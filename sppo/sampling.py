@@ -140,6 +140,8 @@ def engine_kwargs(model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_c
         kwargs["max_model_len"] = cfg.max_model_len
     if cfg.max_num_seqs is not None:  # else vLLM's default for the hardware
         kwargs["max_num_seqs"] = cfg.max_num_seqs
+    if cfg.enforce_eager:
+        kwargs["enforce_eager"] = True
     if sleep_mode:
         kwargs["enable_sleep_mode"] = True
     return kwargs
@@ -250,6 +252,12 @@ class VLLMEngine:
                          for cands in completions] if token_logps else [],
         )
 
+    def node_id(self) -> str:
+        """The Ray node this engine runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def close(self) -> None:
         """Stop the vLLM engine core. Killed without this, its processes leave their
         shared-memory queues (RAM-backed files of up to ~250 MB each) in /dev/shm."""
@@ -266,6 +274,8 @@ class EnginePool:
         self.cfg, self.mode, self._trust_remote_code = cfg, engine_mode(cfg), trust_remote_code
         self.role = role if role is not None else sampling_role(cfg)
         self._engines: list = []
+        self._placement = None  # the engines' placement, watched while a call waits on them
+        self._nodes: list[str] = []  # the node each kept engine runs on, once they answered
         self.starts = 0  # engine starts (Ray's restarts after a crash included) since the pool was made
 
     def __enter__(self) -> EnginePool:
@@ -284,6 +294,7 @@ class EnginePool:
         sampling_params_kwargs(self.cfg)  # fail on the driver, before any engine starts
         shards = [part for part in shard(prompts, self.role.count) if part]
         started = time.monotonic()
+        self._replace_engines_on_lost_nodes()
         idle = set(range(len(self._engines)))  # engines not busy with a request, safe to close
         try:
             if not self._engines:
@@ -302,13 +313,17 @@ class EnginePool:
                             result.num_generated_tokens, time.monotonic() - started)
 
             results = self.role.wait(
-                pending, started=started, on_done=shard_done,
+                pending, started=started, on_done=shard_done, placement=self._placement,
                 describe=lambda i: f"vLLM engine {i} (seed {seed + i}, {len(shards[i])} prompts, model {policy})")
         except BaseException:
             self._stop(idle)
             raise
         if self.mode == "restart":
             self.close()
+        elif not self._nodes:
+            import ray
+
+            self._nodes = ray.get([engine.node_id.remote() for engine in self._engines])
         samples = Samples.concat([results[i] for i in range(len(shards))])
         self.starts += samples.engine_starts
         if samples.weights_load_s > 0:
@@ -326,6 +341,19 @@ class EnginePool:
     def close(self) -> None:
         self._stop(set(range(len(self._engines))))
 
+    def _replace_engines_on_lost_nodes(self) -> None:
+        """Kept engines on a node that left the cluster since the last call are stopped, so that
+        this call starts new ones on the nodes left instead of waiting on Ray's restart of them."""
+        import ray
+
+        if not self._nodes:
+            return
+        lost = set(self._nodes) - {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        if lost:
+            logger.warning("sampling: Ray node(s) %s left the cluster since the last call; starting new vLLM "
+                           "engine(s) on the nodes left", ", ".join(sorted(lost)))
+            self._stop({i for i, node in enumerate(self._nodes) if node not in lost})
+
     def _start(self, policy: str, count: int) -> None:
         import ray
 
@@ -337,6 +365,7 @@ class EnginePool:
         count = count if self.mode == "restart" else self.role.count
         self._engines = [engine_cls.remote(policy, self.cfg, self._trust_remote_code, self.mode == "sleep")
                          for _ in range(count)]
+        self._placement = self.role.actors_placement(self._engines)
         logger.info("sampling: starting %d vLLM engine(s) on %s (engine_mode %s, dtype %s)", count, policy,
                     self.mode, self.cfg.dtype)
 
@@ -345,7 +374,7 @@ class EnginePool:
         (timeout, driver interrupted) would only answer after its request, so it is killed as is."""
         import ray
 
-        engines, self._engines = self._engines, []
+        engines, self._engines, self._nodes, self._placement = self._engines, [], [], None
         if not engines:
             return
         closing = [engines[i].close.remote() for i in sorted(idle)]

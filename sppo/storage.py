@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,8 +28,9 @@ def write_then_replace(path: Path, write) -> None:
     """Publish `path` whole or not at all: `write(tmp)` fills a temporary sibling, which is then
     renamed over `path`; on any failure the sibling is removed and `path` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    # Not mkstemp: its 0600 would be the published file's mode. This one gets the umask's, as any new file.
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -49,11 +49,14 @@ def publish_directory(target: Path, fill, *, keep_existing: bool = False) -> Non
     one is in place, or, with keep_existing, kept instead (a concurrent publisher of the same
     content won). On any failure the sibling is removed and target is as it was."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    # Not mkdtemp (0700): the umask's mode, as any new directory, kept whatever fill does to it.
+    staging = target.parent / f".{target.name}.staging-{uuid.uuid4().hex}"
+    staging.mkdir(0o777)
     aside = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
     try:
+        mode = staging.stat().st_mode & 0o7777
         fill(staging)
-        staging.chmod(0o755)  # mkdtemp makes it 0700
+        staging.chmod(mode)  # copytree's copystat, for one, would give it the source's
         if target.exists() and not keep_existing:
             target.rename(aside)
         try:
@@ -66,6 +69,25 @@ def publish_directory(target: Path, fill, *, keep_existing: bool = False) -> Non
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file that a library wrote through an owner-only temporary (safetensors does) the mode
+    any new file gets: 0666 less the umask."""
+    path.chmod(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    # Linux shows it; os.umask reads it only by setting it, which races with other threads' writes.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -70,9 +70,21 @@ def check_reachable(uri: str, attempts: int = 3, timeout_s: float = 5.0) -> None
             return  # it answered (an auth proxy may refuse /health)
         except OSError as err:
             error = err
-            time.sleep(1.0 + attempt)
+            if attempt + 1 < attempts:
+                time.sleep(1.0 + attempt)
     raise RuntimeError(f"MLflow tracking server {uri} is not reachable (MLFLOW_TRACKING_URI / "
                        f"tracking.tracking_uri): {error}")
+
+
+def tracked_elsewhere(run_file: Path, record: Mapping[str, Any], uri: str) -> str | None:
+    """Why an output directory whose run.json records another tracking URI cannot be tracked at
+    `uri`: its parent run is on that server. None when it records this one (or, hand-made, none)."""
+    recorded = record.get("tracking_uri")
+    if recorded is None or recorded == uri:
+        return None
+    return (f"{run_file}: this output directory was tracked at {redact('uri', recorded)}, not "
+            f"{redact('uri', uri)}; use that tracking URI (MLFLOW_TRACKING_URI or tracking.tracking_uri) "
+            "or another --output-dir")
 
 
 def answers(uri: str) -> bool:
@@ -150,11 +162,8 @@ class Tracker:
         record = self.run.run_file
         if record.exists():
             saved = json.loads(record.read_text())
-            if saved.get("tracking_uri") != self.uri:
-                raise RuntimeError(
-                    f"{record}: this output directory was tracked at {saved.get('tracking_uri')}, "
-                    f"not {self.uri}; use that tracking URI or a new --output-dir"
-                )
+            if problem := tracked_elsewhere(record, saved, self.uri):  # preflight refuses it first
+                raise RuntimeError(problem)
             self.parent_id = saved["parent_run_id"]
             self.client.update_run(self.parent_id, status="RUNNING")
         else:

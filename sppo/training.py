@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sppo.cluster import POLL_S, NodeWatch
+from sppo.cluster import POLL_S, NodeWatch, PlacementWait
 from sppo.config import TrainConfig
 from sppo.losses import get_loss
 from sppo.models import is_local_path, local_model
@@ -90,9 +90,10 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- driver
 
 
-def _fit_watching_nodes(trainer, watch: NodeWatch):
-    """trainer.fit() in a thread while this one checks the nodes: a restarted worker group that
-    cannot be placed would otherwise wait for a lost node's resources until timeout_s."""
+def _fit_watching(trainer, placement: PlacementWait, watch: NodeWatch | None):
+    """trainer.fit() in a thread while this one checks the workers' placement (said every 30 s
+    while it waits, bounded by placement_s) and the nodes: a restarted worker group that cannot
+    be placed would otherwise wait for a lost node's resources until timeout_s."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -105,8 +106,10 @@ def _fit_watching_nodes(trainer, watch: NodeWatch):
     thread.start()
     while thread.is_alive():
         thread.join(POLL_S)
-        if thread.is_alive():
-            watch.check()  # raises; the job's end takes Ray Train's controller and workers with it
+        if thread.is_alive():  # these raise; the job's end takes Ray Train's controller and workers with it
+            placement.check()
+            if watch is not None:
+                watch.check()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
@@ -192,7 +195,7 @@ def train_policy(
     )
     watch = role.node_watch()
     try:
-        result = trainer.fit() if watch is None else _fit_watching_nodes(trainer, watch)
+        result = _fit_watching(trainer, role.group_placement(), watch)
     except TrainingFailedError as err:
         if watch is not None:  # the worker group failed past its restarts: because a node left?
             watch.explain(err)

@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 LANES = {
     "demo-stack": ("test_cluster_faults.py", "test_e2e.py", "test_faults.py", "test_objectives_e2e.py",
                    "test_ray_jobs.py"),
-    "local-ray-cluster": ("test_judging.py", "test_plan.py", "test_reward_judge.py", "test_sampling.py",
-                          "test_training.py"),
+    "local-ray-cluster": ("test_judging.py", "test_placement.py", "test_plan.py", "test_reward_judge.py",
+                          "test_sampling.py", "test_training.py"),
 }
 LANE_FIXTURES = {"demo": "demo-stack", "live_stack": "demo-stack", "ray_cluster": "local-ray-cluster"}
 _LANE_OF_FILE = {file: lane for lane, files in LANES.items() for file in files}
@@ -91,6 +91,14 @@ def tiny_pairrm_dir() -> str:
     from sppo.tiny import resolve_model
 
     return resolve_model("tiny:pairrm")
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask-022", "umask-077"])
+def umask(request):
+    """The process's umask set to each of a shared and a private one; published files must follow it."""
+    before = os.umask(request.param)
+    yield request.param
+    os.umask(before)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sppo.run import main
+from tests.fake_hub import fake_hub
 
 REPO = Path(__file__).resolve().parents[1]
 LONG = "word " * 400  # far over the tiny config's 96-token prompt limit
@@ -82,6 +83,25 @@ CASES = {
                             "top level must be a mapping"),
     "resume from 0": (lambda t, p: ["--resume-from", "0"], "--resume-from 0: must be between 1"),
     "resume without the checkpoint": (lambda t, p: ["--resume-from", "2"], "iteration 1's checkpoint"),
+    # config file contents: bytes, repeated keys, non-finite numbers
+    "config file not UTF-8": (
+        lambda t, p: ["--config", _write_bytes(t / "latin1.yaml", b"iterations: 3\n# caf\xe9\n")],
+        "latin1.yaml: not UTF-8 text (byte 0xe9 at line 2, column 6)"),
+    "key twice in a section": (
+        lambda t, p: ["--config", _write(t / "twice.yaml", _tiny_with("  eta: 30\n", after="train:"))],
+        "twice.yaml: key 'eta' is given twice in the same mapping, at line "),
+    "section twice": (lambda t, p: ["--config", _write(t / "twice.yaml", _tiny_with("sampling:\n  k: 3\n"))],
+                      "twice.yaml: key 'sampling' is given twice"),
+    "infinite eta": (lambda t, p: ["--set", "train.eta=.inf"], "train.eta: Input should be a finite number"),
+    "nan in a float of a mapping": (lambda t, p: ["--set", "judge.rule.weights={letters: .nan}"],
+                                    "judge.rule.weights.letters: Input should be a finite number"),
+    # where the prompts went, when an iteration keeps too few
+    "held-out set takes every prompt": (lambda t, p: _source(_jsonl(t / "p.jsonl", _prompts(12)))
+                                        + ["--set", "prompts.eval_size=12"],
+                                        "the held-out set takes 12 (prompts.eval_size); none are left for the 3 splits"),
+    "splits too small for one batch": (lambda t, p: _source(_jsonl(t / "p.jsonl", _prompts(60)))
+                                       + ["--set", "prompts.eval_size=0", "--set", "prompts.num_splits=20"],
+                                       "the other 60 are cut into 20 splits (prompts.num_splits) of 3"),
     # prompt files
     "jsonl line that is not json": (lambda t, p: _source(_write(t / "p.jsonl", '{"prompt": "a"}\n{"prompt": "b"\n')),
                                     "p.jsonl, line 2: not valid JSON"),
@@ -160,12 +180,34 @@ CASES = {
     "empty experiment name": (lambda t, p: ["--set", "tracking.experiment=''"], "tracking.experiment"),
     "registered model name MLflow refuses": (lambda t, p: ["--set", "tracking.register_model=team/sppo"],
                                              "tracking.register_model: Invalid model name 'team/sppo'"),
+    # an output directory tracked elsewhere; model specs that are neither a path here nor a hub id
+    "run record of another tracking server": (lambda t, p: _out(_state(t, "run.json", json.dumps(
+        {"parent_run_id": "0a1b", "experiment_id": "1", "tracking_uri": "http://127.0.0.1:5999"}))),
+        "run.json: this output directory was tracked at http://127.0.0.1:5999, not sqlite:///"),
+    "relative policy directory without ./": (lambda t, p: ["--set", "policy.path=sppo/tiny"],
+                                             "policy.path: sppo/tiny is not a readable model directory"),
+    "policy neither a path nor a hub id": (
+        lambda t, p: ["--set", "policy.path=no-such-dir/run/iter-1/checkpoint"],
+        "policy.path: 'no-such-dir/run/iter-1/checkpoint' is neither a path that exists here nor a Hugging Face"),
+    "judge neither a path nor a hub id": (lambda t, p: ["--set", "judge.kind=pairrm", "--set", "judge.path=my judge"],
+                                          "judge.path: 'my judge' is neither a path"),
+    "strict without plan": (lambda t, p: ["--strict"], "--strict: only with --plan"),
 }
 
 
 def _write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
+
+
+def _tiny_with(lines: str, after: str | None = None) -> str:
+    """configs/tiny.yaml with `lines` added after the line `after` (None: at the end)."""
+    text = (REPO / "configs" / "tiny.yaml").read_text()
+    if after is None:
+        return text + lines
+    head, sep, tail = text.partition(f"\n{after}\n")
+    assert sep, after
+    return head + sep + lines + tail
 
 
 def _write_bytes(path: Path, data: bytes) -> str:
@@ -251,6 +293,28 @@ def test_bad_input_is_one_line_before_anything_is_written(case, tmp_path, isolat
     assert expected in lines[0], lines[0]
     assert _snapshot(tmp_path) == before  # no output directory, no MLflow store, inputs untouched
     assert not isolated.exists()
+
+
+HUB_REFUSALS = {  # model spec (on the fake hub), token -> the error line contains
+    ("policy.path=org/missing", None): "policy.path: the Hugging Face hub has no model org/missing (or it is private",
+    ("policy.path=org/gated", None): "policy.path: org/gated is a gated model and no Hugging Face token is set here",
+    ("judge.path=org/gated", "hf_fake"): "judge.path: org/gated is a gated model and this token's account has not",
+}
+
+
+@pytest.mark.parametrize("spec, token", sorted(HUB_REFUSALS, key=str))
+def test_a_hub_model_the_hub_refuses_is_one_line(spec, token, tmp_path, tmp_path_factory, isolated, capsys,
+                                                 monkeypatch):
+    """Where the hub answers, its refusal is the run's, before anything is written; only its
+    access check is asked for, nothing is downloaded."""
+    judge = ["--set", "judge.kind=pairrm"] if spec.startswith("judge.") else []
+    before = _snapshot(tmp_path)
+    with fake_hub(monkeypatch, tmp_path_factory.mktemp("hf"), token) as asked:
+        code, lines = _run(["--config", "configs/tiny.yaml", "--output-dir", str(tmp_path / "out"), *judge,
+                            "--set", spec], capsys)
+    assert code == 2 and len(lines) == 1 and HUB_REFUSALS[spec, token] in lines[0], lines
+    assert f"/api/models/{spec.split('=')[1]}/auth-check" in asked and not any("/resolve/" in p for p in asked)
+    assert _snapshot(tmp_path) == before and not isolated.exists()
 
 
 def test_the_control_case_passes_every_check(tmp_path, isolated, capsys):

@@ -52,6 +52,39 @@ def test_malformed_yaml_names_the_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_key_given_twice_is_refused_at_any_depth(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("iterations: 3\njudge:\n  rule:\n    weights: {letters: 1.0}\n    keywords: [a]\n"
+                    "    weights: {letters: 2.0}\n")
+    with pytest.raises(ConfigError, match="twice.yaml: key 'weights' is given twice in the same mapping, "
+                                          "at line 4 and again at line 6"):
+        load_config(path)
+    path.write_text("iterations: 3\njudge:\n  rule:\n    weights: {letters: 1.0, letters: 2.0}\n")
+    with pytest.raises(ConfigError, match="key 'letters' is given twice .* line 4 and again at line 4"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="--set .*'keywords' appears twice"):
+        parse_override("judge.rule={keywords: [a], keywords: [b]}")
+    # Overriding what a merge key (`<<`) brings in is what it is for, not a repeated key.
+    path.write_text("sampling:\n  <<: {k: 3, top_p: 0.5}\n  k: 4\n")
+    assert (load_config(path).sampling.k, load_config(path).sampling.top_p) == (4, 0.5)
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("iterations: 3\ntracking:\n  experiment: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 at line 3, column 18\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_every_float_field_refuses_non_finite_values(value):
+    floats = [key for key, default in RunConfig().flat().items() if isinstance(default, float)]
+    assert "train.eta" in floats and "judge.rule.weights.letters" in floats and len(floats) > 15
+    for key in floats:
+        with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: Input should be a finite number"):
+            load_config(None, {key: value})
+
+
 def test_parse_override_parses_yaml_scalars():
     # YAML reads "1e-6" as a string; the typed config still gets a float.
     cfg = load_config(CONFIGS / "tiny.yaml", dict([parse_override("train.learning_rate=1e-6")]))

@@ -131,6 +131,19 @@ def test_export_copies_the_checkpoint_and_its_card_for_from_pretrained(run_dir, 
     assert [p.name for p in tmp_path.iterdir() if ".export-" in p.name] == []
 
 
+def test_the_card_and_the_export_follow_the_umask(umask, run_dir, tmp_path):
+    from sppo.export import export_iteration
+
+    checkpoint = RunDirectory(run_dir).iteration(1).checkpoint
+    assert (checkpoint / CARD_FILE).stat().st_mode & 0o777 == 0o666 & ~umask  # written by write_card
+    for path in checkpoint.iterdir():
+        path.chmod(0o600)  # a checkpoint from a private job: its modes are not the export's
+    target = export_iteration(run_dir, 1, tmp_path / "export")
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in target.iterdir()} == {
+        p.name: oct(0o666 & ~umask) for p in checkpoint.iterdir()}
+
+
 @pytest.mark.parametrize("case", ["unfinished", "missing checkpoint", "not a run", "target not empty",
                                   "offline hub", "no hub token"])
 def test_export_refuses_in_one_line_and_overwrites_nothing(run_dir, tmp_path, case):

@@ -11,8 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from sppo import plan
 from sppo.config import load_config
-from sppo.plan import check_fit, cluster_nodes, config_problems, parse_node, placeable, resource_plan
+from sppo.devtools.localstack import free_port
+from sppo.plan import (BAD_INPUT, DOES_NOT_FIT, FITS, NOTHING_TO_CHECK, check_fit, cluster_nodes, config_problems,
+                       parse_node, placeable, plan_main, resource_plan)
+from sppo.run import build_parser, main
+from tests.fake_hub import fake_hub
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCTION = sorted(p.name for p in (REPO / "configs").glob("*-sppo.yaml"))
@@ -103,8 +108,8 @@ def test_node_descriptions():
 
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:
-    """--plan runs the run's checks too: the production configs' hub datasets are not reachable
-    here, so they take the bundled prompts; the tracking store is a sqlite file never created."""
+    """--plan runs the run's checks too: on the bundled prompts, which it reads and counts (a hub
+    dataset it lists as not checked); the tracking store is a sqlite file never created."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tempfile.gettempdir()}/sppo-plan-unused.db"}
     return subprocess.run([sys.executable, "-m", "sppo.run", "--plan", "--set", "prompts.source=builtin:tiny", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
@@ -123,6 +128,74 @@ def test_cli_prints_the_plan_and_exits_by_fit(tmp_path):
     bad = run_plan("--config", "configs/tiny.yaml", "--node", "GPU=lots")
     assert bad.returncode == 2 and "--node 'GPU=lots'" in bad.stderr
     assert not out.exists()  # --plan runs nothing and writes nothing
+
+
+def test_exit_statuses_by_fit_input_and_what_was_checked(monkeypatch, capsys):
+    def no_cluster():
+        raise ConnectionError("no running Ray cluster to check the plan against")
+
+    monkeypatch.setattr(plan, "cluster_nodes", no_cluster)
+    cfg = config("tiny.yaml")
+    assert plan_main(cfg, []) == NOTHING_TO_CHECK == 3
+    assert plan_main(cfg, ["CPU=3"]) == FITS == 0
+    assert plan_main(cfg, ["CPU=3"], ["output_dir: /shared/x is not on this machine"]) == FITS
+    assert plan_main(cfg, ["CPU=3"], ["output_dir: /shared/x is not on this machine"], strict=True) == NOTHING_TO_CHECK
+    assert plan_main(cfg, ["CPU=1"], ["output_dir: /shared/x is not on this machine"], strict=True) == DOES_NOT_FIT
+    assert plan_main(cfg, ["CPU=lots"]) == BAD_INPUT == 2
+    assert capsys.readouterr().out.count("not checked here: output_dir: /shared/x") == 3
+    documented = " ".join(build_parser().format_help().split())
+    assert "0 fits; 1 a stage does not fit; 2 bad input or a failed check; 3 nothing to check against" in documented
+
+
+def test_off_the_cluster_it_plans_and_names_each_check_only_the_cluster_can_make(tmp_path):
+    """The production config where neither the hub (a real connection error), its tracking server
+    nor its output directory answer: the plan, one line per check not made, nothing downloaded;
+    --strict counts them."""
+    absent = f"http://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT=absent, HF_HOME=str(tmp_path / "hf"), MLFLOW_TRACKING_URI=absent)
+    out = f"/sppo-plan-test-{os.getpid()}/run"  # no directory of it exists here
+    argv = [sys.executable, "-m", "sppo.run", "--plan", "--node", "1x CPU=96,GPU=8", "--config",
+            "configs/gemma-2-9b-it-sppo.yaml", "--output-dir", out, "--resume-from", "2"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "The plan fits" in done.stdout and "error" not in done.stderr
+    unchecked = [line for line in done.stdout.splitlines() if line.startswith("not checked here: ")]
+    assert len(unchecked) == 5, unchecked
+    for expected in (f"output_dir: {out} is not on this machine",
+                     "policy.path: google/gemma-2-9b-it on the Hugging Face hub",
+                     "judge.path: llm-blender/PairRM on the Hugging Face hub",
+                     "prompts.source hf:UCLA-AGI/data-mistral-7b-instruct-sppo-iter{t}: a Hugging Face hub dataset",
+                     f"MLFLOW_TRACKING_URI: MLflow tracking server {absent} is not reachable"):
+        assert sum(expected in line for line in unchecked) == 1, expected
+    assert "the hub does not answer here (ConnectError)" in unchecked[1]
+    assert not any(path.is_file() for path in (tmp_path / "hf").rglob("*")) and not Path(out).parent.exists()
+
+    strict = subprocess.run([*argv, "--strict"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**env, "HF_HUB_OFFLINE": "1"})
+    assert strict.returncode == NOTHING_TO_CHECK, strict.stdout + strict.stderr
+    assert "policy.path: google/gemma-2-9b-it on the Hugging Face hub (http" in strict.stdout
+    assert "HF_HUB_OFFLINE is set here" in strict.stdout
+    assert [line for line in strict.stderr.splitlines() if line.startswith("error:")] == [
+        "error: --strict: 5 check(s) above were not made here; run --plan where the cluster's hub, tracking "
+        "server and output directory answer (e.g. in a Ray job), or without --strict"]
+
+
+def test_where_the_hub_answers_the_plan_checks_the_model(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/never-created.db")
+    monkeypatch.chdir(REPO)
+    argv = ["--plan", "--config", "configs/tiny.yaml", "--node", "CPU=3", "--output-dir", str(tmp_path / "out")]
+    with fake_hub(monkeypatch, tmp_path_factory.mktemp("hf")) as asked:
+        assert main([*argv, "--set", "policy.path=org/found"]) == FITS
+        assert "not checked here" not in capsys.readouterr().out
+        assert main([*argv, "--set", "policy.path=org/broken"]) == FITS
+        assert "not checked here: policy.path: org/broken on the Hugging Face hub" in capsys.readouterr().out
+        assert main([*argv, "--strict", "--set", "policy.path=org/broken"]) == NOTHING_TO_CHECK
+        assert main([*argv, "--set", "policy.path=org/missing"]) == BAD_INPUT
+        assert "policy.path: the Hugging Face hub has no model org/missing" in capsys.readouterr().err
+    assert [p for p in asked if p.startswith("/api/models/")] == [
+        f"/api/models/org/{name}/auth-check" for name in ("found", "broken", "broken", "missing")]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "never-created.db").exists()
 
 
 @pytest.mark.slow

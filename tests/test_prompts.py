@@ -142,3 +142,44 @@ def test_heldout_prompts_are_length_filtered_like_training_prompts():
     assert filtered == [p for p in plain if len(p) <= 60] and 0 < len(filtered) < len(plain)
     with pytest.raises(PromptSourceError, match="all 40 held-out prompts"):
         heldout_prompts(cfg, too_long=lambda prompt: True)
+
+
+def _jsonl_source(path, prompts: list[str]) -> str:
+    path.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts))
+    return str(path)
+
+
+def test_the_log_line_names_each_reason_prompts_were_left_out(tmp_path):
+    long = ["x" * 80, "y" * 80]
+    prompts = [f"prompt {i}" for i in range(40)] + long + ["prompt 3", "prompt 4", "prompt 4", " "]
+    cfg = PromptsConfig(source=_jsonl_source(tmp_path / "p.jsonl", prompts), num_splits=1, eval_size=6,
+                        per_iteration=10)
+    selection = iteration_prompts(cfg, 1, too_long=lambda p: len(p) > 60)
+    too_long = len(set(long) - set(heldout_prompts(cfg)))  # 42 distinct, 6 held out, 36 in the split
+    assert selection.summary(1, 96) == (
+        f"iteration 1: 10 prompts; left out {too_long} too long (> train.max_prompt_length=96 tokens), 1 empty, "
+        f"3 duplicates, 6 held out, {36 - too_long - 10} over prompts.per_iteration=10")
+    plain = iteration_prompts(PromptsConfig(source=cfg.source, num_splits=1), 1)
+    assert plain.summary(1, 96) == "iteration 1: 42 prompts; left out 1 empty, 3 duplicates"
+    assert iteration_prompts(PromptsConfig(eval_size=0), 1).summary(1, 96).endswith("; none left out")
+
+
+def test_ready_splits_log_only_their_own_held_out_prompts(tmp_path):
+    _save_dataset(tmp_path / "ds", {"train_iteration_1": [{"prompt": p} for p in ["a", "b", "shared", "b"]],
+                                    "test": [{"prompt": p} for p in ["shared", "z", "y"]]})
+    cfg = PromptsConfig(source=str(tmp_path / "ds"), split="train_iteration_{t}", eval_split="test")
+    assert iteration_prompts(cfg, 1).summary(1, 96) == "iteration 1: 2 prompts; left out 1 duplicate, 1 held out"
+    assert iteration_prompts(cfg, 1).shortage(1, 96) == (
+        "iteration 1's split has 4 prompts (1 duplicate dropped); 1 of them are held out (prompts.eval_split)")
+
+
+def test_an_iteration_left_empty_by_the_held_out_set_is_not_blamed_on_length(tmp_path):
+    cfg = PromptsConfig(source=_jsonl_source(tmp_path / "p.jsonl", [f"q{i}" for i in range(12)]), eval_size=12)
+    selection = iteration_prompts(cfg, 1, too_long=lambda p: False)  # once: "all 0 prompts ... are longer"
+    assert selection.prompts == []
+    assert selection.shortage(1, 96) == ("the source has 12 prompts; the held-out set takes 12 (prompts.eval_size); "
+                                         "none are left for the 3 splits (prompts.num_splits)")
+    small = PromptsConfig(source=cfg.source, num_splits=5, per_iteration=1)
+    assert iteration_prompts(small, 1, too_long=lambda p: p == "q0").shortage(1, 64).startswith(
+        "the source has 12 prompts; the held-out set takes 0 (prompts.eval_size); the other 12 are cut into 5 "
+        "splits (prompts.num_splits) of 2 or 3, iteration 1's of 3; ")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sppo.run_directory import RunDirectory
 from sppo.storage import publish_directory
 
 
@@ -25,7 +26,6 @@ def test_a_directory_replaces_an_earlier_one_whole(tmp_path):
     publish_directory(target, _fill("two"))
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "sub"]  # replaced, never merged
     assert (target / "sub" / "weights").read_text() == "twotwotwo"
-    assert oct(target.stat().st_mode & 0o777) == "0o755"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
 
 
@@ -53,3 +53,35 @@ def test_with_keep_existing_a_concurrent_publishers_directory_stays(tmp_path):
     publish_directory(target, late, keep_existing=True)
     assert (target / "config.json").read_text() == "theirs"
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-policy"]
+
+
+def test_published_files_follow_the_umask(umask, tmp_path, tiny_policy_dir):
+    """A checkpoint as rank 0 publishes it (safetensors shards, model files, the policy's tokenizer
+    files), then its card and a stage's rows: 0644 under umask 022, 0600 under 077, like any write,
+    not the owner-only mode of a temporary file (mkstemp's, safetensors')."""
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sppo.checkpoint import _save_shard, _write_model_files
+
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_policy_dir, policy)
+    for path in policy.iterdir():
+        path.chmod(0o600)  # its own files' modes are not the checkpoint's
+    engine = SimpleNamespace(module=AutoModelForCausalLM.from_pretrained(policy))
+    run = RunDirectory(tmp_path / "run")
+    it = run.iteration(1)
+
+    def fill(staging: Path) -> None:
+        _save_shard({"weight": torch.zeros(2)}, staging / "model.safetensors")
+        _write_model_files(engine, str(policy), staging, [["weight"]], 8, torch.float32)
+
+    publish_directory(it.checkpoint, fill)
+    run.write_text(it.checkpoint / "README.md", "card")
+    run.write_rows(it.samples, [{"prompt": "p"}])
+    published = {p.name: oct(p.stat().st_mode & 0o777) for p in [it.checkpoint, *it.checkpoint.iterdir(), it.samples]}
+    assert {"model.safetensors", "config.json", "tokenizer_config.json", "README.md"} <= set(published)
+    assert published == {name: oct((0o777 if name == "checkpoint" else 0o666) & ~umask) for name in published}

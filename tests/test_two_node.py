@@ -228,3 +228,33 @@ def test_a_lost_node_fails_the_stage_naming_it_and_a_resubmission_continues(two_
     again = submit(stack, out, *LOST_NODE_ARGS, job_env=JOB_ENV)
     assert "SPPO finished" in again.stdout
     assert_one_finished_iteration_and_nothing_redone(stack, out, published)
+
+
+@pytest.mark.cluster_faults
+def test_a_lost_judge_node_fails_judging_naming_it_and_a_resubmission_continues(two_node_stack, tmp_path):
+    """The judge on a worker node that is SIGKILLed, raylet and all, while the judge starts or
+    judges. The judge needs 3 CPUs, which only that node (joined for this test) declares, so Ray
+    cannot restart it elsewhere: judging fails timeouts.node_lost_s after Ray notices, naming
+    the node. With a new such node, a re-submission keeps the samples and finishes."""
+    stack = two_node_stack
+    judge_cpus = NODE_CPUS + 1
+    stack.add_worker_node(num_cpus=judge_cpus)
+    out = tmp_path / "run"
+    args = (*LOST_NODE_ARGS, "--set", "judge.kind=pairrm", "--set", "judge.path=tiny:pairrm",
+            "--set", f"judge.num_cpus={judge_cpus}", "--set", "train.epochs=1")
+    cmd, env = submit_command(stack, out, *args, job_env=JOB_ENV)
+    job = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_titled([p.pid for p in _worker_node_processes(stack)], "ray::PairRMJudgeActor",
+                        lambda: job.poll() is None)
+        _lose_the_worker_node(stack, job, "judging")
+    finally:
+        if job.poll() is None:
+            job.kill()
+    published = json.loads((out / "manifest.json").read_text())["iterations"]["1"]["stages"]
+    assert set(published) == {"sampling"}
+
+    stack.add_worker_node(num_cpus=judge_cpus)
+    again = submit(stack, out, *args, job_env=JOB_ENV)
+    assert "SPPO finished" in again.stdout and "iteration 1: continuing at judging" in again.stdout
+    assert json.loads((out / "manifest.json").read_text())["iterations"]["1"]["stages"]["sampling"] == published["sampling"]

@@ -35,6 +35,7 @@ def judge_in_actor(judge_cls: type, model_dir: str, prompts: list[str], candidat
     judge = ray.remote(judge_cls).options(**role.actor_options()).remote(model_dir, cfg)
     try:
         (matrices,) = role.wait({judge.win_matrices.remote(prompts, candidates): role.name}, started=start,
+                                placement=role.actors_placement([judge]),
                                 describe=lambda _: f"the {role.name} ({role.resources}; {work})").values()
     finally:
         ray.kill(judge)
