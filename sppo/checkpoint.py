@@ -5,12 +5,17 @@ with the policy's tokenizer and chat template, and published atomically (locally
 
 Rank 0 holds at most one shard of the gathered model at a time (`SHARD_BYTES`), never the whole
 model: a 9B policy in bf16 is 18 GB, on top of what ZeRO-3 already keeps on each rank.
+
+A policy trained as a LoRA adapter (train.lora) is published merged, as the same full checkpoint
+(the base model's names, no adapter tensors), so everything that loads checkpoints loads it; the
+adapter alone is beside it in `adapter/` (peft's adapter_config.json + adapter_model.safetensors).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +30,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 _MODEL_FILES = ("config.json", "generation_config.json")
 SHARD_BYTES = 2 * 2**30
 INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_DIR = "adapter"  # in a LoRA-trained checkpoint: the trained adapter alone
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def shard_plan(sizes: list[tuple[str, int]], limit: int) -> list[list[str]]:
@@ -51,11 +58,82 @@ def publish_checkpoint(engine, policy_dir: str, checkpoint_dir: str, dtype: torc
 
     Every rank takes part in the gathers; rank 0 writes each shard as it is gathered and
     publishes the directory (`publish_directory`), so checkpoint_dir is complete or absent, and an
-    earlier attempt's is replaced, never merged with.
+    earlier attempt's is replaced, never merged with. A peft model (train.lora) is merged first,
+    which leaves the engine's model merged and without its adapter: publish once, at the end.
     """
+    model = engine.module
+    peft = sys.modules.get("peft")  # not imported: no adapter to merge
+    if peft is None or not isinstance(model, peft.PeftModel):
+        _publish(model, policy_dir, checkpoint_dir, dtype)
+        return
+    # Saved by peft before the merge, which drops the adapter layers (peft would then save none).
+    with tempfile.TemporaryDirectory(prefix="sppo-adapter-") as adapter_dir:
+        failed = save_adapter(model, Path(adapter_dir))
+        merged = merge_adapter(model)
+
+        def add_adapter(staging: Path) -> None:
+            if failed is not None:  # raised only now: every gather is done
+                raise failed
+            (staging / ADAPTER_DIR).mkdir()
+            for source in Path(adapter_dir).iterdir():  # the umask's modes, not the temporary's
+                shutil.copyfile(source, staging / ADAPTER_DIR / source.name)
+            check_adapter(staging / ADAPTER_DIR)
+
+        _publish(merged, policy_dir, checkpoint_dir, dtype, add_adapter)
+
+
+def save_adapter(model, directory: Path) -> Exception | None:
+    """Gather the adapter's ZeRO-3 partitions (every rank) and, on rank 0, save it with peft into
+    `directory`. A failed write is returned, not raised, so that no rank is left in a gather."""
+    import deepspeed
     import torch.distributed as dist
 
-    params = dict(engine.module.named_parameters())
+    adapter = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    with deepspeed.zero.GatheredParameters(list(adapter.values()), modifier_rank=None):
+        # Handed to peft's save whole: its own state dict would take this rank's partitions.
+        state = {name: p.detach().to("cpu", copy=True) for name, p in adapter.items()} if dist.get_rank() == 0 else None
+    if state is None:
+        return None
+    try:
+        model.save_pretrained(str(directory), state_dict=state)
+    except Exception as err:
+        return err
+    return None
+
+
+def check_adapter(directory: Path) -> None:
+    """A saved adapter whose tensors are all whole matrices (ZeRO-3 saves of adapters have produced
+    empty ones: peft #2892)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(directory / ADAPTER_WEIGHTS)
+    empty = [name for name, t in tensors.items() if t.dim() != 2 or t.numel() == 0]
+    if not tensors or empty:
+        raise ValueError(f"the adapter saved in {directory} is empty or partial: {empty or 'no tensors'}")
+
+
+def merge_adapter(model):
+    """Every LoRA layer's adapter merged into its base weight under ZeRO-3 (peft's merge on the
+    gathered weights, rank 0's written back to the partitions); peft then drops the adapter
+    layers, leaving the base model, its names and its (ZeRO-3) parameters."""
+    import deepspeed
+    from peft.tuners.lora import LoraLayer
+
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            base = list(layer.get_base_layer().parameters())
+            adapter = [p for p in layer.parameters() if all(p is not b for b in base)]
+            with deepspeed.zero.GatheredParameters(adapter, modifier_rank=None), \
+                    deepspeed.zero.GatheredParameters(base, modifier_rank=0):
+                layer.merge()
+    return model.unload()
+
+
+def _publish(model, policy_dir: str, checkpoint_dir: str, dtype: torch.dtype,
+             write_extra: Callable[[Path], None] | None = None) -> None:
+    import torch.distributed as dist
+
+    params = dict(model.named_parameters())
     itemsize = torch.empty((), dtype=dtype).element_size()
     # ZeRO-3 leaves each rank a partition; ds_numel is the whole parameter's size.
     sizes = [(name, getattr(p, "ds_numel", p.numel()) * itemsize) for name, p in params.items()]
@@ -68,7 +146,9 @@ def publish_checkpoint(engine, policy_dir: str, checkpoint_dir: str, dtype: torc
         try:
             _gather_shards(params, shards, dtype,
                            write=lambda name, tensors: _save_shard(tensors, staging / name))
-            _write_model_files(engine, policy_dir, staging, shards, sum(size for _, size in sizes), dtype)
+            _write_model_files(model, policy_dir, staging, shards, sum(size for _, size in sizes), dtype)
+            if write_extra is not None:
+                write_extra(staging)
         except Exception as err:  # safetensors reports a full disk as its own error type
             raise OSError(f"writing the checkpoint for {checkpoint_dir} failed: {err}") from err
 
@@ -116,7 +196,7 @@ def _save_shard(tensors: dict, path: Path) -> None:
     follow_umask(path)  # safetensors leaves its temporary file's 0600
 
 
-def _write_model_files(engine, policy_dir: str, staging: Path, shards: list[list[str]], total_bytes: int,
+def _write_model_files(model, policy_dir: str, staging: Path, shards: list[list[str]], total_bytes: int,
                        dtype: torch.dtype) -> None:
     """Beside the shards: the index (more than one shard), config, generation config, and the
     policy's other files (tokenizer, chat template)."""
@@ -124,7 +204,6 @@ def _write_model_files(engine, policy_dir: str, staging: Path, shards: list[list
         weight_map = {name: shard_file(i, len(shards)) for i, names in enumerate(shards) for name in names}
         (staging / INDEX_FILE).write_text(json.dumps(
             {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
-    model = engine.module
     model.config.dtype = dtype
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(staging)

@@ -13,11 +13,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the field or file."""
+
+
+def without_unset(section: dict[str, Any], field: str) -> dict[str, Any]:
+    """A section's dump without an optional `field` left unset (None): a field added later stays
+    out of the config's record (config.yaml, MLflow params, the stage digests), so output
+    directories made before it existed keep their digests and nothing is redone."""
+    if section.get(field, False) is None:
+        del section[field]
+    return section
 
 
 class _Strict(BaseModel):
@@ -98,9 +107,11 @@ class SamplingConfig(_Strict):
 
 class RuleJudgeConfig(_Strict):
     # judge.kind "rule": score(y) = sum of weights[f] * f(y) over text features f in [0, 1]
-    # (letters: share of ASCII letters and spaces; keywords: share of words in `keywords`),
+    # (letters: share of ASCII letters and spaces; keywords: share of words in `keywords`;
+    # length: characters over 1000, capped at 1),
     # P_ij = sigmoid((s_i - s_j) / temperature). Deterministic, no model. See sppo/judging/rules.py.
-    weights: dict[Literal["letters", "keywords"], float] = Field(default_factory=lambda: {"letters": 1.0}, min_length=1)
+    weights: dict[Literal["letters", "keywords", "length"], float] = Field(default_factory=lambda: {"letters": 1.0},
+                                                                        min_length=1)
     keywords: list[str] = []
     temperature: float = Field(default=0.02, gt=0.0)
 
@@ -134,6 +145,42 @@ class JudgeConfig(_Strict):
     def model_path(self) -> str | None:
         """The judge model to load, or None for the rule judge, which has none (path unused)."""
         return None if self.kind == "rule" else self.path
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_NO_LORA_MODULES = frozenset({"lm_head", "embed_tokens", "embed_in", "embed_out", "wte", "wpe", "word_embeddings",
+                              "embeddings", "tok_embeddings", "shared"})
+
+
+class LoraConfig(_Strict):
+    """train.lora: train a peft LoRA adapter on the frozen policy instead of all its weights; the
+    checkpoint is published merged (a full model), with the adapter alone in its adapter/. docs/lora.md."""
+
+    # Only ranks vLLM serves (its max_lora_rank choices), so an adapter can be served as it is.
+    rank: int = 16
+    alpha: int = Field(default=32, ge=1)  # scaling alpha / rank; an int, as vLLM reads it
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Module names (suffixes) peft wraps; not lm_head or embeddings, whose adapters vLLM's
+    # log-prob path ignores (vLLM #51594), so vLLM's log-probs would not be the policy's.
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGET_MODULES), min_length=1)
+
+    @field_validator("rank")
+    @classmethod
+    def _served_rank(cls, rank: int) -> int:
+        if rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"{rank} is not a rank vLLM serves; one of {', '.join(map(str, VLLM_LORA_RANKS))}")
+        return rank
+
+    @field_validator("target_modules")
+    @classmethod
+    def _no_head_or_embeddings(cls, names: list[str]) -> list[str]:
+        refused = [name for name in names if name.rpartition(".")[2] in _NO_LORA_MODULES]
+        if refused:
+            raise ValueError(f"{refused}: no adapters on lm_head or embeddings (vLLM's log-probs ignore them)")
+        if len(set(names)) != len(names) or not all(name.strip() for name in names):
+            raise ValueError(f"{names}: give each module name once, none empty")
+        return names
 
 
 class TrainConfig(_Strict):
@@ -173,6 +220,13 @@ class TrainConfig(_Strict):
     # step: the same values at twice the weights' memory (the training benchmark's baseline).
     reference_logps: Literal["policy", "sampler", "online"] = "policy"
     seed: int = 42
+    # A LoRA adapter is trained instead of the full weights (None: full fine-tuning). `--set train.lora={}`
+    # takes the defaults of `LoraConfig`.
+    lora: LoraConfig | None = None
+
+    @model_serializer(mode="wrap")
+    def _unset_lora_left_out(self, handler) -> dict[str, Any]:
+        return without_unset(handler(self), "lora")
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "TrainConfig":
@@ -244,6 +298,14 @@ class EvalConfig(_Strict):
     bootstrap_samples: int = Field(default=1000, ge=1)
     confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
     seed: int = 0
+    # The judge that grades the held-out comparisons, with the fields of `judge`. Unset: the
+    # training judge. Another judge: both grade them, and each one's win rates are logged,
+    # eval/... by this one and eval/training_judge/... by the one that trained the policy.
+    judge: JudgeConfig | None = None
+
+    @model_serializer(mode="wrap")
+    def _unset_judge_left_out(self, handler) -> dict[str, Any]:
+        return without_unset(handler(self), "judge")
 
 
 class RunConfig(_Strict):

@@ -24,8 +24,8 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from sppo.config import RunConfig
-from sppo.evaluation import evaluate
 from sppo.devtools.faults import kill_point
+from sppo.evaluation import CHAMPION_ALIAS, choose_champion, evaluate, length_gain_warnings, length_notes
 from sppo.judging import JUDGES
 from sppo.manifest import STAGES, RunManifest
 from sppo.model_card import CARD_FILE, card_summary, registry_tags, write_card
@@ -61,7 +61,7 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, p
     else:  # trained by an earlier attempt: its per-step curve goes into this run too
         rec.tracker.log_history(rec.run_id, json.loads(it.train_history.read_text()))
     if "evaluation" in todo:
-        evaluation_stage(cfg, rec, engines, policy, judge)  # pi_{t+1} vs pi_t and pi_0
+        evaluation_stage(cfg, rec, engines, policy)  # pi_{t+1} vs pi_t and pi_0
     with rec.stage("tracking", card=it.checkpoint / CARD_FILE):
         rec.log_outputs()
     return str(it.checkpoint)
@@ -130,10 +130,14 @@ def train_stage(cfg: RunConfig, rec: "IterationRecord", policy: str) -> None:
                 **{f"time/training/{phase}_s": s for phase, s in result.timings.items()}})
 
 
+def policy_tokenizer(cfg: RunConfig, policy: str):
+    """The tokenizer of `policy` (a model directory, hub id or tiny: spec)."""
+    return AutoTokenizer.from_pretrained(local_model(policy), trust_remote_code=cfg.policy.trust_remote_code)
+
+
 def too_long_filter(cfg: RunConfig, policy: str):
     """Is a prompt, rendered with the policy's chat template, over train.max_prompt_length tokens?"""
-    tokenizer = AutoTokenizer.from_pretrained(local_model(policy), trust_remote_code=cfg.policy.trust_remote_code)
-    return prompt_length_filter(tokenizer, cfg.train.max_prompt_length)
+    return prompt_length_filter(policy_tokenizer(cfg, policy), cfg.train.max_prompt_length)
 
 
 def sampled_tokens(samples_path: Path) -> tuple[list, list]:
@@ -145,16 +149,20 @@ def sampled_tokens(samples_path: Path) -> tuple[list, list]:
     return _columns(sampled, "candidate_token_ids", "candidate_token_logps")
 
 
-def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: str, judge: str) -> None:
+def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: str) -> None:
     # The new policy against this iteration's input and the base, on prompts never trained on.
     it, t = rec.it, rec.it.iteration
-    heldout = heldout_prompts(cfg.prompts, too_long=too_long_filter(cfg, cfg.policy.path))
+    tokenizer = policy_tokenizer(cfg, cfg.policy.path)  # filters the prompts, and counts the answers' tokens
+    heldout = heldout_prompts(cfg.prompts, too_long=prompt_length_filter(tokenizer, cfg.train.max_prompt_length))
     if not heldout:  # no held-out prompts configured (or none fits): nothing to evaluate, and done
         rec.manifest.record_stage(t, "evaluation", cfg, {}, rec.run_id)
         return
     policies = {0: cfg.policy.path, t - 1: rec.for_workers(policy), t: rec.for_workers(str(it.checkpoint))}
     with rec.stage("evaluation", eval_judgments=it.eval_judgments):
-        rec.publish(it.eval_judgments, *evaluate(cfg, it.run, t, policies, judge, heldout, engines))
+        rows, metrics = evaluate(cfg, it.run, t, policies, heldout, engines, tokenizer)
+        rec.publish(it.eval_judgments, rows, metrics)
+    for note in length_notes(metrics) + length_gain_warnings(metrics):
+        log.warning("iteration %d: %s", t, note)
 
 
 def run_sppo(cfg: RunConfig, resume_from: int | None = None, force: bool = False, checked: bool = False) -> list[Path]:
@@ -294,14 +302,41 @@ class IterationRecord:
                 self.run_id, self.cfg.tracking.register_model, "checkpoint", description=card_summary(card),
                 tags=registry_tags(self.it.read_metrics()))
             self.record({"registry/model_version": float(version)})
-        # The parent run's per-iteration curves: step = iteration.
-        curves = {k: v for k, v in self.it.read_metrics().items() if k.startswith("eval/") or k == "train/final_loss"}
-        self.tracker.log_metrics(self.tracker.parent_id, curves, step=self.it.iteration)
+        self.crown_champion()
+        # The parent run's per-iteration curves (step = iteration), as the published cards compare
+        # iterations: the win rates, length-controlled first, with their intervals, pi_t's mean
+        # length and the final loss.
+        metrics = self.it.read_metrics()
+        curves = [f"eval/{rate}_{other}{bound}" for other in ("vs_base", "vs_prev")
+                  for rate in ("lc_win_rate", "win_rate") for bound in ("", "_ci_low", "_ci_high")]
+        curves += ["eval/mean_response_chars", "train/final_loss"]
+        self.tracker.log_metrics(self.tracker.parent_id, {k: metrics[k] for k in curves if k in metrics},
+                                 step=self.it.iteration)
+
+    def crown_champion(self) -> None:
+        """The run's champion so far (`choose_champion` over iterations 1..t), in the log and, with
+        tracking.register_model, as the registered model's alias `champion` on its version."""
+        t, model = self.it.iteration, self.cfg.tracking.register_model
+        metrics = {s: self.it.run.iteration(s).read_metrics() for s in range(1, t + 1)}
+        champion = choose_champion(metrics)
+        if not model:
+            log.info("iteration %d: champion: %s", t, champion.reason)
+            return
+        version = metrics[champion.iteration].get("registry/model_version") if champion.iteration else None
+        self.tracker.point_alias(model, CHAMPION_ALIAS, None if version is None else str(int(version)))
+        if version is not None:
+            where = f"{model} version {int(version)} is '{CHAMPION_ALIAS}'"
+        elif champion.iteration is not None:
+            where = f"iteration {champion.iteration} was not registered as a version of {model}"
+        else:
+            where = f"no version of {model} is this run's '{CHAMPION_ALIAS}'"
+        log.info("iteration %d: champion: %s: %s", t, where, champion.reason)
 
     def summary(self) -> str:
         m = self.it.read_metrics()
         keys = ["pairs/rows", "pairs/mean_chosen_win_prob", "pairs/mean_rejected_win_prob", "train/final_loss",
-                "eval/win_rate_vs_base", "eval/win_rate_vs_prev", "eval/mean_response_chars"]
+                "eval/lc_win_rate_vs_base", "eval/win_rate_vs_base", "eval/win_rate_vs_prev",
+                "eval/mean_response_chars"]
         parts = [f"{k}={m[k]:.4g}" for k in keys if k in m]
         parts += [f"{k[5:-2]}={v:.1f}s" for k, v in m.items() if k.startswith("time/")]
         return ", ".join(parts) + f"; checkpoint {self.it.checkpoint}"

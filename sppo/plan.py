@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from sppo.config import RunConfig
-from sppo.roles import Role, run_roles
+from sppo.roles import Role, eval_judging_role, own_eval_judge, run_roles
 from sppo.sampling import engine_mode
 # Floating-point slack when dividing capacities by fractional demands (e.g. 0.1 CPU).
 _EPS = 1e-9
@@ -40,12 +40,16 @@ def resource_plan(cfg: RunConfig) -> list[StagePlan]:
     """What each stage asks Ray for, in stage order: the roles the stages start their actors from."""
     s, j, t = cfg.sampling, cfg.judge, cfg.train
     sampling, judging, training = run_roles(cfg)
-    return [
+    plan = [
         StagePlan(sampling, f"tensor_parallel_size={s.tensor_parallel_size}, {s.dtype}, k={s.k}, "
                             f"engine_mode {engine_mode(s)}", kept=engine_mode(s) != "restart"),
         StagePlan(judging, f"batch_size={j.batch_size}"),
         StagePlan(training, f"global batch {t.global_batch_size}, {'bf16' if t.bf16 else 'fp32'}"),
     ]
+    # Evaluation's own judge (eval.judge) runs after the training judge has graded the same comparisons.
+    if (evaluating := eval_judging_role(cfg)) is not None:
+        plan.append(StagePlan(evaluating, f"eval.judge, batch_size={own_eval_judge(cfg).batch_size}"))
+    return plan
 
 
 def config_problems(cfg: RunConfig) -> list[str]:

@@ -12,7 +12,7 @@ still refuses. The job itself refuses all of them, except a hub that does not an
 offline cluster with the model in its cache): that is logged and the job goes on.
 
 Checks, in order: flags (--resume-from), model directories (config, safetensors headers,
-tokenizer, the policy's chat template), the judge's settings for its kind, the output
+tokenizer, the policy's chat template), the settings of the judge (and of eval.judge) for its kind, the output
 directory's state files (`manifest.json`, `run.json`: parsed, and the tracking URI the run
 was recorded at), every iteration's prompts and the
 held-out prompts (readable, strings, enough for one global batch after de-duplication,
@@ -31,11 +31,12 @@ import posixpath
 import tempfile
 from pathlib import Path
 
-from sppo.config import RunConfig
+from sppo.config import JudgeConfig, RunConfig
 from sppo.manifest import RunManifest
 from sppo.models import is_hub_id, is_local_path, local_model_dir
 from sppo.prompts import (HUB_PREFIX, PromptSourceError, dataset_responses, heldout_prompts, iteration_prompts,
                           prompt_length_filter)
+from sppo.roles import own_eval_judge
 from sppo.run_directory import MANIFEST_FILE, RUN_FILE, RunDirectory
 from sppo.storage import SharedStorage, StorageError, is_uri
 from sppo.tracking import check_reachable, tracked_elsewhere
@@ -84,12 +85,15 @@ def check_run(cfg: RunConfig, resume_from: int | None = None, plan: bool = False
     here = not plan or needs_cluster(check_output_dir_here, out)
     if resume_from is not None:
         check_resume(out, resume_from, cfg.iterations, checkpoint=here)
-    check_judge(cfg)
+    judges = {"judge": cfg.judge, **({"eval.judge": own} if (own := own_eval_judge(cfg)) is not None else {})}
+    for section, judge in judges.items():
+        check_judge(section, judge)
     tokenizer = check_model_dir("policy.path", cfg.policy.path, cfg.policy.trust_remote_code, chat_template=True)
     needs_cluster(check_hub_model, "policy.path", cfg.policy.path, job_refuses=False)
-    if cfg.judge.model_path is not None:
-        check_model_dir("judge.path", cfg.judge.model_path, cfg.judge.trust_remote_code)
-        needs_cluster(check_hub_model, "judge.path", cfg.judge.model_path, job_refuses=False)
+    for section, judge in judges.items():
+        if judge.model_path is not None:
+            check_model_dir(f"{section}.path", judge.model_path, judge.trust_remote_code)
+            needs_cluster(check_hub_model, f"{section}.path", judge.model_path, job_refuses=False)
     if here:
         check_state_files(out, cfg.tracking.resolved_uri)
     if plan and cfg.prompts.source.startswith(HUB_PREFIX):  # reading them would download the dataset
@@ -139,15 +143,16 @@ def check_resume(out: Path, resume_from: int, iterations: int, checkpoint: bool 
         )
 
 
-def check_judge(cfg: RunConfig) -> None:
-    """A judge.path that belongs to the other judge kind (the default path is PairRM's)."""
-    kind, path = cfg.judge.kind, cfg.judge.path
+def check_judge(section: str, judge: JudgeConfig) -> None:
+    """A judge's path that belongs to the other judge kind (the default path is PairRM's); section
+    names it in the config: judge, or eval.judge."""
+    kind, path = judge.kind, judge.path
     if kind == "reward_model" and path in PAIRRM_MODELS:
-        raise PreflightError(f"judge.path: judge.kind 'reward_model' needs a reward model (e.g. tiny:reward or "
-                             f"RLHFlow/ArmoRM-Llama3-8B-v0.1), but judge.path is the PairRM model {path!r}")
+        raise PreflightError(f"{section}.path: {section}.kind 'reward_model' needs a reward model (e.g. tiny:reward "
+                             f"or RLHFlow/ArmoRM-Llama3-8B-v0.1), but {section}.path is the PairRM model {path!r}")
     if kind == "pairrm" and path in REWARD_MODELS:
-        raise PreflightError(f"judge.path: judge.kind 'pairrm' needs a PairRM model (e.g. llm-blender/PairRM), "
-                             f"but judge.path is the reward model {path!r}; or set judge.kind: reward_model")
+        raise PreflightError(f"{section}.path: {section}.kind 'pairrm' needs a PairRM model (e.g. llm-blender/PairRM), "
+                             f"but {section}.path is the reward model {path!r}; or set {section}.kind: reward_model")
 
 
 def check_model_dir(field: str, spec: str, trust_remote_code: bool = False, chat_template: bool = False):

@@ -2,7 +2,8 @@
 the stage may wait on them.
 
 One `Role` per stage: the vLLM engines (sampling, and evaluation's samples), the judge (judging,
-and evaluation's matrices) and the ZeRO-3 workers (training). The stages start their actors
+and evaluation's matrices), the evaluation's own judge where eval.judge names another one, and
+the ZeRO-3 workers (training). The stages start their actors
 from it and wait on them through it (`Role.wait`: one deadline, the nodes watched, the culprit
 named); `--plan` (sppo/plan.py) checks the same roles against a cluster. The config keeps its
 fields per stage (`sampling.num_engines`, `judge.num_cpus`, `train.cpus_per_worker`, ...);
@@ -112,11 +113,12 @@ def sampling_role(cfg: SamplingConfig, timeout_s: float | None = None, node_lost
 
 
 def judging_role(cfg: JudgeConfig, timeout_s: float | None = None, node_lost_s: float | None = None,
-                  placement_s: float | None = None) -> Role:
+                  placement_s: float | None = None, stage: str = "judging", section: str = "judge") -> Role:
+    """The judge of `stage`, its config at `section` (eval.judge: the evaluation stage's own judge)."""
     return Role(
-        "judging", JUDGE_NAMES[cfg.kind], 1, cfg.num_cpus, cfg.num_gpus, cfg.max_restarts,
-        {"count": "judge", "CPU": f"judge.num_cpus={cfg.num_cpus:g}", "GPU": f"judge.num_gpus={cfg.num_gpus:g}",
-         "restarts": f"judge.max_restarts={cfg.max_restarts}"},
+        stage, JUDGE_NAMES[cfg.kind], 1, cfg.num_cpus, cfg.num_gpus, cfg.max_restarts,
+        {"count": section, "CPU": f"{section}.num_cpus={cfg.num_cpus:g}", "GPU": f"{section}.num_gpus={cfg.num_gpus:g}",
+         "restarts": f"{section}.max_restarts={cfg.max_restarts}"},
         timeout_s, node_lost_s, placement_s,
     )
 
@@ -132,6 +134,19 @@ def training_role(cfg: TrainConfig, timeout_s: float | None = None, node_lost_s:
          "GPU": f"train.use_gpu={str(cfg.use_gpu).lower()}", "restarts": f"train.max_failures={cfg.max_failures}"},
         timeout_s, node_lost_s, placement_s,
     )
+
+
+def own_eval_judge(cfg: RunConfig) -> JudgeConfig | None:
+    """eval.judge where it is another judge than the training one (evaluation then runs both), else None."""
+    return cfg.eval.judge if cfg.eval.judge is not None and cfg.eval.judge != cfg.judge else None
+
+
+def eval_judging_role(cfg: RunConfig) -> Role | None:
+    """The evaluation stage's own judge (`own_eval_judge`), with the judging timeouts; None without one."""
+    judge, t = own_eval_judge(cfg), cfg.timeouts
+    if judge is None:
+        return None
+    return judging_role(judge, t.judging_s, t.node_lost_s, t.placement_s, stage="evaluation", section="eval.judge")
 
 
 class RunRoles(NamedTuple):

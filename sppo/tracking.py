@@ -275,6 +275,19 @@ class Tracker:
         return self.client.create_model_version(model_name, source, run_id=run_id, tags=dict(tags or {}),
                                                 description=description or None).version
 
+    def point_alias(self, model_name: str, alias: str, version: str | None) -> None:
+        """Point registered model `model_name`'s `alias` at `version`. None takes the alias away
+        where it points at a version this job registered; one another job registered keeps it."""
+        if version is not None:
+            self.client.set_registered_model_alias(model_name, alias, version)
+            return
+        current = self.client.get_registered_model(model_name).aliases.get(alias)
+        if current is None:
+            return
+        source_run = self.client.get_run(self.client.get_model_version(model_name, current).run_id)
+        if source_run.data.tags.get(MLFLOW_PARENT_RUN_ID) == self.parent_id:
+            self.client.delete_registered_model_alias(model_name, alias)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         monitor = self._monitors.pop(run_id, None)
         if not self._answers(run_id):

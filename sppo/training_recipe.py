@@ -8,7 +8,11 @@ reference log-probs, the train loop, save. Where log pi_ref comes from (train.re
   pi_t), so no second copy is held;
 - sampler: the log-probs vLLM reported while pi_t sampled the responses: no reference pass;
 - online: the reference pipeline's way, a frozen second copy of pi_t under ZeRO-3 run forward
-  at every step (twice the weights held: the training benchmark's baseline).
+  at every step (twice the weights held: the training benchmark's baseline); with train.lora,
+  the same model with its adapter switched off (no second copy).
+
+With train.lora, pi_t loads frozen and a fresh peft LoRA adapter (B = 0: still exactly pi_t) is
+the only trainable state; the checkpoint is published merged, with the adapter in adapter/.
 
 Without any orchestrator, on the job's own config:
 
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sppo.checkpoint import publish_checkpoint
-from sppo.config import TrainConfig
+from sppo.config import LoraConfig, TrainConfig
 from sppo.losses import (
     LossParams,
     PairBatch,
@@ -65,7 +69,8 @@ class RecipeResult:
     # Per pairs-file row, [chosen, rejected] summed response log-probs under pi_t; none with 'online'.
     reference_logps: list[list[float]]
     # Evidence that ZeRO-3 sharded the weights: the largest parameter's full size, this rank's
-    # shard of it and what this rank still holds of it between forward passes.
+    # shard of it and what this rank still holds of it between forward passes; all parameters'
+    # size, and the trainable ones' (with train.lora, the adapter's) and this rank's shards of them.
     zero3_partition: dict[str, int]
     # Seconds per phase: setup (= data + model_load), reference_logps, train_steps, checkpoint_save.
     timings: dict[str, float]
@@ -108,17 +113,46 @@ def load_engine(policy_dir: str, cfg: TrainConfig, num_steps: int, trust_remote_
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=_train_dtype(cfg),
                                                  trust_remote_code=trust_remote_code)
+    # Also makes the embeddings' output require grad, so that checkpointed layers of a frozen base
+    # still pass gradients to their adapters (tests/test_lora.py).
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.lora is not None:
+        model = add_adapter(model, cfg.lora)
     warmup_steps = math.ceil(cfg.warmup_ratio * num_steps)
     engine, *_ = deepspeed.initialize(
         model=model,
-        optimizer=torch.optim.RMSprop(model.parameters(), lr=cfg.learning_rate),
+        # With an adapter, its parameters only: DeepSpeed keeps optimizer state for these alone.
+        optimizer=torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate),
         # Built on the optimizer DeepSpeed returns, which steps it at each accumulation boundary.
         lr_scheduler=lambda optimizer: get_linear_schedule_with_warmup(optimizer, warmup_steps, num_steps),
         config=ds_config,
     )
     return engine, hf_ds_config
+
+
+def add_adapter(model, lora: LoraConfig):
+    """`model` (pi_t, possibly ZeRO-3 partitioned) frozen under a fresh peft LoRA adapter, the only
+    trainable parameters. Its B matrices start at 0, so the model is exactly pi_t until a step."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    # Whatever their names: vLLM's log-probs ignore adapters on the LM head and embeddings.
+    embeddings = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    try:
+        # The adapter in the base's dtype: DeepSpeed keeps float32 masters itself under bf16.
+        model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    except ValueError as err:  # peft names the modules it did not find
+        raise ValueError(f"train.lora.target_modules: {err}") from err
+    wrapped = [name for name, module in model.named_modules()
+               if isinstance(module, BaseTunerLayer) and id(module.get_base_layer()) in embeddings]
+    if wrapped:
+        raise ValueError(f"train.lora.target_modules {lora.target_modules} wrap the LM head or embeddings "
+                         f"({', '.join(wrapped)}); vLLM's log-probs ignore adapters there")
+    return model
 
 
 def load_frozen_reference(policy_dir: str, cfg: TrainConfig, trust_remote_code: bool):
@@ -136,6 +170,21 @@ def load_frozen_reference(policy_dir: str, cfg: TrainConfig, trust_remote_code: 
 
 def _train_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.bf16 else torch.float32
+
+
+@torch.no_grad()
+def online_reference_logps(engine, frozen, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """train.reference_logps 'online': [B, 2] (chosen, rejected) log-probs under pi_t of this batch:
+    the frozen copy's, or with an adapter (no copy), the model's with the adapter switched off,
+    which is pi_t while the adapter starts fresh each iteration. In eval mode, as the other modes."""
+    if frozen is not None:
+        return torch.stack(pair_logps(frozen, batch)[:2], dim=1)
+    engine.eval()
+    try:
+        with engine.module.disable_adapter():
+            return torch.stack(pair_logps(engine, batch)[:2], dim=1)
+    finally:
+        engine.train()
 
 
 def pair_logps(
@@ -242,7 +291,7 @@ def train(
     engine, hf_ds_config = load_engine(policy_dir, cfg, num_steps, trust_remote_code)
     frozen = None
     try:
-        if cfg.reference_logps == "online":
+        if cfg.reference_logps == "online" and cfg.lora is None:
             frozen = load_frozen_reference(policy_dir, cfg, trust_remote_code)
         # The checkpoint is saved in the dtype the policy came in, whatever the training dtype.
         save_dtype = AutoConfig.from_pretrained(policy_dir, trust_remote_code=trust_remote_code).dtype or torch.float32
@@ -258,16 +307,24 @@ def train(
                                       device=device)
         engine.train()
         largest = max(engine.module.parameters(), key=lambda p: p.ds_numel)
+        trainable = [p for p in engine.module.parameters() if p.requires_grad]  # with train.lora, the adapter's
         partition = {
             "param_numel": int(largest.ds_numel),
             "local_numel": int(largest.ds_tensor.numel()),  # this rank's shard
             # After forward passes, only parameters ZeRO-3 keeps whole (persistent) are still held.
             "resident_numel": int(largest.data.numel()),
             "world_size": world_size,
+            "numel": sum(int(p.ds_numel) for p in engine.module.parameters()),
+            "trainable_numel": sum(int(p.ds_numel) for p in trainable),
+            "trainable_local_numel": sum(int(p.ds_tensor.numel()) for p in trainable),
         }
         if rank == 0:
             logger.info("reference log-probs of %d pairs (%s) in %.1fs", len(pairs), cfg.reference_logps,
                         time.monotonic() - loaded)
+            if cfg.lora is not None:
+                logger.info("LoRA rank %d: %d trainable parameters, %.2f%% of %d", cfg.lora.rank,
+                            partition["trainable_numel"], 100 * partition["trainable_numel"] / partition["numel"],
+                            partition["numel"])
         referenced = reported = time.monotonic()
 
         # The train loop: train.epochs seeded shuffles, cut at train.max_steps.
@@ -287,12 +344,12 @@ def train(
                                        f"(at step {step}/{num_steps})")
                 index = order[start : start + cfg.per_device_batch_size]
                 batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in index], pad_id).items()}
-                policy_chosen, policy_rejected, wpo_weights = pair_logps(engine, batch, wpo_weights=cfg.loss == "wpo")
-                if frozen is not None:
-                    with torch.no_grad():
-                        ref_rows = torch.stack(pair_logps(frozen, batch)[:2], dim=1)
+                # The reference first: with an adapter it is a forward pass of the engine itself.
+                if cfg.reference_logps == "online":
+                    ref_rows = online_reference_logps(engine, frozen, batch)
                 else:
                     ref_rows = ref[index].to(device)
+                policy_chosen, policy_rejected, wpo_weights = pair_logps(engine, batch, wpo_weights=cfg.loss == "wpo")
                 prob_rows = probs[index].to(device)
                 lengths = response_lengths(batch["loss_mask"])
                 losses = loss_fn(PairBatch(

@@ -163,6 +163,13 @@ CASES = {
                                           "judge.kind 'reward_model' needs a reward model"),
     "PairRM judge with a reward model": (lambda t, p: ["--set", "judge.kind=pairrm", "--set", "judge.path=tiny:reward"],
                                          "judge.kind 'pairrm' needs a PairRM model"),
+    "evaluation judge of an unknown kind": (lambda t, p: ["--set", "eval.judge.kind=gpt4"], "eval.judge.kind"),
+    "evaluation PairRM judge with a reward model": (
+        lambda t, p: ["--set", "eval.judge.kind=pairrm", "--set", "eval.judge.path=tiny:reward"],
+        "eval.judge.path: eval.judge.kind 'pairrm' needs a PairRM model"),
+    "evaluation judge directory missing": (
+        lambda t, p: ["--set", "eval.judge.kind=reward_model", "--set", f"eval.judge.path={t / 'nope'}"],
+        "eval.judge.path"),
     # the output directory's state
     "output directory is a file": (lambda t, p: _out(_write(t / "file", "x")), "is a file, not a directory"),
     "corrupt manifest": (lambda t, p: _out(_state(t, "manifest.json", "{oops")), "manifest.json: not readable JSON"),

@@ -115,6 +115,8 @@ def test_every_config_validates_and_its_resources_add_up(path):
         assert s.num_engines * s.gpus_per_engine == t.num_workers
         assert cfg.judge.num_gpus <= t.num_workers
     assert t.max_prompt_length < t.max_length
+    # Every run a user starts from a shipped config is evaluated on held-out prompts (docs/configs.md).
+    assert cfg.prompts.eval_size or cfg.prompts.eval_split
 
 
 @pytest.mark.parametrize("name", PRODUCTION)
@@ -126,7 +128,8 @@ def test_production_configs_carry_the_reference_values(name):
     assert (cfg.train.max_length, cfg.train.max_prompt_length) == (1024, 512)
     assert cfg.train.bf16 and cfg.train.use_gpu and cfg.train.gradient_checkpointing
     assert cfg.judge.path == "llm-blender/PairRM"
-    assert "{t}" in cfg.prompts.source + cfg.prompts.split
+    assert (cfg.prompts.source, cfg.prompts.split, cfg.prompts.eval_split) == (
+        "hf:snorkelai/Snorkel-Mistral-PairRM-DPO-Dataset", "train_iteration_{t}", "test_iteration_1")
 
 
 # The published Gemma-2-9B-It recipes of the preference-optimisation family (docs/objectives.md):

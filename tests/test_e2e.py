@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
+from sppo.evaluation import choose_champion
 from tests.live_stack import assert_no_secrets, nested_runs, rest, submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -108,12 +109,28 @@ def test_three_iterations_then_resume(demo, tmp_path):
         tags = {tag["key"]: tag["value"] for tag in version["tags"]}
         assert float(tags["win_rate_vs_base"]) == pytest.approx(vs_base[t - 1], abs=1e-4)
 
-    # iter-3's card lists iterations 1-3 with the run's values; the export loads as it is.
+    # Length control: every iteration logs its length-controlled win rates and both policies'
+    # lengths; the registered model's `champion` is the version of the iteration the rule picks,
+    # and the cards and the demo's report say which and why.
+    for t in (1, 2, 3):
+        assert {"eval/lc_win_rate_vs_base", "eval/lc_win_rate_vs_base_ci_low", "eval/lc_win_rate_vs_prev",
+                "eval/length_coef_vs_base", "eval/mean_response_tokens", "eval/base_mean_response_chars",
+                "eval/base_mean_response_tokens"} <= set(found[t])
+    champion = choose_champion(found)
+    assert champion_version(stack, "sppo-tiny") == (
+        by_run[runs[f"iter-{champion.iteration}"]["info"]["run_id"]]["version"] if champion.iteration else None)
+    assert f"champion: {champion.reason}" in demo.log and "LC win rate vs base [95% CI]" in demo.log
+
+    # iter-3's card lists iterations 1-3 with the run's values, the champion marked; the export loads as it is.
     card = ModelCard.load(output_dir / "iter-3" / "checkpoint" / "README.md")
     for t in (1, 2, 3):
-        assert f"| {t} | {vs_base[t - 1]:.3f} [" in card.text
+        row = next(line for line in card.text.splitlines() if line.startswith(f"| {t} "))
+        assert f"| {found[t]['eval/lc_win_rate_vs_base']:.3f} [" in row and f"| {vs_base[t - 1]:.3f} [" in row
+        assert row.startswith(f"| {t} (champion) |") == (t == champion.iteration)
+    assert champion.reason in card.text
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results["win_rate_vs_base"] == pytest.approx(vs_base[2], abs=1e-4)
+    assert results["lc_win_rate_vs_base"] == pytest.approx(found[3]["eval/lc_win_rate_vs_base"], abs=1e-4)
     assert card.data.base_model == "tiny:policy" and "- num_devices: 2" in card.text
     exported = subprocess.run([sys.executable, "-m", "sppo.export", "--output-dir", str(output_dir), "--iteration",
                                "3", "--to", str(tmp_path / "export")], capture_output=True, text=True, timeout=300)
@@ -135,6 +152,17 @@ def test_three_iterations_then_resume(demo, tmp_path):
     assert after["iter-2"]["info"]["run_id"] == runs["iter-2"]["info"]["run_id"]
     assert after["iter-3"]["info"]["run_id"] != runs["iter-3"]["info"]["run_id"]
     assert after["iter-3"]["info"]["status"] == "FINISHED"
+    # Iterations 1 and 2 keep their values; the redone iteration 3 has its own, and the champion
+    # alias follows the rule on them (iteration 3's old version no longer counts).
+    redone = {t: {m["key"]: m["value"] for m in after[f"iter-{t}"]["data"]["metrics"]} for t in (1, 2, 3)}
+    assert all(redone[t][key] == found[t][key] for t in (1, 2) for key in found[t] if key.startswith("eval/"))
+    for key in ("eval/base_mean_response_chars", "eval/base_mean_response_tokens", "eval/prev_mean_response_chars"):
+        assert redone[3][key] == found[3][key]  # pi_0's and pi_2's held-out samples are reused as they were
+    champion = choose_champion(redone)
+    versions = rest(stack, "model-versions/search", {"filter": "name = 'sppo-tiny'"})["model_versions"]
+    by_run = {v["run_id"]: v for v in versions}
+    assert champion_version(stack, "sppo-tiny") == (
+        by_run[after[f"iter-{champion.iteration}"]["info"]["run_id"]]["version"] if champion.iteration else None)
     assert rest(stack, "runs/get", {"run_id": record["parent_run_id"]})["run"]["info"]["status"] == "FINISHED"
     assert (output_dir / "iter-3" / "checkpoint" / "config.json").exists()
     assert (output_dir / "iter-3.superseded-1" / "checkpoint" / "config.json").exists()
@@ -147,6 +175,49 @@ def test_three_iterations_then_resume(demo, tmp_path):
 
 
 
+def champion_version(stack, model: str) -> str | None:
+    """The version the registered model's alias `champion` points at, if any."""
+    aliases = rest(stack, "registered-models/get", {"name": model})["registered_model"].get("aliases", [])
+    return next((a["version"] for a in aliases if a["alias"] == "champion"), None)
+
+
+def test_an_evaluation_judge_apart_from_a_training_judge_that_pays_for_length(live_stack, tmp_path):
+    """A 2-iteration tiny job whose training judge pays for length as well as letters, graded too by
+    `eval.judge`, the letters rule alone: both judges' raw and length-controlled win rates and both
+    policies' lengths are logged every iteration, the champion alias follows the rule, and the model
+    card's table shows it."""
+    out = tmp_path / "length"
+    done = submit(live_stack, out, "--iters", "2", "--set", "judge.rule.weights={letters: 1.0, length: 5.0}",
+                  "--set", "eval.judge.kind=rule", "--set", "eval.bootstrap_samples=200",
+                  "--set", "tracking.experiment=sppo-tiny-length", "--set", "tracking.register_model=sppo-tiny-length")
+    record = json.loads((out / "run.json").read_text())
+    runs = nested_runs(live_stack, record["experiment_id"], record["parent_run_id"])
+    found = {t: {m["key"]: m["value"] for m in runs[f"iter-{t}"]["data"]["metrics"]} for t in (1, 2)}
+    for t in (1, 2):
+        for judge in ("eval/", "eval/training_judge/"):
+            for name in ("win_rate_vs_base", "lc_win_rate_vs_base", "win_rate_vs_prev", "lc_win_rate_vs_prev"):
+                assert {f"{judge}{name}", f"{judge}{name}_ci_low", f"{judge}{name}_ci_high"} <= set(found[t]), name
+        for policy in ("", "base_", "prev_"):
+            assert {f"eval/{policy}mean_response_chars", f"eval/{policy}mean_response_tokens"} <= set(found[t])
+    params = {p["key"]: p["value"] for p in runs["iter-1"]["data"]["params"]}
+    assert (params["eval.judge.kind"], params["judge.rule.weights.length"]) == ("rule", "5.0")
+
+    champion = choose_champion(found)
+    versions = rest(live_stack, "model-versions/search", {"filter": "name = 'sppo-tiny-length'"})["model_versions"]
+    by_run = {v["run_id"]: v["version"] for v in versions}
+    expected = by_run[runs[f"iter-{champion.iteration}"]["info"]["run_id"]] if champion.iteration else None
+    assert champion_version(live_stack, "sppo-tiny-length") == expected
+    assert f"iteration 2: champion: " in done.stdout and champion.reason in done.stdout
+    card = (out / "iter-2" / "checkpoint" / "README.md").read_text()
+    assert champion.reason in card and "By the training judge, a rule judge (letters 1, length 5)" in card
+    assert "judged by a rule judge (letters 1)," in card
+    for t in (1, 2):
+        row = next(line for line in card.splitlines() if line.startswith(f"| {t} "))
+        assert f"| {found[t]['eval/lc_win_rate_vs_base']:.3f} [" in row
+        assert f"| {found[t]['eval/mean_response_chars']:.0f} ({found[t]['eval/mean_response_tokens']:.0f}) |" in row
+        assert row.startswith(f"| {t} (champion) |") == (t == champion.iteration)
+
+
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
@@ -154,7 +225,7 @@ def test_mlflow_ui_shows_the_run_in_a_real_browser(demo, tmp_path):
     """Headless Chromium, on a new profile, follows the links the demo printed: the first lands on
     the runs table of the model-training view (not MLflow's GenAI traces overview), with the
     parent run and its iter-1..3 runs once expanded; the second on the parent's per-iteration
-    charts (held-out win rates with their intervals, final loss)."""
+    charts (held-out win rates, length-controlled and raw, with their intervals, final loss)."""
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     assert not missing, f"{missing} missing: apt-get install chromium chromium-driver (.ci/run installs them)"
     from selenium import webdriver
@@ -195,8 +266,8 @@ def test_mlflow_ui_shows_the_run_in_a_real_browser(demo, tmp_path):
         def charted(*names: str):  # the UI renders the charts in view only
             return lambda b: all(f"\n{name}\n" in b.find_element(By.TAG_NAME, "body").text for name in names)
 
-        wait.until(charted("win_rate_vs_base", "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high",
-                           "win_rate_vs_prev"))
+        # The parent's series, length-controlled win rates first (in logging and in name order alike).
+        wait.until(charted("lc_win_rate_vs_base", "lc_win_rate_vs_base_ci_low", "lc_win_rate_vs_base_ci_high"))
         browser.save_screenshot(str(screenshots[1]))
         browser.execute_script("arguments[0].scrollIntoView()", browser.find_element(By.XPATH, "//*[text()='train']"))
         wait.until(charted("final_loss"))

@@ -103,8 +103,12 @@ def test_driver_killed_in_every_stage_resumes_to_the_uninterrupted_result(live_s
     runs = nested_runs(stack, record["experiment_id"], record["parent_run_id"])
     assert list(runs) == ["iter-1"] and runs["iter-1"]["info"]["status"] == "FINISHED"
     final_id = runs["iter-1"]["info"]["run_id"]
-    metrics = {m["key"] for m in runs["iter-1"]["data"]["metrics"]}
-    assert {"sampling/candidates", "time/judging_s", "pairs/rows", "train/loss"} <= metrics  # replayed
+    metrics = {m["key"]: m["value"] for m in runs["iter-1"]["data"]["metrics"]}
+    assert {"sampling/candidates", "time/judging_s", "pairs/rows", "train/loss"} <= set(metrics)  # replayed
+    # The evaluation the attempt killed in tracking made is restored as it was, length control included.
+    evaluated = {k: v for k, v in json.loads((out / "iter-1" / "stage_metrics.json").read_text()).items()
+                 if k.startswith("eval/")}
+    assert "eval/lc_win_rate_vs_base" in evaluated and {k: metrics[k] for k in evaluated} == evaluated
     listed = {f["path"] for f in rest(stack, "artifacts/list", {"run_id": final_id, "path": "data"})["files"]}
     assert {"data/samples.parquet", "data/judgments.parquet", "data/pairs.parquet"} <= listed
     assert rest(stack, "artifacts/list", {"run_id": final_id, "path": "checkpoint"})["files"]

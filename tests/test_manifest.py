@@ -132,3 +132,17 @@ def test_the_manifest_alone_decides_what_a_resubmission_redoes(tmp_path):
     assert manifest.resume_point(cfg) == (1, ("judging", "pairs", "training", "evaluation", "tracking"))
     first["samples"].unlink()
     assert RunManifest(manifest.run).resume_point(cfg) == (1, STAGES)
+
+
+def test_an_unset_evaluation_judge_keeps_the_record_and_a_set_one_redoes_only_evaluation_on(tmp_path):
+    """eval.judge unset is left out of the config's record, so output directories evaluated before
+    it existed keep their evaluation's digest (nothing is redone); set, evaluation is redone."""
+    cfg = tiny(tmp_path, iterations=1)
+    assert not any(key.startswith("eval.judge") for key in cfg.flat())
+    assert "judge:" not in cfg.to_yaml().split("eval:")[1]
+    manifest = RunManifest(RunDirectory(tmp_path / "out"))
+    _publish_iteration(manifest, cfg, 1)
+    assert manifest.resume_point(cfg) == (2, ())
+    judged = tiny(tmp_path, iterations=1, **{"eval.judge.kind": "pairrm"})
+    assert judged.flat()["eval.judge.kind"] == "pairrm"
+    assert RunManifest(manifest.run).resume_point(judged) == (1, ("evaluation", "tracking"))

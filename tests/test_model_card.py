@@ -22,14 +22,20 @@ from sppo.storage import atomic_write_text
 REPO = Path(__file__).resolve().parents[1]
 
 
-def metrics_of(t: int, evaluated: bool = True) -> dict[str, float]:
+def metrics_of(t: int, evaluated: bool = True, length_controlled: bool = True) -> dict[str, float]:
+    """Iteration t's metrics. length_controlled False: as the evaluation logged them before it fitted LC."""
     found = {"train/final_loss": 10.0 / t, "pairs/rows": 48.0}
     if evaluated:
         base, prev = 0.5 + 0.1 * t, 0.55 + 0.01 * t
         found.update({"eval/win_rate_vs_base": base, "eval/win_rate_vs_base_ci_low": base - 0.05,
                       "eval/win_rate_vs_base_ci_high": base + 0.05, "eval/win_rate_vs_prev": prev,
                       "eval/win_rate_vs_prev_ci_low": prev - 0.06, "eval/win_rate_vs_prev_ci_high": prev + 0.06,
-                      "eval/prompts": 32.0})
+                      "eval/prompts": 32.0, "eval/mean_response_chars": 40.0 + t})
+    if evaluated and length_controlled:
+        lc = 0.45 + 0.05 * t  # iteration 1's interval reaches below 0.5
+        found.update({"eval/lc_win_rate_vs_base": lc, "eval/lc_win_rate_vs_base_ci_low": lc - 0.04,
+                      "eval/lc_win_rate_vs_base_ci_high": lc + 0.04, "eval/mean_response_tokens": 20.0 + t,
+                      "eval/base_mean_response_chars": 40.0, "eval/base_mean_response_tokens": 20.0})
     return found
 
 
@@ -48,17 +54,28 @@ def test_card_front_matter_round_trips_and_holds_the_runs_values(tmp_path):
     assert data.pipeline_tag == "text-generation" and {"sppo", "alignment"} <= set(data.tags)
     found = {r.metric_type: (r.metric_value, r.metric_config) for r in data.eval_results}
     expected = metrics_of(3)
-    for key in ("win_rate_vs_base", "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high", "win_rate_vs_prev",
-                "win_rate_vs_prev_ci_low", "win_rate_vs_prev_ci_high"):
+    for key in ("lc_win_rate_vs_base", "lc_win_rate_vs_base_ci_low", "lc_win_rate_vs_base_ci_high",
+                "win_rate_vs_base", "win_rate_vs_base_ci_low", "win_rate_vs_base_ci_high", "win_rate_vs_prev",
+                "win_rate_vs_prev_ci_low", "win_rate_vs_prev_ci_high", "mean_response_chars"):
         value, judge = found[key]
         assert value == pytest.approx(expected[f"eval/{key}"], abs=1e-4)
         assert judge == "judge: PairRM (llm-blender) `tiny:pairrm`"
 
     text = loaded.text
-    # Every iteration so far, with links to the other iterations' cards, and the hyperparameters.
-    for t in (1, 2, 3):
-        assert f"| {t} | {expected['eval/win_rate_vs_base'] - 0.1 * (3 - t):.3f} [" in text
-    assert "[iter-1](../../iter-1/checkpoint/README.md)" in text and "| 3 |" in text
+    # Every iteration so far as the published cards give them (LC, raw, mean length), the base's
+    # length, the champion marked and said why, links to the other iterations' cards, and the hyperparameters.
+    assert "| base | - | - | 40 (20) | - | - | |" in text
+    assert "| 1 | 0.500 [0.46, 0.54] | 0.600 [0.55, 0.65] | 41 (21) | 0.560 [0.50, 0.62] | 10 |" in text
+    assert "| 2 | 0.550 [0.51, 0.59] | 0.700 [0.65, 0.75] | 42 (22) |" in text
+    assert "| 3 (champion) | 0.600 [0.56, 0.64] | 0.800 [0.75, 0.85] | 43 (23) |" in text
+    assert ("Champion: iteration 3 has the highest length-controlled win rate vs the base, 0.600 [0.56, 0.64], of "
+            "the iterations whose interval lies above 0.5.") in text
+    # Iteration 3's gain over the base, 0.3, is 0.1 at equal length: mostly length.
+    assert ("Iteration 3: the gain over the base is mostly length: by the evaluation judge, win rate 0.800 [0.75, "
+            "0.85] but 0.600 [0.56, 0.64] at equal length, with answers of 43 characters against the base's "
+            "40.") in text
+    assert "Iteration 1: the gain" in text and "training judge" not in text
+    assert "[iter-1](../../iter-1/checkpoint/README.md)" in text and "| 3 (champion) |" in text
     for name, value in hyperparameters(cfg):
         assert f"- {name}: {value}\n" in text
     assert f"- num_devices: {cfg.train.num_workers}\n" in text and f"- eta: {cfg.train.eta}\n" in text
@@ -76,6 +93,36 @@ def test_a_run_without_held_out_evaluation_says_so_and_reports_no_results():
     assert "- beta: 0.1\n" in card.text and "arXiv:2305.18290" in card.text and "dpo" in card.data.tags
 
 
+def test_a_card_shows_both_judges_and_the_registered_champion():
+    cfg = load_config(REPO / "configs" / "tiny.yaml", {"eval.judge.kind": "pairrm",
+                                                       "judge.rule.weights": {"letters": 1.0, "length": 5.0}})
+    results = []
+    for t in (1, 2):
+        m = metrics_of(t)
+        m.update({f"eval/training_judge/{k[5:]}": v + 0.1 for k, v in m.items() if "win_rate_vs_base" in k})
+        results.append(IterationResult(t, m))
+    text = build_card(cfg, 2, results, {}).text
+    assert "judged by PairRM (llm-blender) `tiny:pairrm`" in text
+    assert "- Judge: a rule judge (letters 1, length 5);" in text
+    assert "By the training judge, a rule judge (letters 1, length 5), which trained the policy:" in text
+    assert "| 2 | 0.650 [0.61, 0.69] | 0.800 [0.75, 0.85] |" in text
+    assert "Champion (`sppo-tiny@champion`): iteration 2 has" in text and "| 2 (champion) |" in text
+
+
+def test_a_card_of_iterations_evaluated_before_length_control_names_no_champion():
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    results = [IterationResult(1, metrics_of(1, length_controlled=False)), IterationResult(2, metrics_of(2))]
+    text = build_card(cfg, 2, results, {}).text
+    assert "| 1 | - | 0.600 [0.55, 0.65] | 41 |" in text and "| base | - | - | 40 (20) |" in text
+    assert ("Champion (`sppo-tiny@champion`): iteration 2 has the highest length-controlled win rate vs the base, "
+            "0.550 [0.51, 0.59], of the iterations whose interval lies above 0.5; iteration(s) 1 have no "
+            "length-controlled win rate (no held-out evaluation, or one from before sppo computed it) and are not "
+            "candidates.") in text
+    only_old = build_card(cfg, 1, [IterationResult(1, metrics_of(1, length_controlled=False))], {}).text
+    assert "Champion: no iteration has a length-controlled win rate vs the base; iteration(s) 1 have" in only_old
+    assert "(champion)" not in only_old
+
+
 def test_a_card_needs_every_iteration_up_to_its_own():
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     with pytest.raises(ValueError, match=r"iterations 1..2, got \[2\]"):
@@ -83,7 +130,9 @@ def test_a_card_needs_every_iteration_up_to_its_own():
 
 
 def test_registry_tags_are_the_win_rates():
-    assert registry_tags({**metrics_of(1), "train/final_loss": 1.0}) == {
+    assert registry_tags({**metrics_of(1), "train/final_loss": 1.0, "eval/training_judge/win_rate_vs_base": 0.9}) == {
+        "lc_win_rate_vs_base": "0.5000", "lc_win_rate_vs_base_ci_high": "0.5400",
+        "lc_win_rate_vs_base_ci_low": "0.4600",
         "win_rate_vs_base": "0.6000", "win_rate_vs_base_ci_high": "0.6500", "win_rate_vs_base_ci_low": "0.5500",
         "win_rate_vs_prev": "0.5600", "win_rate_vs_prev_ci_high": "0.6200", "win_rate_vs_prev_ci_low": "0.5000"}
 

@@ -81,6 +81,9 @@ def check_objective_run(live_stack, out, objective: str, log: str) -> None:
     else:
         assert not any(p["chosen_off_policy"] or p["rejected_off_policy"] for p in pairs)
     assert {"pairs/chosen_off_policy_share", "time/judging_s", "train/final_loss"} <= set(metrics)
+    # Every shipped config holds prompts out: pi_1 against pi_0, raw and at equal length.
+    assert {"eval/win_rate_vs_base", "eval/lc_win_rate_vs_base", "eval/mean_response_chars",
+            "eval/base_mean_response_chars"} <= set(metrics)
     assert (out / "iter-1" / "checkpoint" / "config.json").exists()
 
 

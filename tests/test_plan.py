@@ -15,7 +15,7 @@ from sppo import plan
 from sppo.config import load_config
 from sppo.devtools.localstack import free_port
 from sppo.plan import (BAD_INPUT, DOES_NOT_FIT, FITS, NOTHING_TO_CHECK, check_fit, cluster_nodes, config_problems,
-                       parse_node, placeable, plan_main, resource_plan)
+                       format_plan, parse_node, placeable, plan_main, resource_plan)
 from sppo.run import build_parser, main
 from tests.fake_hub import fake_hub
 
@@ -48,6 +48,26 @@ def test_production_configs_fit_one_and_two_nodes_of_8_gpus(name, layout):
     cfg = config(name)
     assert config_problems(cfg) == []
     assert check_fit(resource_plan(cfg), parse_node(layout)) == []
+
+
+def test_an_evaluation_judge_of_its_own_is_a_stage_of_the_plan():
+    # The default: evaluation grades with the training judge, which the judging stage already holds.
+    assert [s.role.stage for s in resource_plan(config("gemma-2-9b-it-sppo.yaml"))] == ["sampling", "judging",
+                                                                                         "training"]
+    same = config("gemma-2-9b-it-sppo.yaml", **{"eval.judge": config("gemma-2-9b-it-sppo.yaml").judge.model_dump()})
+    assert len(resource_plan(same)) == 3
+    cfg = config("gemma-2-9b-it-sppo.yaml", **{"eval.judge.kind": "reward_model",
+                                               "eval.judge.path": "RLHFlow/ArmoRM-Llama3-8B-v0.1",
+                                               "eval.judge.num_gpus": 1, "eval.judge.num_cpus": 4})
+    evaluation = resource_plan(cfg)[3]
+    role = evaluation.role
+    assert (role.stage, role.name, role.gpus) == ("evaluation", "reward-model judge", 1.0)
+    lines = format_plan(cfg, resource_plan(cfg), None).splitlines()
+    assert any(line.split()[:5] == ["evaluation", "1", "x", "reward-model", "judge"] for line in lines), lines
+    assert check_fit(resource_plan(cfg), parse_node("CPU=64,GPU=8")) == []
+    [problem] = check_fit(resource_plan(config("tiny.yaml", **{"eval.judge.kind": "rule", "eval.judge.num_cpus": 3})),
+                          parse_node("CPU=3"))
+    assert problem.startswith("stage 'evaluation' does not fit") and "eval.judge.num_cpus=3" in problem
 
 
 def test_a_stage_that_does_not_fit_is_named_with_its_config_fields():
@@ -109,9 +129,11 @@ def test_node_descriptions():
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:
     """--plan runs the run's checks too: on the bundled prompts, which it reads and counts (a hub
-    dataset it lists as not checked); the tracking store is a sqlite file never created."""
+    dataset it lists as not checked; the bundled set has no test split to hold out); the tracking
+    store is a sqlite file never created."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tempfile.gettempdir()}/sppo-plan-unused.db"}
-    return subprocess.run([sys.executable, "-m", "sppo.run", "--plan", "--set", "prompts.source=builtin:tiny", *args],
+    return subprocess.run([sys.executable, "-m", "sppo.run", "--plan", "--set", "prompts.source=builtin:tiny",
+                           "--set", "prompts.eval_split=null", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -165,7 +187,7 @@ def test_off_the_cluster_it_plans_and_names_each_check_only_the_cluster_can_make
     for expected in (f"output_dir: {out} is not on this machine",
                      "policy.path: google/gemma-2-9b-it on the Hugging Face hub",
                      "judge.path: llm-blender/PairRM on the Hugging Face hub",
-                     "prompts.source hf:UCLA-AGI/data-mistral-7b-instruct-sppo-iter{t}: a Hugging Face hub dataset",
+                     "prompts.source hf:snorkelai/Snorkel-Mistral-PairRM-DPO-Dataset: a Hugging Face hub dataset",
                      f"MLFLOW_TRACKING_URI: MLflow tracking server {absent} is not reachable"):
         assert sum(expected in line for line in unchecked) == 1, expected
     assert "the hub does not answer here (ConnectError)" in unchecked[1]

@@ -60,7 +60,6 @@ def test_published_files_follow_the_umask(umask, tmp_path, tiny_policy_dir):
     files), then its card and a stage's rows: 0644 under umask 022, 0600 under 077, like any write,
     not the owner-only mode of a temporary file (mkstemp's, safetensors')."""
     import shutil
-    from types import SimpleNamespace
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -71,13 +70,13 @@ def test_published_files_follow_the_umask(umask, tmp_path, tiny_policy_dir):
     shutil.copytree(tiny_policy_dir, policy)
     for path in policy.iterdir():
         path.chmod(0o600)  # its own files' modes are not the checkpoint's
-    engine = SimpleNamespace(module=AutoModelForCausalLM.from_pretrained(policy))
+    model = AutoModelForCausalLM.from_pretrained(policy)
     run = RunDirectory(tmp_path / "run")
     it = run.iteration(1)
 
     def fill(staging: Path) -> None:
         _save_shard({"weight": torch.zeros(2)}, staging / "model.safetensors")
-        _write_model_files(engine, str(policy), staging, [["weight"]], 8, torch.float32)
+        _write_model_files(model, str(policy), staging, [["weight"]], 8, torch.float32)
 
     publish_directory(it.checkpoint, fill)
     run.write_text(it.checkpoint / "README.md", "card")

@@ -7,7 +7,8 @@ import pytest
 
 from sppo.config import ConfigError, JudgeConfig, RuleJudgeConfig, load_config
 from sppo.judging import JUDGES
-from sppo.judging.rules import keyword_fraction, letter_fraction, rule_score, rule_win_matrix
+from sppo.judging.rules import (FULL_LENGTH_CHARS, keyword_fraction, length_fraction, letter_fraction, rule_score,
+                                rule_win_matrix)
 
 NOISE = "\x0c\x01Q\ufffd:H \"\ufffd>"
 
@@ -24,6 +25,14 @@ def test_keyword_fraction_matches_whole_words_case_insensitively():
     cfg = RuleJudgeConfig(weights={"keywords": 1.0}, keywords=["Water", "sky"])
     assert keyword_fraction("The sky, the WATER and skylines", cfg) == pytest.approx(2 / 6)
     assert keyword_fraction("", cfg) == 0.0
+
+
+def test_length_fraction_pays_for_each_character_up_to_the_full_length():
+    cfg = RuleJudgeConfig(weights={"letters": 1.0, "length": 5.0})
+    assert length_fraction("", cfg) == 0.0 and length_fraction("x" * 250, cfg) == 250 / FULL_LENGTH_CHARS
+    assert length_fraction("x" * (2 * FULL_LENGTH_CHARS), cfg) == 1.0
+    # Of two answers made of letters alone, the longer wins.
+    assert rule_win_matrix(["short words", "short words and then some"], cfg)[1, 0] > 0.9
 
 
 def test_score_is_the_weighted_sum_of_features():
@@ -61,7 +70,7 @@ def test_dispatch_runs_the_rule_judge_without_a_model():
 
 
 def test_bad_rule_config_names_the_field():
-    with pytest.raises(ConfigError, match=r"judge.rule.weights.length"):
-        load_config(None, {"judge.kind": "rule", "judge.rule.weights": {"length": 1.0}})
+    with pytest.raises(ConfigError, match=r"judge.rule.weights.brevity"):
+        load_config(None, {"judge.kind": "rule", "judge.rule.weights": {"brevity": 1.0}})
     with pytest.raises(ConfigError, match=r"judge.rule.temperature"):
         load_config(None, {"judge.rule.temperature": 0})

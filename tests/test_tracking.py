@@ -133,3 +133,31 @@ def test_preflight_refuses_exactly_the_names_mlflow_refuses(name):
         except MlflowException:
             refused = True
         assert (ours(name) is not None) == refused, (ours.__name__, name)
+
+
+def test_the_champion_alias_moves_between_this_jobs_versions_and_leaves_another_jobs(tmp_path, uri):
+    def job(name: str) -> tuple[Tracker, list[str]]:
+        out = tmp_path / name
+        (out / "checkpoint").mkdir(parents=True)
+        (out / "checkpoint" / "config.json").write_text("{}")
+        tracker = Tracker(uri, "exp", RunDirectory(out))
+        tracker.start_parent(name, {})
+        versions = []
+        for t in (1, 2):
+            run = tracker.start_iteration(t, {})
+            tracker.log_artifacts(run, out / "checkpoint", "checkpoint")
+            versions.append(tracker.register_checkpoint(run, "model", "checkpoint"))
+        return tracker, versions
+
+    client = MlflowClient(uri)
+    mine, (first, second) = job("mine")
+    mine.point_alias("model", "champion", second)
+    assert client.get_registered_model("model").aliases == {"champion": second}
+    mine.point_alias("model", "champion", None)  # no champion any more: the alias goes
+    assert client.get_registered_model("model").aliases == {}
+    mine.point_alias("model", "champion", first)
+    other, _ = job("other")
+    other.point_alias("model", "champion", None)  # another job without a champion leaves it
+    assert client.get_model_version_by_alias("model", "champion").version == first
+    other.point_alias("model", "champion", None)  # and again: nothing to remove
+    assert client.get_registered_model("model").aliases == {"champion": first}

@@ -10,6 +10,8 @@ the policy can learn within a few iterations by moving probability away from byt
 Features (judge.rule.weights names them; each lies in [0, 1]):
 - letters: share of characters that are ASCII letters or spaces.
 - keywords: share of words (lowercased, punctuation stripped) that are in judge.rule.keywords.
+- length: the response's length in characters over 1000, capped at 1: a judge that pays for
+  length, as learned judges do (PairRM included), for the length-controlled win rate to correct.
 
 The judge runs on the driver: scoring a few thousand strings takes milliseconds, and a Ray actor
 would only add its start-up time.
@@ -44,7 +46,16 @@ def keyword_fraction(text: str, cfg: RuleJudgeConfig) -> float:
     return sum(w in wanted for w in words) / len(words) if words else 0.0
 
 
-FEATURES = {"letters": letter_fraction, "keywords": keyword_fraction}
+# Characters at which the length feature is full: longer than the tiny configs' answers (up to
+# 32 tokens), so that every extra character still pays.
+FULL_LENGTH_CHARS = 1000
+
+
+def length_fraction(text: str, cfg: RuleJudgeConfig) -> float:
+    return min(len(text) / FULL_LENGTH_CHARS, 1.0)
+
+
+FEATURES = {"letters": letter_fraction, "keywords": keyword_fraction, "length": length_fraction}
 
 
 def rule_score(text: str, cfg: RuleJudgeConfig) -> float:

@@ -1,0 +1,297 @@
+"""train.lora: a peft LoRA adapter trained on the frozen policy under ZeRO-3, published merged
+(a full checkpoint) with the adapter alone in adapter/. Config and adapter checks without
+DeepSpeed, then the recipe in this process (a group of one) and under torchrun (two)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sppo.checkpoint import ADAPTER_DIR, ADAPTER_WEIGHTS, check_adapter
+from sppo.config import LORA_TARGET_MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, load_config
+from sppo.losses import LOSSES
+from sppo.training_recipe import add_adapter, train
+from tests.test_training import ONE_RANK_CFG, make_rows, one_process_group  # noqa: F401 (a fixture)
+
+# The tiny policy: 2 layers, hidden 64, MLP 128; every target is a Linear of (in, out) features.
+TINY_SHAPES = {"q_proj": (64, 64), "k_proj": (64, 64), "v_proj": (64, 64), "o_proj": (64, 64),
+               "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)}
+
+
+def adapter_numel(rank: int) -> int:
+    """A (rank x in) and B (out x rank) for every target module of each of the 2 layers."""
+    return 2 * sum(rank * (fan_in + fan_out) for fan_in, fan_out in TINY_SHAPES.values())
+
+
+def base_model(tiny_policy_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_lora_is_off_by_default_and_left_out_of_the_config_record():
+    cfg = RunConfig()
+    assert cfg.train.lora is None
+    # Unset, the training stage's digest of earlier output directories is unchanged.
+    assert not any(key.startswith("train.lora") for key in cfg.flat()) and "lora" not in cfg.to_yaml()
+    on = load_config(None, {"train.lora": {}})  # what `--set train.lora={}` gives
+    assert on.train.lora == LoraConfig()
+    assert (on.train.lora.rank, on.train.lora.alpha, on.train.lora.dropout) == (16, 32, 0.0)
+    assert on.train.lora.target_modules == list(LORA_TARGET_MODULES)
+    assert on.flat()["train.lora.rank"] == 16 and on.digest("train") != cfg.digest("train")
+
+
+@pytest.mark.parametrize("rank", [1, 8, 16, 32, 64, 128, 256, 320, 512])
+def test_every_rank_vllm_serves_is_taken(rank):
+    assert load_config(None, {"train.lora.rank": rank}).train.lora.rank == rank
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.lora.rank": 4}, r"train\.lora\.rank: .*4 is not a rank vLLM serves; one of 1, 8, 16, 32, 64"),
+        ({"train.lora.rank": 0}, r"train\.lora\.rank"),
+        ({"train.lora.alpha": 0}, r"train\.lora\.alpha"),
+        ({"train.lora.dropout": 1.0}, r"train\.lora\.dropout"),
+        ({"train.lora.dropout": -0.1}, r"train\.lora\.dropout"),
+        ({"train.lora.target_modules": ["q_proj", "lm_head"]}, r"train\.lora\.target_modules: .*lm_head"),
+        ({"train.lora.target_modules": ["model.embed_tokens"]}, r"train\.lora\.target_modules: .*embed_tokens"),
+        ({"train.lora.target_modules": ["wte"]}, r"train\.lora\.target_modules"),
+        ({"train.lora.target_modules": []}, r"train\.lora\.target_modules"),
+        ({"train.lora.target_modules": ["q_proj", "q_proj"]}, r"train\.lora\.target_modules: .*once"),
+        ({"train.lora.use_dora": True}, r"train\.lora\.use_dora"),
+    ],
+)
+def test_bad_lora_values_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+# ---------------------------------------------------------------- the adapter, without DeepSpeed
+
+
+def test_a_fresh_adapter_is_the_only_trainable_state_and_changes_nothing(tiny_policy_dir):
+    base = base_model(tiny_policy_dir)
+    ids = torch.randint(3, 1024, (2, 12))
+    before = base(input_ids=ids).logits
+    model = add_adapter(base, LoraConfig())
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    assert sum(trainable.values()) == adapter_numel(16)
+    assert {name.split(".")[-4] for name in trainable} == set(TINY_SHAPES)  # ...the module each wraps
+    # B = 0: the model is still exactly pi_t.
+    assert torch.equal(model(input_ids=ids).logits, before)
+    assert model.peft_config["default"].base_model_name_or_path == tiny_policy_dir
+
+
+def test_an_adapter_on_the_head_or_embeddings_is_refused_whatever_its_name(tiny_policy_dir):
+    # Past the config's check of names (model_construct skips validation): the model's own modules are checked.
+    with pytest.raises(ValueError, match=r"train\.lora\.target_modules .*lm_head.*vLLM's log-probs ignore"):
+        add_adapter(base_model(tiny_policy_dir), LoraConfig.model_construct(
+            rank=8, alpha=16, dropout=0.0, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match=r"train\.lora\.target_modules: .*qkv_proj"):
+        add_adapter(base_model(tiny_policy_dir), LoraConfig(target_modules=["qkv_proj"]))
+
+
+def test_an_empty_adapter_is_refused(tiny_policy_dir, tmp_path):
+    """What a save of ZeRO-3 partitions without gathering gives (peft #2892): 0-sized tensors."""
+    model = add_adapter(base_model(tiny_policy_dir), LoraConfig(rank=8, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "whole")
+    check_adapter(tmp_path / "whole")
+    partitions = {name: torch.empty(0) for name, p in model.named_parameters() if p.requires_grad}
+    model.save_pretrained(tmp_path / "partitions", state_dict=partitions)  # peft saves it as it is
+    with pytest.raises(ValueError, match="empty or partial"):
+        check_adapter(tmp_path / "partitions")
+
+
+# ---------------------------------------------------------------- the recipe in this process
+
+LORA_CFG = {**ONE_RANK_CFG, "lora": {}}  # gradient checkpointing on, as ONE_RANK_CFG has it
+
+
+def merged_and_adapter(checkpoint: Path, tiny_policy_dir: str):
+    """The published checkpoint loaded as transformers loads it, and pi_t + its adapter/ merged by
+    peft on CPU (PeftModel.from_pretrained(...).merge_and_unload()): two state dicts."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    published = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
+    by_peft = PeftModel.from_pretrained(base_model(tiny_policy_dir), checkpoint / ADAPTER_DIR).merge_and_unload()
+    return published, by_peft.state_dict()
+
+
+@pytest.fixture(scope="module")
+def runs(one_process_group, tiny_policy_dir, tmp_path_factory):  # noqa: F811 (the imported fixture)
+    """The recipe on the same 8 pairs (4 steps) in several ways, each published under root/<name>."""
+    root = tmp_path_factory.mktemp("lora")
+    ways = {
+        "full_untrained": {**ONE_RANK_CFG, "max_steps": 0},
+        "lora_untrained": {**LORA_CFG, "max_steps": 0},
+        "lora": LORA_CFG,
+        "lora_online": {**LORA_CFG, "reference_logps": "online"},
+        "lora_no_checkpointing": {**LORA_CFG, "gradient_checkpointing": False},
+        "full": ONE_RANK_CFG,
+    }
+    results = {name: train(TrainConfig(**cfg), make_rows(8), tiny_policy_dir, str(root / name),
+                           device=one_process_group) for name, cfg in ways.items()}
+    return {"root": root, "results": results}
+
+
+def history(result, key: str) -> list[float]:
+    return [m[key] for m in result.history]
+
+
+@pytest.mark.slow
+def test_a_fresh_adapter_gives_the_full_models_reference_and_publishes_pi_t(runs, tiny_policy_dir):
+    results, root = runs["results"], runs["root"]
+    lora, full = results["lora_untrained"], results["full_untrained"]
+    assert len(lora.reference_logps) == 8
+    torch.testing.assert_close(torch.tensor(lora.reference_logps), torch.tensor(full.reference_logps),
+                               atol=1e-6, rtol=0)
+    # No step: the merged checkpoint is pi_t exactly, and the adapter's B matrices are 0.
+    published = load_file(root / "lora_untrained" / "model.safetensors")
+    policy = load_file(Path(tiny_policy_dir) / "model.safetensors")
+    assert published.keys() == policy.keys() and all(torch.equal(published[k], policy[k]) for k in policy)
+    adapter = load_file(root / "lora_untrained" / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    assert len(adapter) == 2 * 2 * len(TINY_SHAPES)
+    assert all(not t.any() for name, t in adapter.items() if ".lora_B." in name)
+    assert all(t.abs().sum() > 0 for name, t in adapter.items() if ".lora_A." in name)
+
+
+@pytest.mark.slow
+def test_the_adapter_alone_is_trained_and_partitioned(runs):
+    partition, full = (runs["results"][name].zero3_partition for name in ("lora", "full"))
+    assert partition["trainable_numel"] == partition["trainable_local_numel"] == adapter_numel(16)
+    assert partition["numel"] == full["numel"] + adapter_numel(16)
+    assert full["trainable_numel"] == full["numel"]
+
+
+@pytest.mark.slow
+def test_an_online_reference_with_an_adapter_trains_as_the_precomputed_one(runs):
+    """'online' with LoRA runs the same model with its adapter off (pi_t), no second copy."""
+    results = runs["results"]
+    assert results["lora_online"].reference_logps == []
+    for key in ("train/loss", "train/chosen_logratio", "train/rejected_logratio"):
+        assert history(results["lora_online"], key) == pytest.approx(history(results["lora"], key),
+                                                                     rel=1e-4, abs=1e-5), key
+    assert results["lora_online"].history[0]["train/chosen_logratio"] == pytest.approx(0.0, abs=1e-4)
+    assert results["lora"].history[-1]["train/chosen_logratio"] != pytest.approx(0.0, abs=1e-2)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_trains_the_adapter_as_without_it(runs):
+    """Checkpointed layers recompute their forward in backward: the adapter inside them must still
+    get its gradients (peft makes the inputs require grad), so the training is the same."""
+    results = runs["results"]
+    for key in ("train/loss", "train/chosen_logratio", "train/grad_norm"):
+        assert history(results["lora"], key) == pytest.approx(history(results["lora_no_checkpointing"], key),
+                                                              rel=1e-4, abs=1e-5), key
+    assert history(results["lora"], "train/loss") != pytest.approx(history(results["full"], "train/loss"), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_trained_adapter_is_published_merged_and_alone(runs, tiny_policy_dir):
+    checkpoint = runs["root"] / "lora"
+    published, by_peft = merged_and_adapter(checkpoint, tiny_policy_dir)
+    policy = load_file(Path(tiny_policy_dir) / "model.safetensors")
+    # The base model's names and nothing else: no peft prefixes, no adapter tensors.
+    assert load_file(checkpoint / "model.safetensors").keys() == policy.keys() == published.keys()
+    changed = {name for name in policy if not torch.equal(policy[name], published[name])}
+    assert changed == {name for name in policy if name.split(".")[-2] in TINY_SHAPES}
+    assert published.keys() == by_peft.keys()
+    for name in published:
+        torch.testing.assert_close(published[name], by_peft[name], atol=1e-6, rtol=1e-6)
+    adapter = load_file(checkpoint / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    assert sum(t.numel() for t in adapter.values()) == adapter_numel(16)
+    assert all(t.dim() == 2 and t.abs().sum() > 0 for t in adapter.values())
+    config = json.loads((checkpoint / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (16, 32, "LORA")
+    assert config["base_model_name_or_path"] == tiny_policy_dir
+    assert sorted(config["target_modules"]) == sorted(TINY_SHAPES)
+    assert json.loads((checkpoint / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.slow
+def test_an_adapter_that_does_not_fit_publishes_nothing(one_process_group, tiny_policy_dir, small_disk):  # noqa: F811
+    """Room for the merged model (912 KiB on tmpfs) but not for adapter/ after it: the disk error
+    names the checkpoint, and what was published there stays whole."""
+    disk = small_disk("960k")
+    published = disk / "iter1"
+    published.mkdir()
+    (published / "config.json").write_text('{"published": true}')
+    with pytest.raises(OSError, match=r"No space left on device|StorageFull") as failure:
+        train(TrainConfig(**{**LORA_CFG, "max_steps": 1}), make_rows(8), tiny_policy_dir, str(published),
+              device=one_process_group)
+    assert str(published) in str(failure.value) and ADAPTER_WEIGHTS in str(failure.value)
+    assert [p.name for p in disk.iterdir()] == ["iter1"], "a staging directory was left behind"
+    assert [p.name for p in published.iterdir()] == ["config.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", sorted(set(LOSSES) - {"sppo"}))
+def test_every_loss_trains_an_adapter(loss, one_process_group, tiny_policy_dir, tmp_path):  # noqa: F811
+    result = train(TrainConfig(**{**LORA_CFG, "loss": loss, "max_steps": 2, "eta": 10.0}), make_rows(8),
+                   tiny_policy_dir, str(tmp_path / loss), device=one_process_group)
+    assert [m["step"] for m in result.history] == [1, 2]
+    assert all(math.isfinite(m["train/loss"]) and m["train/grad_norm"] > 0 for m in result.history)
+    adapter = load_file(tmp_path / loss / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    assert all(t.any() for name, t in adapter.items() if ".lora_B." in name), "the adapter did not move"
+
+
+# ---------------------------------------------------------------- two processes
+
+
+@pytest.mark.slow
+def test_two_zero3_processes_publish_what_one_does(one_process_group, tiny_policy_dir, tmp_path):  # noqa: F811
+    """torchrun, 2 ranks x 2 pairs against 1 rank x 2 pairs x 2 accumulation steps: the same pairs
+    in each step, so the same adapter and merged checkpoint, to float tolerance; each rank held
+    half of the adapter."""
+    import subprocess
+    import sys
+
+    rows = make_rows(16)  # 4 steps of 4 pairs
+    common = {**LORA_CFG, "per_device_batch_size": 2}
+    one = train(TrainConfig(**{**common, "num_workers": 1, "gradient_accumulation_steps": 2}), rows,
+                tiny_policy_dir, str(tmp_path / "one"), device=one_process_group)
+    pairs_path = tmp_path / "pairs.parquet"
+    pd.DataFrame(rows).to_parquet(pairs_path)
+    script = tmp_path / "two.py"
+    script.write_text(
+        "import json, os, sys, torch\n"
+        "from sppo.config import TrainConfig\nfrom sppo.training_data import read_pairs\n"
+        "from sppo.training_recipe import train\n"
+        "cfg = TrainConfig.model_validate_json(sys.argv[1])\n"
+        "result = train(cfg, read_pairs(sys.argv[2]), sys.argv[3], sys.argv[4], device=torch.device('cpu'))\n"
+        "with open(f\"{sys.argv[4]}-rank{os.environ['RANK']}.json\", 'w') as out:\n"
+        "    json.dump({'history': result.history, 'partition': result.zero3_partition}, out)\n")
+    cfg = TrainConfig(**{**common, "num_workers": 2, "gradient_accumulation_steps": 1})
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", str(script),
+         cfg.model_dump_json(), str(pairs_path), tiny_policy_dir, str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    ranks = [json.loads((tmp_path / f"two-rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["partition"]["world_size"] == 2
+        partition = rank["partition"]
+        assert partition["trainable_numel"] == adapter_numel(16) == 2 * partition["trainable_local_numel"]
+    assert history(one, "train/loss") == pytest.approx([m["train/loss"] for m in ranks[0]["history"]], rel=1e-4)
+    for name in ("model.safetensors", f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}"):
+        two_ranks, one_rank = load_file(tmp_path / "two" / name), load_file(tmp_path / "one" / name)
+        assert two_ranks.keys() == one_rank.keys()
+        for key in one_rank:
+            torch.testing.assert_close(two_ranks[key], one_rank[key], atol=1e-5, rtol=1e-4)
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    moved = load_file(tmp_path / "two" / "model.safetensors")[q_proj] - load_file(
+        Path(tiny_policy_dir) / "model.safetensors")[q_proj]
+    assert moved.abs().max() > 1e-3, "the two ranks' tolerance is far below what training moved"
