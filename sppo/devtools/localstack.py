@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import signal
@@ -34,7 +35,7 @@ def _answers(url: str, timeout: float = 2.0) -> bool:
             return True
     except urllib.error.HTTPError:
         return True
-    except OSError:
+    except (OSError, http.client.HTTPException):  # nothing, or something that is not an HTTP server
         return False
 
 
@@ -132,14 +133,16 @@ class LocalStack:
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.load()
-        if self.ray_running():
-            print(f"Ray: already running, dashboard {self.dashboard_url}")
-        else:
-            self._start_ray()
+        # MLflow first: `ray start` binds ports of its own choosing (gRPC), which could take the
+        # MLflow port picked beforehand; a port MLflow already holds is never chosen.
         if self.mlflow_running():
             print(f"MLflow: already running at {self.mlflow_url}")
         else:
             self._start_mlflow()
+        if self.ray_running():
+            print(f"Ray: already running, dashboard {self.dashboard_url}")
+        else:
+            self._start_ray()
         self._save()
 
     def _start_ray(self) -> None:
