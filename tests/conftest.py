@@ -6,6 +6,7 @@ Everything here is real (Ray, vLLM, DeepSpeed, PairRM, MLflow); nothing is mocke
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -77,6 +78,52 @@ def ray_cluster():
         ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+# What a launcher sets for each process of a group of one (DeepSpeed's CPU accelerator reads LOCAL_RANK).
+LAUNCHER_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+
+
+@contextlib.contextmanager
+def launcher_env(**extra: str):
+    saved = {name: os.environ.get(name) for name in {**LAUNCHER_ENV, **extra}}
+    os.environ.update({**LAUNCHER_ENV, **extra})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def process_group_of_one():
+    """This process as a torch.distributed group of one (gloo), once per session, as in a Ray
+    Train worker: DeepSpeed keeps the first group it takes, so a second one in the same process
+    breaks it ("Group ... is not registered")."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from sppo.devtools.localstack import free_port
+
+    with launcher_env(MASTER_PORT=str(free_port())):
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def one_process_group(process_group_of_one):
+    """The recipe runs here without Ray, in the group of one, with a launcher's environment
+    while the module's tests run (not after: the servers and jobs of later tests in this process
+    must not inherit a rank). Its device."""
+    import torch
+
+    with launcher_env():
+        yield torch.device("cpu")
 
 
 @pytest.fixture(scope="session")

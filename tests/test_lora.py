@@ -17,7 +17,7 @@ from sppo.checkpoint import ADAPTER_DIR, ADAPTER_WEIGHTS, check_adapter
 from sppo.config import LORA_TARGET_MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, load_config
 from sppo.losses import LOSSES
 from sppo.training_recipe import add_adapter, train
-from tests.test_training import ONE_RANK_CFG, make_rows, one_process_group  # noqa: F401 (a fixture)
+from tests.test_training import ONE_RANK_CFG, make_rows
 
 # The tiny policy: 2 layers, hidden 64, MLP 128; every target is a Linear of (in, out) features.
 TINY_SHAPES = {"q_proj": (64, 64), "k_proj": (64, 64), "v_proj": (64, 64), "o_proj": (64, 64),
@@ -130,7 +130,7 @@ def merged_and_adapter(checkpoint: Path, tiny_policy_dir: str):
 
 
 @pytest.fixture(scope="module")
-def runs(one_process_group, tiny_policy_dir, tmp_path_factory):  # noqa: F811 (the imported fixture)
+def runs(one_process_group, tiny_policy_dir, tmp_path_factory):
     """The recipe on the same 8 pairs (4 steps) in several ways, each published under root/<name>."""
     root = tmp_path_factory.mktemp("lora")
     ways = {

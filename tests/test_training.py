@@ -375,33 +375,6 @@ def test_zero3_partitioned_the_weights(trained):
 ONE_RANK_CFG = {**TRAIN_CFG, "num_workers": 1, "gradient_accumulation_steps": 1, "epochs": 1}
 
 
-@pytest.fixture(scope="module")
-def one_process_group():
-    """This process as a torch.distributed group of one (gloo), as each Ray Train worker is one
-    of its group: the recipe runs here without Ray. Its device."""
-    import os
-
-    import torch.distributed as dist
-
-    from sppo.devtools.localstack import free_port
-
-    # What a launcher sets for each process (DeepSpeed's CPU accelerator reads LOCAL_RANK).
-    launcher = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(free_port())}
-    saved = {name: os.environ.get(name) for name in launcher}
-    os.environ.update(launcher)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield torch.device("cpu")
-    finally:
-        dist.destroy_process_group()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
-
-
 def _nothing_published(parent: Path) -> bool:
     return not parent.exists() or not any(parent.iterdir())
 
