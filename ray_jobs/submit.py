@@ -8,8 +8,9 @@ Built on Ray's `JobSubmissionClient`. The runtime environment is `ray_jobs/runti
 the caller's environment (`sppo.secrets.passed_to_jobs`). Secret values are sent to the cluster but never
 printed or logged: only their names are shown, and any value that appears in the job's log is
 masked before the log is echoed. Exit status: 0 when the job SUCCEEDED, the driver's exit code
-when it FAILED (1 if Ray has none), 1 when it was STOPPED, 130 when following is interrupted
-(the job keeps running).
+when it FAILED (1 if Ray has none), 1 when it was STOPPED, 2 for bad input of its own (nothing
+submitted), 130 when following is interrupted (the job keeps running). Run it from the
+repository root: ray_jobs is not an installed package.
 
 Pure core: `secrets_from`, `build_runtime_env`, `exit_status`, `SecretMasker`. Ray shell: `main`.
 """
@@ -130,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit a Ray job with the SPPO runtime environment, follow its log and exit "
         "with its status. Secrets in your environment (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, AWS_*, "
         "MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, *_API_KEY, and "
-        "each --secret) are passed to the job and never printed.",
+        "each --secret) are passed to the job and never printed. Run it from the repository root "
+        "(ray_jobs is not an installed package; the working directory defaults to '.').",
+        epilog="Exit status: 0 the job SUCCEEDED (or was submitted, with --no-wait); the driver's exit "
+        "code when it FAILED (1 if Ray has none); 1 when it was STOPPED; 2 bad input here, nothing "
+        "submitted; 130 when you stop following (the job keeps running).",
     )
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="the cluster's dashboard, e.g. http://<head>:8265 (default: $RAY_ADDRESS)")

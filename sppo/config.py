@@ -35,19 +35,29 @@ class _Strict(BaseModel):
 
 
 class PolicyConfig(_Strict):
+    """The policy trained: pi_0, the model the first iteration starts from."""
+
     # A local Hugging Face model directory, a hub id (GPU clusters), or "tiny:policy",
     # the embedded tiny Llama that is built from code on first use.
     path: str = "tiny:policy"
+    # Run the model's own code from the hub; passed explicitly to vLLM, the trainers and every
+    # tokenizer load. Off unless a config turns it on.
     trust_remote_code: bool = False
 
 
 class PromptsConfig(_Strict):
+    """Where each iteration's prompts and the held-out prompts come from (sppo/prompts.py)."""
+
     # "builtin:tiny" (the bundled prompt set), a local .jsonl / .parquet file or saved-dataset
     # directory, or "hf:<repo>" (a Hugging Face hub dataset). "{t}" in source or split marks
     # ready-made per-iteration splits (e.g. split "train_iteration_{t}"); without it the
     # source is cut into num_splits disjoint seeded parts.
     source: str = "builtin:tiny"
+    # The split read from a hub dataset or a saved-dataset directory with splits; a .jsonl or
+    # .parquet file has none and ignores it.
     split: str = "train"
+    # The column (a JSONL key) holding each prompt: a plain string, rendered as one user turn
+    # with the policy's chat template. Empty prompts and duplicates are dropped.
     column: str = "prompt"
     # Prompts each iteration takes from its own disjoint split (None: the whole split).
     per_iteration: int | None = Field(default=None, ge=1)
@@ -57,31 +67,51 @@ class PromptsConfig(_Strict):
     response_column: str | None = None
     # Number of disjoint splits the source is cut into; at least the number of iterations.
     num_splits: int = Field(default=3, ge=1)
+    # Seed of the shuffle that cuts a pooled source into its splits and picks the eval_size
+    # held-out prompts.
     seed: int = 42
     # Held-out prompts for evaluation, never used for training: eval_size prompts set aside
     # from a pooled source before it is cut, or (sources with "{t}") the split eval_split.
     eval_size: int = Field(default=0, ge=0)
+    # Sources with "{t}" only: the split held out for evaluation (with "{t}" read as 1); a
+    # held-out prompt that also appears in a training split is left out of training.
     eval_split: str | None = None
 
 
 class SamplingConfig(_Strict):
+    """The vLLM engines (Ray actors) that sample K candidates per prompt (sppo/sampling.py)."""
+
     k: int = Field(default=5, ge=2, description="candidates per prompt (one n=K request)")
+    # vLLM's sampling temperature (0: greedy).
     temperature: float = Field(default=0.7, ge=0.0)
+    # Nucleus sampling: the smallest set of tokens whose probability reaches top_p.
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    # The most tokens an answer may have; a longer one is cut (and has no EOS).
     max_tokens: int = Field(default=2048, ge=1)
+    # Iteration t's engines are seeded seed + 1000 t + the engine's index, so a re-sampled
+    # iteration draws the same candidates.
     seed: int = 0
+    # vLLM engines, each a Ray actor; an iteration's prompts are cut into one contiguous shard each.
     num_engines: int = Field(default=1, ge=1)
+    # Ray CPUs each engine actor reserves.
     cpus_per_engine: float = Field(default=1.0, ge=0.0)
+    # Ray GPUs each engine actor reserves (0: a CPU engine); they hold its tensor-parallel shards.
     gpus_per_engine: float = Field(default=0.0, ge=0.0)
+    # vLLM's tensor parallelism: GPUs one engine spreads its model over, on one node; `--plan`
+    # refuses a GPU engine whose gpus_per_engine is smaller.
     tensor_parallel_size: int = Field(default=1, ge=1)
     # The engines' weights and activations. float32: their sampled-token log-probs equal the
     # trainer's float32 values to 1e-5 (train.reference_logps: sampler). The GPU configs take
     # bfloat16; auto is vLLM's choice (bfloat16 for a float32 checkpoint on CPUs).
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # vLLM's max_model_len: prompt and answer tokens of one sequence, which bounds its KV cache;
+    # null takes the model's own limit.
     max_model_len: int | None = Field(default=None, ge=1)
     # vLLM's enforce_eager: no compilation (and no CUDA graphs) at engine start; a faster start,
     # slower decoding. Worth it only where starts dominate: the tiny configs (docs/performance.md).
     enforce_eager: bool = False
+    # vLLM's gpu_memory_utilization: the share of each GPU's memory an engine takes for its
+    # weights and KV cache.
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     # Sequences an engine decodes at once (vLLM's max_num_seqs), up to what its KV cache holds;
     # null takes vLLM's default for the hardware. 1024 is that default on H100-class GPUs; on
@@ -106,17 +136,23 @@ class SamplingConfig(_Strict):
 
 
 class RuleJudgeConfig(_Strict):
+    """judge.kind rule: a deterministic judge on text features, no model (sppo/judging/rules.py)."""
+
     # judge.kind "rule": score(y) = sum of weights[f] * f(y) over text features f in [0, 1]
     # (letters: share of ASCII letters and spaces; keywords: share of words in `keywords`;
     # length: characters over 1000, capped at 1),
     # P_ij = sigmoid((s_i - s_j) / temperature). Deterministic, no model. See sppo/judging/rules.py.
     weights: dict[Literal["letters", "keywords", "length"], float] = Field(default_factory=lambda: {"letters": 1.0},
                                                                         min_length=1)
+    # The words the keywords feature counts (case-insensitive).
     keywords: list[str] = []
+    # P_ij = sigmoid((s_i - s_j) / temperature): the smaller, the surer the judge.
     temperature: float = Field(default=0.02, gt=0.0)
 
 
 class JudgeConfig(_Strict):
+    """The judge that gives each prompt's K x K win probabilities (sppo/judging/)."""
+
     # pairrm: a pairwise ranker (llm-blender PairRM). reward_model: a scalar reward model (a
     # sequence-classification head, e.g. ArmoRM), P_ij = sigmoid(r_i - r_j). rule: the
     # deterministic rule judge of `rule` below (no model; judge.path is not used). See sppo/judging/.
@@ -130,12 +166,18 @@ class JudgeConfig(_Strict):
     # candidates); pairwise: from the two orderings of (i, j) alone. See sppo/judging/pairrm.py.
     estimator: Literal["reference", "pairwise"] = "reference"
     batch_size: int = Field(default=32, ge=1, description="ordered pairs (pairrm) or candidates (reward_model) per forward pass")
+    # Tokens of the prompt the judge reads (pairrm: llm-blender's source limit, 1224 in the
+    # reference; reward_model: the conversation is cut to source_max_length + candidate_max_length).
     source_max_length: int = Field(default=1224, ge=1)
+    # Tokens of each candidate the judge reads (pairrm: llm-blender's candidate limit, 412 in the
+    # reference: a longer answer is judged on its beginning).
     candidate_max_length: int = Field(default=412, ge=1)
     # pairrm only: DeBERTa's disentangled attention as one SDPA call per layer with cached
     # relative-position indices (sppo/judging/deberta_attention.py); false runs transformers' own.
     fused_attention: bool = True
+    # Ray CPUs of the judge's actor (pairrm, reward_model; the rule judge runs in the driver).
     num_cpus: float = Field(default=1.0, ge=0.0)
+    # Ray GPUs of the judge's actor (0: on CPUs).
     num_gpus: float = Field(default=0.0, ge=0.0)
     # Ray restarts a crashed judge actor this often and retries the whole judging call on it.
     max_restarts: int = Field(default=1, ge=0)
@@ -160,6 +202,7 @@ class LoraConfig(_Strict):
     # Only ranks vLLM serves (its max_lora_rank choices), so an adapter can be served as it is.
     rank: int = 16
     alpha: int = Field(default=32, ge=1)  # scaling alpha / rank; an int, as vLLM reads it
+    # Dropout on the adapter's input (peft's lora_dropout).
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     # Module names (suffixes) peft wraps; not lm_head or embeddings, whose adapters vLLM's
     # log-prob path ignores (vLLM #51594), so vLLM's log-probs would not be the policy's.
@@ -184,41 +227,59 @@ class LoraConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """Training: DeepSpeed ZeRO-3 on Ray Train's workers, RMSprop, one checkpoint per iteration."""
+
     # sppo (soft, the reference's), sppo_hard, sppo_single, dpo (sigmoid), ipo, simpo
     # (reference-free, length-normalised), wpo (DPO with WPO's pair weights). See docs/losses.md.
     loss: Literal["sppo", "sppo_hard", "sppo_single", "dpo", "ipo", "simpo", "wpo"] = "sppo"
     eta: float = Field(default=1000.0, gt=0.0, description="beta = 1/eta for every loss")
     # simpo only: the target reward margin gamma (SimPO's Gemma-2-9B-It recipe: beta 10, gamma 5).
     simpo_gamma: float = Field(default=0.5, ge=0.0)
+    # RMSprop's peak learning rate, reached after the warmup and decayed linearly to 0.
     learning_rate: float = Field(default=5e-7, gt=0.0)
+    # The share of an iteration's optimizer steps spent warming the learning rate up linearly.
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
     # SPPO's targets reach eta/2, so unclipped gradients are huge; 1.0 as the reference trains.
     max_grad_norm: float = Field(default=1.0, gt=0.0)
+    # Passes over the iteration's pairs.
     epochs: int = Field(default=1, ge=1)
     # Stop after this many optimizer steps, before the epochs end (None: every epoch in full).
     # For quick trials and the scale benchmark; the reference pass still covers every pair.
-    # 0 takes no step: pi_t goes through the checkpoint path unchanged.
+    # 0 takes no step: the iteration's starting policy goes through the checkpoint path unchanged.
     max_steps: int | None = Field(default=None, ge=0)
+    # Pairs each worker takes per forward and backward pass.
     per_device_batch_size: int = Field(default=8, ge=1)
+    # Passes per optimizer step; the global batch is per_device_batch_size x this x num_workers.
     gradient_accumulation_steps: int = Field(default=1, ge=1)
+    # Ray Train workers, one ZeRO-3 rank each (and one GPU each with use_gpu).
     num_workers: int = Field(default=2, ge=1)
+    # Ray CPUs each training worker reserves.
     cpus_per_worker: float = Field(default=1.0, ge=0.0)
     # Ray Train restarts the worker group this often after a worker dies; the iteration then
-    # retrains from pi_t (no mid-iteration checkpoint: an iteration is short next to a run).
+    # retrains from the policy it started from (no mid-iteration checkpoint: an iteration is
+    # short next to a run).
     max_failures: int = Field(default=1, ge=0)
+    # One GPU per worker, collectives over NCCL; false: CPUs and gloo.
     use_gpu: bool = False
+    # Train in bfloat16 (DeepSpeed's bf16 mode).
     bf16: bool = False
+    # Recompute each layer's activations in the backward pass: less memory, more compute.
     gradient_checkpointing: bool = False
+    # Tokens of prompt and response kept per sequence; a longer response is cut.
     max_length: int = Field(default=1024, ge=2)
+    # Prompts longer than this many tokens (rendered with the chat template) are left out of the
+    # iteration and of the held-out set; must be less than max_length.
     max_prompt_length: int = Field(default=512, ge=1)
-    # Where log pi_ref(y|x) comes from. policy: one forward pass of the loaded policy (pi_t)
-    # over every pair before the first step. sampler: the log-probs vLLM reported for each
-    # sampled token while pi_t generated it, so training runs no reference pass at all; it then
+    # Where log pi_ref(y|x) comes from; pi_ref is the policy the iteration starts from (pi_{t-1},
+    # which sampled the candidates). policy: one forward pass of the loaded policy over every
+    # pair before the first step. sampler: the log-probs vLLM reported for each sampled token
+    # while pi_{t-1} generated it, so training runs no reference pass at all; it then
     # trains on the sampled token ids themselves (no re-tokenized text) and needs on-policy
     # candidates only. It equals the policy pass to within 1e-5 a token in float32 (tests/test_sampling.py).
-    # online: the reference pipeline's way, a frozen second copy of pi_t run forward at every
+    # online: the reference pipeline's way, a frozen second copy of pi_{t-1} run forward at every
     # step: the same values at twice the weights' memory (the training benchmark's baseline).
     reference_logps: Literal["policy", "sampler", "online"] = "policy"
+    # Seed of the training workers: torch's, and each epoch's shuffle of the pairs.
     seed: int = 42
     # A LoRA adapter is trained instead of the full weights (None: full fine-tuning). `--set train.lora={}`
     # takes the defaults of `LoraConfig`.
@@ -246,16 +307,23 @@ class TrainConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
+    """MLflow: one parent run per output directory, one nested run per iteration (sppo/tracking.py)."""
+
     # Used when MLFLOW_TRACKING_URI is not set.
     tracking_uri: str = "http://127.0.0.1:5000"
+    # The MLflow experiment, created if missing.
     experiment: str = "sppo"
+    # The parent run's name (null: the output directory's name).
     run_name: str | None = None
     # Each iteration's checkpoint becomes a new version of this registered model (None: off).
     register_model: str | None = None
     # The license named in each checkpoint's model card (an SPDX-style id such as apache-2.0, or
     # the base model's, e.g. gemma); None leaves it out.
     license: str | None = None
-    # CPU, memory (and GPU) usage sampled into the parent run's system/* metrics.
+    # MLflow's system metrics monitor, run in the driver: the driver's machine only (the Ray head
+    # in the shipped layouts, which has no GPU) sampled as each iteration run's system/* metrics
+    # (CPU, memory, disk, network; GPU only where that machine has one). The engines', judge's
+    # and training workers' use on other nodes is not recorded; the Ray dashboard shows it.
     system_metrics: bool = True
     # How long every MLflow call (the driver's and the training workers') keeps retrying while
     # the tracking server does not answer; past it the job stops, its outputs kept on disk, and
@@ -274,10 +342,14 @@ class TrackingConfig(_Strict):
 
 
 class TimeoutsConfig(_Strict):
-    # Upper bounds on each wait for actors and workers: a dead or stuck one fails the job
-    # with its role and stage named instead of hanging. Generous defaults for GPU clusters.
+    """Upper bounds on each wait for actors and workers: a dead or stuck one fails the job with its
+    role and stage named instead of hanging. Generous defaults for GPU clusters."""
+
+    # Seconds a sampling call (every engine's shard) may take, engine starts included.
     sampling_s: float = Field(default=24 * 3600.0, gt=0.0)
+    # Seconds a judging call may take, the judge's start included.
     judging_s: float = Field(default=24 * 3600.0, gt=0.0)
+    # Seconds an iteration's training may take (the workers' deadline and collective timeout).
     training_s: float = Field(default=48 * 3600.0, gt=0.0)
     # A job's lease on its output directory (sppo/lease.py) is taken over by another job once
     # its driver has not renewed it for this long (it renews every quarter of it).
@@ -292,11 +364,16 @@ class TimeoutsConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    # Every iteration, pi_t is judged against pi_0 and pi_{t-1} on the held-out prompts
-    # (prompts.eval_size / prompts.eval_split; none held out: no evaluation), sampling.k
-    # samples per prompt and policy. See sppo/evaluation.py.
+    """Every iteration, pi_t is judged against pi_0 and pi_{t-1} on the held-out prompts
+    (prompts.eval_size / prompts.eval_split; none held out: no evaluation), sampling.k samples
+    per prompt and policy. See sppo/evaluation.py."""
+
+    # Bootstrap resamples of the held-out prompts behind each win rate's interval (the
+    # length-controlled fit is refitted on each).
     bootstrap_samples: int = Field(default=1000, ge=1)
+    # The intervals' level (percentile bootstrap).
     confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+    # Seed of the bootstrap resamples; policy g's held-out samples are drawn with seed + 1000 g.
     seed: int = 0
     # The judge that grades the held-out comparisons, with the fields of `judge`. Unset: the
     # training judge. Another judge: both grade them, and each one's win rates are logged,
@@ -309,7 +386,11 @@ class EvalConfig(_Strict):
 
 
 class RunConfig(_Strict):
+    # SPPO iterations, each with its own prompt split (`--iters` sets it).
     iterations: int = Field(default=3, ge=1)
+    # Where manifest.json, run.json and each iteration's outputs and checkpoint go (`--output-dir`
+    # sets it). A relative path is resolved in the driver's working directory, which under
+    # `ray job submit --working-dir` is a temporary copy: give an absolute path there.
     output_dir: str = "outputs/sppo"
     # Where the run's outputs live for every node: a shared path (NFS) or a pyarrow.fs URI
     # (s3://bucket/run, gs://...; credentials and endpoints from the usual environment variables).

@@ -1,5 +1,7 @@
-"""`python -m sppo.export`: one iteration's checkpoint, with its model card, as a directory that
-`from_pretrained` and `huggingface-cli upload` take as it is; `--push-to-hub` uploads it.
+"""`python -m sppo.export`: one finished iteration's checkpoint and model card, copied to a new directory.
+
+That directory is what `from_pretrained` loads and `hf upload REPO DIR` uploads as it is (`hf`
+is huggingface_hub's command line); `--push-to-hub` uploads it with huggingface_hub's API.
 
 Only a finished iteration is exported (its tracking stage is in the run's manifest); the target
 must not exist or be empty, and is filled through a temporary sibling renamed into place, so

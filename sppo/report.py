@@ -1,5 +1,6 @@
-"""`python -m sppo.report --output-dir DIR`: did the run learn, and which iteration to keep? A table
-of iterations as the published cards give them (length-controlled and raw win rates vs the base,
+"""`python -m sppo.report --output-dir DIR`: did the run learn, and which iteration to keep?
+
+A table of iterations as the published cards give them (length-controlled and raw win rates vs the base,
 mean length) with the win rate vs the previous iteration, final loss and stage times, the
 champion and any gain that is mostly length; and a PNG of win rates, length and loss per
 iteration. Read from the output directory's per-iteration metrics; the PNG is logged to the job's

@@ -19,8 +19,13 @@ from sppo.logs import LOG_FORMAT, THIRD_PARTY_LOG, VERBOSE_ENV, job_runtime_env,
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sppo.run",
-        description="Self-Play Preference Optimization on Ray: sample with vLLM, judge with PairRM, "
-        "train with DeepSpeed ZeRO-3, track in MLflow.",
+        description="Self-Play Preference Optimization on Ray: sample with vLLM, judge the candidates "
+        "(judge.kind: a rule, PairRM or a reward model), train with DeepSpeed ZeRO-3, track in MLflow.",
+        epilog="Exit status: 0 the run finished; 2 bad input, a failed check, an output directory in use "
+        "or a stage that cannot fit the cluster (one 'error:' line, before any MLflow run or iteration "
+        "output); 1 the job failed (a lost node, the tracking server gone past "
+        "tracking.outage_limit_s, or any other error: re-submitting continues). Every config field, "
+        "its type, default and meaning: docs/config-reference.md.",
     )
     parser.add_argument("--config", metavar="PATH", help="YAML run config (e.g. configs/tiny.yaml); "
                         "omitted fields take their defaults")
