@@ -150,21 +150,24 @@ class LocalStack:
         log = self.state_dir / "ray-start.log"
         self.auth_token_path, said = ensure_auth_token(_venv_env())
         print(said)
-        agent_port = free_port()
+        agent_port, client_port = free_port(), free_port()
         cmd = [
             str(ray_bin), "start", "--head", f"--num-cpus={self.num_cpus}", f"--port={self.ray_port}",
             "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats", f"--temp-dir={self.ray_temp_dir}",
             # The job agent's default port (52365) is shared by every Ray instance on the machine,
             # e.g. a test's own ray.init(); a free one lets both run side by side.
-            f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}",
         ]
         with open(log, "w") as fh:
             done = subprocess.run(cmd, env=_venv_env(), stdout=fh, stderr=subprocess.STDOUT)
         # Record the daemons even when `ray start` failed half-way, so `stop` can clean up.
         marks = (str(self.ray_temp_dir), f"127.0.0.1:{self.ray_port}")
+        # Ray's client server names the head by the machine's address, not 127.0.0.1: its port tells it.
+        client = f"--port={client_port}"
         self.pids["ray"] = [p.pid for p in psutil.process_iter(["cmdline"])
-                            if any(m in " ".join(p.info["cmdline"] or []) for m in marks)]
+                            if any(m in " ".join(p.info["cmdline"] or []) for m in marks)
+                            or client in (p.info["cmdline"] or [])]
         self._save()
         if done.returncode != 0:
             raise RuntimeError(f"`ray start` failed (exit {done.returncode}); see {log}")
