@@ -73,7 +73,12 @@ class Role:
 
         def pending() -> list[str]:
             left = ray.wait(ready, num_returns=len(ready), timeout=0)[1] if ready else []
-            return [f"{len(left)} x {self.name} ({self.resources})"] if left else []
+            free = ray.available_resources()
+            # Not ready while its __init__ runs (a vLLM engine's start) too: only an actor the
+            # cluster has no room for is waiting for placement.
+            if not left or (free.get("CPU", 0.0) >= self.cpus and free.get("GPU", 0.0) >= self.gpus):
+                return []
+            return [f"{len(left)} x {self.name} ({self.resources})"]
 
         return PlacementWait(self.stage, pending, self.placement_s)
 

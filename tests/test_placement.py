@@ -141,11 +141,16 @@ def test_placed_actors_are_not_reported(ray_cluster):
 
     @ray.remote
     class Small:
+        def __init__(self):
+            time.sleep(4)  # placed, and starting as slowly as a vLLM engine: not a placement wait
+
         def work(self) -> int:
             return 1
 
     actor = Small.options(num_cpus=role.cpus).remote()
     watch = role.actors_placement([actor])
+    time.sleep(1)
+    assert watch.pending() == []
     assert ray.get(actor.work.remote()) == 1
     assert watch.pending() == []
     time.sleep(1.2)
