@@ -11,7 +11,7 @@ Length control. Judges prefer longer answers (PairRM included), and preference o
 learns that, so a raw win rate rises as answers grow. Each pair (a sample of pi_t, one of the
 other policy) gives the judge's probability p and the length difference d in characters; the
 logistic model logit(p) = theta + phi * tanh(d / s), s the standard deviation of d over the
-pairs, is fitted to the soft labels p with a small L2 penalty (scikit-learn), and sigmoid(theta),
+pairs, is fitted to the soft labels p with a small L2 penalty (scipy), and sigmoid(theta),
 the win rate at equal length, is the length-controlled (LC) win rate, as AlpacaEval 2 reports it.
 Its interval refits the model on the raw win rate's bootstrap resamples of prompts. Where nearly
 all length differences have one sign, LC extrapolates to d = 0; where s is 0 there is nothing to

@@ -162,9 +162,13 @@ class Placement:
     problems: tuple[str, ...] = ()
 
 
-def _resources(nodes: Sequence[Mapping[str, float]]) -> str:
+def _totals(nodes: Sequence[Mapping[str, float]]) -> str:
     cpus, gpus = (sum(n.get(name, 0.0) for n in nodes) for name in ("CPU", "GPU"))
-    return f"{cpus:g} CPU, {gpus:g} GPU over {len(nodes)} node(s)"
+    return f"{cpus:g} CPU, {gpus:g} GPU"
+
+
+def _resources(nodes: Sequence[Mapping[str, float]]) -> str:
+    return f"{_totals(nodes)} over {len(nodes)} node(s)"
 
 
 def decide_placement(cfg: RunConfig, nodes: Sequence[dict[str, float]],
@@ -182,7 +186,7 @@ def decide_placement(cfg: RunConfig, nodes: Sequence[dict[str, float]],
     target = grown or nodes
     if check_fit(plan, nodes) and grown is not None and not check_fit(plan, grown):
         return Placement(mode, notes=(f"the plan does not fit the cluster as it is ({_resources(nodes)}), but its "
-                                      f"autoscaler can grow it to {_resources(grown).rsplit(' over', 1)[0]}: stages "
+                                      f"autoscaler can grow it to {_totals(grown)}: stages "
                                       f"wait for nodes up to timeouts.placement_s={cfg.timeouts.placement_s:g} s",))
     if not check_fit(plan, target):
         return Placement(mode)
