@@ -11,7 +11,10 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/cpu.lock pyproject.toml | s
 # uv installs the lock (pinned; bootstrapped into the venv with python3's pip). Without uv: README.
 UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
-UV_PIP := $(UV) pip install --quiet --python $(PY)
+# --compile-bytecode: uv leaves it out by default, and where PYTHONDONTWRITEBYTECODE is set (CI,
+# many containers) every process would compile its imports again: 21 s instead of 8 s for the
+# imports of an engine or a training worker (docs/performance.md, "Install").
+UV_PIP := $(UV) pip install --quiet --compile-bytecode --python $(PY)
 # The CPU torch build is not on PyPI: it comes from PyTorch's CPU index (pyproject.toml's
 # [[tool.uv.index]] pytorch-cpu), unless a wheel directory that pip is configured with has it.
 TORCH := $(shell grep -m1 '^torch==' requirements/cpu.lock)
@@ -30,7 +33,7 @@ PYTEST_ARGS ?=
 # core idle in one lane (docs/testing.md). TEST_LANES=0 runs it in this one process.
 TEST_LANES ?= 2
 # What `make demo` announces for a 2-core machine: install from docs/performance.md ("Install"), the rest from README.
-DEMO_INSTALL_TIME := about 75 s the first time (50 s with uv's cache warm)
+DEMO_INSTALL_TIME := about 110 s the first time (100 s with uv's cache warm)
 DEMO_SERVERS_TIME := about 10 s
 DEMO_JOB_TIME := about 80-150 s
 # When make started, and when each part of the demo ended: the wall times it prints at its end.

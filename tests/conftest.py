@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,6 +69,25 @@ def pytest_collection_modifyitems(config, items):
         rank[item.nodeid] = 0 if lane else 1 if item.get_closest_marker("slow") else 2
     items.sort(key=lambda item: rank[item.nodeid])
 
+
+_TERMINAL = None
+LONG_TEST_S = 30
+_SESSION_START = time.monotonic()
+
+
+@pytest.hookimpl(trylast=True)  # after the terminal reporter has registered
+def pytest_configure(config):
+    global _TERMINAL
+    _TERMINAL = config.pluginmanager.get_plugin("terminalreporter")
+
+
+def pytest_runtest_logreport(report):
+    """A line for each phase over LONG_TEST_S, with the suite's elapsed time, as it happens: CI
+    keeps only the tail of a run it stops, and `--durations` prints only at the end. (In an xdist
+    lane there is no terminal; the controller writes the line when the report reaches it.)"""
+    if report.duration >= LONG_TEST_S and _TERMINAL is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
+        elapsed = (time.monotonic() - _SESSION_START) / 60
+        _TERMINAL.write_line(f"[suite at {elapsed:.1f} min] {report.when} of {report.nodeid}: {report.duration:.0f} s")
 
 @pytest.fixture(scope="session")
 def ray_cluster():
@@ -224,7 +245,7 @@ def demo(tmp_path_factory):
            f"OUTPUT_DIR={output_dir}", f"RAY_PORT={stack.ray_port}", f"DASHBOARD_PORT={stack.dashboard_port}",
            f"MLFLOW_PORT={stack.mlflow_port}"]
     try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
         log = done.stdout + done.stderr
         (root / "demo.log").write_text(log)
         assert done.returncode == 0, f"`make demo` failed on an empty home directory:\n{log[-8000:]}"

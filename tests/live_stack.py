@@ -54,7 +54,7 @@ def submit_command(stack: LocalStack, output_dir: Path, *args: str, config: str 
 def submit(stack: LocalStack, output_dir: Path, *args: str, config: str = "configs/tiny.yaml",
            job_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd, env = submit_command(stack, output_dir, *args, config=config, job_env=job_env)
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, f"job failed:\n{done.stdout[-8000:]}\n{done.stderr[-4000:]}"
     return done
 

@@ -77,7 +77,7 @@ def test_results_file_has_the_summary_and_every_record(tmp_path, capsys):
 
 def run_bench(*args: str) -> str:
     """`python -m bench` in a process of its own (it starts and stops Ray clusters of its own); its output."""
-    done = subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, timeout=1800)
+    done = subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done.stdout
 

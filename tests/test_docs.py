@@ -66,6 +66,7 @@ EXTERNAL_FLAGS = {
     "--serve-artifacts",  # mlflow server
     "--runtime-env-json",  # ray job submit
     "--extra-index-url",  # pip
+    "--compile-bytecode",  # uv pip install
     "--err",  # ray logs actor
 }
 FILE_SUFFIXES = (".py", ".md", ".yaml", ".yml", ".json", ".jsonl", ".parquet", ".png", ".log", ".lock", ".txt",

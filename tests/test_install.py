@@ -131,3 +131,17 @@ def test_make_demo_says_how_long_before_and_each_parts_wall_time_at_the_end(tmp_
     assert summary.strip() == "Wall time:        install 62 s, servers start 9 s, job 141 s (total 212 s)"
     plan = make("-n", "demo", f"STATE_DIR={tmp_path}", f"VENV={tmp_path}/venv")
     assert plan.index("make demo, on a 2-core machine") < plan.index("installing the locked CPU stack")
+
+
+def test_the_installed_stack_carries_its_compiled_bytecode():
+    """Every process (engine, judge, training worker, driver) imports this stack; where
+    PYTHONDONTWRITEBYTECODE is set, as on CI, it would compile every module again each time unless
+    the install compiled them (`uv pip install --compile-bytecode`; uv leaves them out by default)."""
+    import importlib.util
+
+    missing = []
+    for name in ("torch", "transformers", "vllm", "ray", "deepspeed", "mlflow", "peft"):
+        source = importlib.util.find_spec(name).origin
+        if not Path(importlib.util.cache_from_source(source)).is_file():
+            missing.append(name)
+    assert not missing, f"no .pyc for {missing} in {sys.prefix}: install with `uv pip install --compile-bytecode`"
