@@ -78,6 +78,7 @@ def _through_the_checkpoint_path(stack, root: Path, model_dir: Path, pairs: Path
     """Train (save and publish included), upload, register, load in vLLM: each step's record."""
     from sppo.config import SamplingConfig, TrainConfig
     from sppo.roles import sampling_role, training_role
+    from sppo.policy import Policy
     from sppo.sampling import EnginePool
     from sppo.run_directory import RunDirectory
     from sppo.tracking import Tracker
@@ -91,7 +92,7 @@ def _through_the_checkpoint_path(stack, root: Path, model_dir: Path, pairs: Path
         peaks.enter("train")
         with Timer() as trained:
             train_cfg = TrainConfig(**TRAIN, max_steps=steps)
-            result = train_policy(str(pairs), str(model_dir), str(checkpoint), train_cfg,
+            result = train_policy(str(pairs), Policy(str(model_dir)), str(checkpoint), train_cfg,
                                   storage_dir=str(root / "ray_train"), mlflow_tracking_uri=stack.mlflow_url,
                                   mlflow_run_id=run_id, role=training_role(train_cfg, timeout_s=3600))
         peaks.enter("upload")
@@ -103,7 +104,7 @@ def _through_the_checkpoint_path(stack, root: Path, model_dir: Path, pairs: Path
         peaks.enter("vllm")
         engine_cfg = SamplingConfig(k=2, max_tokens=8, max_model_len=256, cpu_kvcache_gib=1, engine_mode="restart")
         with Timer() as sampled, EnginePool(engine_cfg, sampling_role(engine_cfg, timeout_s=3600)) as engines:
-            samples = engines.sample(str(checkpoint), ["Say hello."], seed=0)
+            samples = engines.sample(Policy(str(checkpoint)), ["Say hello."], seed=0)
     tracker.finish(run_id)
     tracker.finish_parent()
     return checkpoint, result, {

@@ -271,6 +271,7 @@ def run(size: str = "full", seed: int = 0) -> dict:
     import torch
 
     from sppo.config import TrainConfig
+    from sppo.policy import Policy
     from sppo.roles import training_role
     from sppo.training import train_policy
 
@@ -301,7 +302,7 @@ def run(size: str = "full", seed: int = 0) -> dict:
             def ours(run_cfg: TrainConfig, name: str) -> dict:
                 path = sampled_pairs_path if run_cfg.reference_logps == "sampler" else pairs_path
                 with ProcessPeaks(os.getpid(), [os.getpid()], interval_s=0.05) as memory, Timer() as wall:
-                    result = train_policy(str(path), policy_dir, str(work / f"{name}-ckpt"), run_cfg,
+                    result = train_policy(str(path), Policy(policy_dir), str(work / f"{name}-ckpt"), run_cfg,
                                           storage_dir=str(work / "ray"), role=training_role(run_cfg, timeout_s=1800))
                 timings = result.timings
                 return {"seconds": timings["reference_logps"] + timings["train_steps"], **timings,

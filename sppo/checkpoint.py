@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
+from sppo.policy import ADAPTER_DIR
 from sppo.storage import follow_umask, is_uri, publish_directory, upload_dir
 
 # Files of a model directory that the checkpoint writes itself rather than copies.
@@ -30,7 +31,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 _MODEL_FILES = ("config.json", "generation_config.json")
 SHARD_BYTES = 2 * 2**30
 INDEX_FILE = "model.safetensors.index.json"
-ADAPTER_DIR = "adapter"  # in a LoRA-trained checkpoint: the trained adapter alone
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -95,7 +95,8 @@ def save_adapter(model, directory: Path) -> Exception | None:
     if state is None:
         return None
     try:
-        model.save_pretrained(str(directory), state_dict=state)
+        # The trained adapter alone: with an online reference, pi_t's frozen copy is loaded beside it.
+        model.save_pretrained(str(directory), state_dict=state, selected_adapters=["default"])
     except Exception as err:
         return err
     return None

@@ -33,6 +33,7 @@ from sppo.pairs import hybrid_candidates, training_rows
 from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
 from sppo.models import local_model
 from sppo.plan import PlacementError, job_placement
+from sppo.policy import Policy, trained_policy
 from sppo.preflight import preflight
 from sppo.roles import run_roles
 from sppo.run_directory import IterationDir
@@ -44,10 +45,10 @@ from sppo.training import train_policy
 log = logging.getLogger("sppo")
 
 
-def run_iteration(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: str, judge: str,
-                  todo: tuple[str, ...] = STAGES) -> str:
+def run_iteration(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: Policy, judge: str,
+                  todo: tuple[str, ...] = STAGES) -> Policy:
     """One SPPO iteration, pi_t -> pi_{t+1}: the stages in `todo`, the rest done by an earlier
-    attempt (`RunManifest.resume_point`). policy is the base model's spec or pi_t's checkpoint."""
+    attempt (`RunManifest.resume_point`). policy: pi_t, the base model at the first iteration."""
     it = rec.it
     if "sampling" in todo:
         sample_stage(cfg, rec, engines, policy)  # y_1..y_K ~ pi_t(. | x) for x in D_t
@@ -64,21 +65,26 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, p
         evaluation_stage(cfg, rec, engines, policy)  # pi_{t+1} vs pi_t and pi_0
     with rec.stage("tracking", card=it.checkpoint / CARD_FILE):
         rec.log_outputs()
-    return str(it.checkpoint)
+    return published_policy(cfg, it)
+
+
+def published_policy(cfg: RunConfig, it: IterationDir) -> Policy:
+    """pi_{t+1} as iteration it published it (with train.lora: the base plus its adapter)."""
+    return trained_policy(cfg.policy.path, str(it.checkpoint), adapter=cfg.train.lora is not None)
 
 
 # Each stage reads its input from the iteration directory and publishes its output there.
 # Engines, judges and train workers get models and directories as `rec.for_workers` names them.
 
 
-def sample_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: str) -> None:
+def sample_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: Policy) -> None:
     it, t = rec.it, rec.it.iteration
-    selection = iteration_prompts(cfg.prompts, t, too_long=too_long_filter(cfg, policy))
+    selection = iteration_prompts(cfg.prompts, t, too_long=too_long_filter(cfg, policy.weights))
     rec.record({f"prompts/{k}": v for k, v in selection.counts.items()})
     log.info("%s", selection.summary(t, cfg.train.max_prompt_length))
     prompts, token_logps = selection.prompts, cfg.train.reference_logps == "sampler"
     with rec.stage("sampling", samples=it.samples):
-        samples = engines.sample(rec.for_workers(policy), prompts, seed=cfg.sampling.seed + 1000 * t,
+        samples = engines.sample(policy.mapped(rec.for_workers), prompts, seed=cfg.sampling.seed + 1000 * t,
                                  token_logps=token_logps)
         rows = [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)]
         if token_logps:  # log pi_t of the sampled tokens: the trainer's reference log-probs
@@ -114,12 +120,12 @@ def pairs_stage(cfg: RunConfig, rec: "IterationRecord") -> None:
         rec.publish(it.pairs, rows, pair_metrics(rows))
 
 
-def train_stage(cfg: RunConfig, rec: "IterationRecord", policy: str) -> None:
+def train_stage(cfg: RunConfig, rec: "IterationRecord", policy: Policy) -> None:
     it, for_workers = rec.it, rec.for_workers
     # Held-out samples of a pi_{t+1} this stage replaces (a changed train.* config) are not reused.
     it.eval_samples.unlink(missing_ok=True)
     with rec.stage("training", checkpoint=it.checkpoint, train_history=it.train_history):
-        result = train_policy(str(it.pairs), for_workers(policy), for_workers(str(it.checkpoint)), cfg.train,
+        result = train_policy(str(it.pairs), policy.mapped(for_workers), for_workers(str(it.checkpoint)), cfg.train,
                               storage_dir=for_workers(str(it.path / "ray_train")),
                               mlflow_tracking_uri=rec.tracker.uri, mlflow_run_id=rec.run_id,
                               role=run_roles(cfg).training, trust_remote_code=cfg.policy.trust_remote_code)
@@ -149,7 +155,7 @@ def sampled_tokens(samples_path: Path) -> tuple[list, list]:
     return _columns(sampled, "candidate_token_ids", "candidate_token_logps")
 
 
-def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: str) -> None:
+def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: Policy) -> None:
     # The new policy against this iteration's input and the base, on prompts never trained on.
     it, t = rec.it, rec.it.iteration
     tokenizer = policy_tokenizer(cfg, cfg.policy.path)  # filters the prompts, and counts the answers' tokens
@@ -157,7 +163,8 @@ def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool
     if not heldout:  # no held-out prompts configured (or none fits): nothing to evaluate, and done
         rec.manifest.record_stage(t, "evaluation", cfg, {}, rec.run_id)
         return
-    policies = {0: cfg.policy.path, t - 1: rec.for_workers(policy), t: rec.for_workers(str(it.checkpoint))}
+    policies = {0: Policy(cfg.policy.path), t - 1: policy.mapped(rec.for_workers),
+                t: published_policy(cfg, it).mapped(rec.for_workers)}
     with rec.stage("evaluation", eval_judgments=it.eval_judgments):
         rows, metrics = evaluate(cfg, it.run, t, policies, heldout, engines, tokenizer)
         rec.publish(it.eval_judgments, rows, metrics)
@@ -193,12 +200,13 @@ def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | No
     first, todo = manifest.resume_point(cfg)
     if first <= cfg.iterations and todo != STAGES:
         log.info("iteration %d: continuing at %s (the manifest vouches for the stages before it)", first, todo[0])
-    policy = cfg.policy.path if first == 1 else str(run.iteration(first - 1).checkpoint)
+    policy = Policy(cfg.policy.path) if first == 1 else published_policy(cfg, run.iteration(first - 1))
     judge = cfg.judge.model_path or ""  # each judge actor resolves it on its node
     status = "FAILED"
-    # One set of vLLM engines for the whole job: each iteration's stages load the policy they need.
+    # One set of vLLM engines for the whole job: each iteration's stages load the policy they need
+    # (with train.lora, the engines keep the base and serve each iteration's adapter).
     engines = EnginePool(cfg.sampling.model_copy(update={"engine_mode": engine_mode}), run_roles(cfg).sampling,
-                         cfg.policy.trust_remote_code)
+                         cfg.policy.trust_remote_code, max_lora_rank=cfg.train.lora.rank if cfg.train.lora else None)
     try:
         for t in range(first, cfg.iterations + 1):
             log.info("=== iteration %d/%d: policy %s", t, cfg.iterations, policy)
@@ -252,10 +260,10 @@ class IterationRecord:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, policy: str,
+    def open(cls, tracker: Tracker, manifest: RunManifest, it: IterationDir, cfg: RunConfig, policy: Policy,
              engine_mode: str):
         run_id = tracker.start_iteration(it.iteration, {**cfg.flat(), "iteration": it.iteration,
-                                                        "policy.input": policy, "sampling.engine_mode_used": engine_mode})
+                                                        "policy.input": str(policy), "sampling.engine_mode_used": engine_mode})
         rec = cls(tracker, manifest, it, cfg, run_id)
         tracker.log_metrics(run_id, it.read_metrics())  # stages finished by an earlier attempt
         try:

@@ -42,6 +42,7 @@ import numpy as np
 from scipy.special import expit
 
 from sppo.config import EvalConfig, JudgeConfig, RunConfig
+from sppo.policy import Policy
 from sppo.roles import Role, eval_judging_role, own_eval_judge, run_roles
 from sppo.run_directory import IterationDir, RunDirectory
 from sppo.sampling import EnginePool
@@ -286,7 +287,7 @@ def choose_champion(metrics: Mapping[int, Mapping[str, float]]) -> Champion:
 # ---------------------------------------------------------------- the stage
 
 
-def ensure_eval_samples(it: IterationDir, engines: EnginePool, policy: str, prompts: list[str], seed: int) -> list[dict]:
+def ensure_eval_samples(it: IterationDir, engines: EnginePool, policy: Policy, prompts: list[str], seed: int) -> list[dict]:
     """The held-out samples of iteration it's policy, drawn from `policy` when not yet published."""
     path = it.eval_samples
     if not path.exists():
@@ -312,7 +313,7 @@ def token_counts(tokenizer, candidates: list[list[str]]) -> list[list[int]]:
     return [[len(ids) for ids in tokenizer(cands, add_special_tokens=False)["input_ids"]] for cands in candidates]
 
 
-def evaluate(cfg: RunConfig, run: RunDirectory, t: int, policies: dict[int, str], prompts: list[str],
+def evaluate(cfg: RunConfig, run: RunDirectory, t: int, policies: dict[int, Policy], prompts: list[str],
              engines: EnginePool, tokenizer):
     """Judge pi_t's held-out samples against pi_{t-1}'s and pi_0's; `policies` maps 0, t-1 and t
     to their model directories, `tokenizer` (the policy's) counts tokens. Returns the judgment

@@ -32,6 +32,7 @@ from typing import TypeVar
 from sppo.chat import render_prompt_ids
 from sppo.config import SamplingConfig
 from sppo.models import local_model
+from sppo.policy import Policy
 from sppo.progress import LoggedProgress
 from sppo.roles import Role, sampling_role
 
@@ -125,8 +126,10 @@ def sampling_params_kwargs(cfg: SamplingConfig, token_logps: bool = False) -> di
 
 
 def engine_kwargs(model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_code: bool = False,
-                  sleep_mode: bool = False) -> dict:
-    """Arguments of vLLM's `LLM` for a policy checkpoint (tokenizer from the same directory)."""
+                  sleep_mode: bool = False, max_lora_rank: int | None = None) -> dict:
+    """Arguments of vLLM's `LLM` for a policy checkpoint (tokenizer from the same directory).
+    max_lora_rank: serve LoRA adapters up to that rank on these weights, one adapter at a time
+    (a call samples one policy)."""
     kwargs = {
         "model": model_dir,
         "tokenizer": model_dir,
@@ -144,6 +147,8 @@ def engine_kwargs(model_dir: str, cfg: SamplingConfig, seed: int, trust_remote_c
         kwargs["enforce_eager"] = True
     if sleep_mode:
         kwargs["enable_sleep_mode"] = True
+    if max_lora_rank is not None:
+        kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
     return kwargs
 
 
@@ -182,46 +187,56 @@ def _seed_worker(worker, seed: int) -> None:
 
 
 class VLLMEngine:
-    """One vLLM engine; a Ray actor when wrapped with `ray.remote`. Starts on `policy` and
-    loads whichever policy a `generate` call names."""
+    """One vLLM engine; a Ray actor when wrapped with `ray.remote`. Starts on `policy`'s weights
+    and samples whichever policy a `generate` call names: other weights are loaded in place, an
+    adapter is named in the call's `LoRARequest` (the engine must have max_lora_rank)."""
 
-    def __init__(self, policy: str, cfg: SamplingConfig, trust_remote_code: bool = False, sleep_mode: bool = False):
+    def __init__(self, policy: Policy, cfg: SamplingConfig, trust_remote_code: bool = False, sleep_mode: bool = False,
+                 max_lora_rank: int | None = None):
         from transformers import AutoTokenizer
         from vllm import LLM
 
-        model_dir = local_model(policy)  # a storage URI is fetched to this node first
+        model_dir = local_model(policy.weights)  # a storage URI is fetched to this node first
         self._cfg = cfg
         # The same tokenizer class the trainer loads, so prompt ids match token for token. Every
         # checkpoint of a run keeps the base model's tokenizer.
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         started = time.monotonic()
-        self.llm = LLM(**engine_kwargs(model_dir, cfg, cfg.seed, trust_remote_code, sleep_mode))
+        self.llm = LLM(**engine_kwargs(model_dir, cfg, cfg.seed, trust_remote_code, sleep_mode, max_lora_rank))
         self._start_s = time.monotonic() - started
         self._unreported_start = True  # the next Samples report this start
-        self._policy: str | None = policy  # None: asleep, no weights held
+        self._weights: str | None = policy.weights  # None: asleep, no weights held
 
-    def load(self, policy: str) -> float:
-        """Hold `policy`'s weights (woken first if asleep); seconds spent, 0 if already held."""
-        if policy == self._policy:
+    def load(self, policy: Policy) -> float:
+        """Hold `policy`'s weights (woken first if asleep); seconds spent, 0 if already held.
+        An adapter is not loaded here: vLLM loads it with the first request that names it."""
+        if policy.weights == self._weights:
             return 0.0
         started = time.monotonic()
-        if self._policy is None:
+        if self._weights is None:
             self.llm.wake_up()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": local_model(policy)})
-        self._policy = policy
+            # Level 2 dropped the adapters' weights with the model's, but vLLM still lists them as
+            # loaded: removed, the next request that names one loads it again from its directory.
+            for adapter_id in self.llm.llm_engine.list_loras():
+                self.llm.llm_engine.remove_lora(adapter_id)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": local_model(policy.weights)})
+        self._weights = policy.weights
         return time.monotonic() - started
 
     def sleep(self) -> None:
         """Level 2: weights and KV cache are dropped (the next policy is loaded on wake-up)."""
-        if self._policy is not None:
+        if self._weights is not None:
             self.llm.sleep(level=2)
-            self._policy = None
+            self._weights = None
 
-    def generate(self, policy: str, prompts: list[str], seed: int, token_logps: bool = False) -> Samples:
+    def generate(self, policy: Policy, prompts: list[str], seed: int, token_logps: bool = False) -> Samples:
         """K completions per prompt from `policy`, in input order, from one n=K request per prompt."""
         from vllm import SamplingParams, TokensPrompt
+        from vllm.lora.request import LoRARequest
 
         load_s = self.load(policy)
+        adapter = None if policy.adapter is None else LoRARequest(
+            lora_name=policy.adapter, lora_int_id=policy.adapter_id, lora_path=local_model(policy.adapter))
         self.llm.collective_rpc(_seed_worker, args=(seed,))
         # Cached prefixes may come from earlier weights, and a warm cache changes what is
         # recomputed: every call starts from an empty cache, as a fresh engine does.
@@ -230,7 +245,7 @@ class VLLMEngine:
         prompt_ids = render_prompt_ids(self.tokenizer, prompts)
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         # vLLM's progress (done/total prompts, rate, ETA) as our log lines, every 30 s.
-        outputs = self.llm.generate(requests, params, use_tqdm=LoggedProgress)  # in request order
+        outputs = self.llm.generate(requests, params, use_tqdm=LoggedProgress, lora_request=adapter)  # in request order
         completions = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
         if params.detokenize:
             texts = [[c.text for c in cands] for cands in completions]
@@ -269,9 +284,12 @@ class EnginePool:
     and deadlines: `sppo.roles.sampling_role`), started on first use and kept as `engine_mode`
     says; `close` (or leaving a `with` block) stops them."""
 
-    def __init__(self, cfg: SamplingConfig, role: Role | None = None, trust_remote_code: bool = False):
-        """role: default `sampling_role(cfg)`, which never times out."""
+    def __init__(self, cfg: SamplingConfig, role: Role | None = None, trust_remote_code: bool = False,
+                 max_lora_rank: int | None = None):
+        """role: default `sampling_role(cfg)`, which never times out. max_lora_rank: the engines
+        serve policies with LoRA adapters up to that rank (`engine_kwargs`)."""
         self.cfg, self.mode, self._trust_remote_code = cfg, engine_mode(cfg), trust_remote_code
+        self._max_lora_rank = max_lora_rank
         self.role = role if role is not None else sampling_role(cfg)
         self._engines: list = []
         self._placement = None  # the engines' placement, watched while a call waits on them
@@ -284,7 +302,7 @@ class EnginePool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def sample(self, policy: str, prompts: list[str], seed: int, token_logps: bool = False) -> Samples:
+    def sample(self, policy: Policy, prompts: list[str], seed: int, token_logps: bool = False) -> Samples:
         """cfg.k candidates per prompt from `policy`: engine i samples the i-th contiguous shard
         with seed + i. With token_logps the samples also carry each candidate's token ids and
         their log-probs. The role's timeout_s bounds the whole call, engine start included. On
@@ -292,6 +310,8 @@ class EnginePool:
         if not prompts:
             return Samples(candidates=[], prompt_token_ids=[], num_generated_tokens=0)
         sampling_params_kwargs(self.cfg)  # fail on the driver, before any engine starts
+        if policy.adapter is not None and self._max_lora_rank is None:
+            raise ValueError(f"policy {policy} has a LoRA adapter, but the engines serve none (max_lora_rank unset)")
         shards = [part for part in shard(prompts, self.role.count) if part]
         started = time.monotonic()
         self._replace_engines_on_lost_nodes()
@@ -354,7 +374,7 @@ class EnginePool:
                            "engine(s) on the nodes left", ", ".join(sorted(lost)))
             self._stop({i for i, node in enumerate(self._nodes) if node not in lost})
 
-    def _start(self, policy: str, count: int) -> None:
+    def _start(self, policy: Policy, count: int) -> None:
         import ray
 
         # A crashed engine is restarted and its in-flight call retried on it: the call names its
@@ -363,8 +383,8 @@ class EnginePool:
                                 **self.role.actor_options())(VLLMEngine)
         # Restart mode starts only the engines this call's shards need.
         count = count if self.mode == "restart" else self.role.count
-        self._engines = [engine_cls.remote(policy, self.cfg, self._trust_remote_code, self.mode == "sleep")
-                         for _ in range(count)]
+        self._engines = [engine_cls.remote(policy, self.cfg, self._trust_remote_code, self.mode == "sleep",
+                                           self._max_lora_rank) for _ in range(count)]
         self._placement = self.role.actors_placement(self._engines)
         logger.info("sampling: starting %d vLLM engine(s) on %s (engine_mode %s, dtype %s)", count, policy,
                     self.mode, self.cfg.dtype)
@@ -385,8 +405,9 @@ class EnginePool:
         logger.info("sampling: stopped %d vLLM engine(s)", len(engines))
 
 
-def sample_candidates(policy: str, prompts: list[str], cfg: SamplingConfig, seed: int, role: Role | None = None,
-                      trust_remote_code: bool = False, token_logps: bool = False) -> Samples:
+def sample_candidates(policy: Policy, prompts: list[str], cfg: SamplingConfig, seed: int, role: Role | None = None,
+                      trust_remote_code: bool = False, token_logps: bool = False,
+                      max_lora_rank: int | None = None) -> Samples:
     """One sampling call on engines started for it and stopped after it (`EnginePool.sample`)."""
-    with EnginePool(cfg.model_copy(update={"engine_mode": "restart"}), role, trust_remote_code) as pool:
+    with EnginePool(cfg.model_copy(update={"engine_mode": "restart"}), role, trust_remote_code, max_lora_rank) as pool:
         return pool.sample(policy, prompts, seed, token_logps)

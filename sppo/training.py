@@ -24,6 +24,7 @@ from sppo.cluster import POLL_S, NodeWatch, PlacementWait
 from sppo.config import TrainConfig
 from sppo.losses import get_loss
 from sppo.models import is_local_path, local_model
+from sppo.policy import Policy
 from sppo.roles import Role, training_role
 from sppo.training_data import read_pairs, total_steps
 
@@ -77,7 +78,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             cfg, config["rows"], local_model(config["policy_dir"]),  # from shared storage if a URI
             config["checkpoint_dir"], device=ray.train.torch.get_device(), timeout_s=config["timeout_s"],
             started_at=config["submitted_at"], live_metrics=live_metrics,
-            trust_remote_code=config["trust_remote_code"])
+            trust_remote_code=config["trust_remote_code"],
+            adapter_dir=None if config["adapter_dir"] is None else local_model(config["adapter_dir"]))
     except (FloatingPointError, TimeoutError, OSError, ValueError) as err:  # loss, deadline, disk, data
         return {"error": f"{type(err).__name__}: {err}"}
     # worker_start: from fit() to the recipe (Ray Train's controller, the workers' processes,
@@ -122,7 +124,7 @@ def _absolute(spec: str) -> str:
 
 def train_policy(
     pairs_path: str,
-    policy_dir: str,
+    policy: Policy,
     checkpoint_dir: str,
     cfg: TrainConfig,
     *,
@@ -132,7 +134,8 @@ def train_policy(
     role: Role | None = None,
     trust_remote_code: bool = False,
 ) -> TrainResult:
-    """Train pi_{t+1} from pi_t (policy_dir) on pairs_path; publish it at checkpoint_dir.
+    """Train pi_{t+1} from pi_t (`policy`: its weights, and with train.lora its adapter, continued;
+    none at the first iteration) on pairs_path; publish it at checkpoint_dir.
 
     An existing checkpoint_dir is replaced only once the new checkpoint is complete.
     role (default `training_role(cfg)`, which never times out): the workers' count, resources and
@@ -146,8 +149,11 @@ def train_policy(
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    policy_dir = policy.weights
     if is_local_path(policy_dir) and not Path(policy_dir, "config.json").is_file():
         raise FileNotFoundError(f"policy_dir {policy_dir}: no config.json (needs a local model directory)")
+    if policy.adapter is not None and cfg.lora is None:
+        raise ValueError(f"policy {policy} has a LoRA adapter to continue, but train.lora is not set")
     rows = read_pairs(pairs_path, sampled_tokens=cfg.reference_logps == "sampler")
     num_steps = total_steps(len(rows), cfg)
     get_loss(cfg.loss)
@@ -171,6 +177,7 @@ def train_policy(
             "cfg": cfg.model_dump(),
             "rows": rows,
             "policy_dir": _absolute(policy_dir),
+            "adapter_dir": None if policy.adapter is None else _absolute(policy.adapter),
             "checkpoint_dir": _absolute(checkpoint_dir),
             "mlflow_tracking_uri": mlflow_tracking_uri,
             "mlflow_run_id": mlflow_run_id,
@@ -191,7 +198,7 @@ def train_policy(
     )
     logger.info(
         "training %s on %d pairs: %d steps of %d pairs on %d workers",
-        policy_dir, len(rows), num_steps, cfg.global_batch_size, role.count,
+        policy, len(rows), num_steps, cfg.global_batch_size, role.count,
     )
     watch = role.node_watch()
     try:

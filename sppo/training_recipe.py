@@ -9,10 +9,13 @@ reference log-probs, the train loop, save. Where log pi_ref comes from (train.re
 - sampler: the log-probs vLLM reported while pi_t sampled the responses: no reference pass;
 - online: the reference pipeline's way, a frozen second copy of pi_t under ZeRO-3 run forward
   at every step (twice the weights held: the training benchmark's baseline); with train.lora,
-  the same model with its adapter switched off (no second copy).
+  the same model under pi_t's adapter frozen (or switched off when pi_t is the base): no second
+  copy of the weights.
 
-With train.lora, pi_t loads frozen and a fresh peft LoRA adapter (B = 0: still exactly pi_t) is
-the only trainable state; the checkpoint is published merged, with the adapter in adapter/.
+With train.lora, pi_t is the base plus an adapter (`--adapter`; none at the first iteration): the
+base loads frozen, pi_t's adapter (or a fresh one, B = 0) is the only trainable state and is
+continued, so pi_{t+1} is the same base plus one adapter; the checkpoint is published merged,
+with that adapter in adapter/.
 
 Without any orchestrator, on the job's own config:
 
@@ -98,8 +101,10 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def load_engine(policy_dir: str, cfg: TrainConfig, num_steps: int, trust_remote_code: bool):
+def load_engine(policy_dir: str, cfg: TrainConfig, num_steps: int, trust_remote_code: bool,
+                adapter_dir: str | None = None):
     """The policy as a ZeRO-3 DeepSpeed engine with RMSprop and a linear warmup/decay schedule.
+    With train.lora, policy_dir is the base and adapter_dir pi_t's adapter (None: pi_t is the base).
 
     Also returns transformers' DeepSpeed config holder, which the caller keeps alive while it
     loads or uses models: transformers finds it through a weakref, and from_pretrained then
@@ -118,7 +123,7 @@ def load_engine(policy_dir: str, cfg: TrainConfig, num_steps: int, trust_remote_
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.lora is not None:
-        model = add_adapter(model, cfg.lora)
+        model = add_adapter(model, cfg.lora, adapter_dir, reference_copy=cfg.reference_logps == "online")
     warmup_steps = math.ceil(cfg.warmup_ratio * num_steps)
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -131,11 +136,16 @@ def load_engine(policy_dir: str, cfg: TrainConfig, num_steps: int, trust_remote_
     return engine, hf_ds_config
 
 
-def add_adapter(model, lora: LoraConfig):
-    """`model` (pi_t, possibly ZeRO-3 partitioned) frozen under a fresh peft LoRA adapter, the only
-    trainable parameters. Its B matrices start at 0, so the model is exactly pi_t until a step."""
+REFERENCE_ADAPTER = "reference"  # train.reference_logps 'online' with an adapter: pi_t's, frozen
+
+
+def add_adapter(model, lora: LoraConfig, adapter_dir: str | None = None, reference_copy: bool = False):
+    """`model` (the base, possibly ZeRO-3 partitioned) frozen under a peft LoRA adapter, the only
+    trainable parameters: pi_t's adapter from adapter_dir, continued, or a fresh one (B = 0, so
+    the model is exactly the base until a step). reference_copy: pi_t's adapter also loaded
+    frozen as REFERENCE_ADAPTER, for the online reference."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -144,7 +154,14 @@ def add_adapter(model, lora: LoraConfig):
     embeddings = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
     try:
         # The adapter in the base's dtype: DeepSpeed keeps float32 masters itself under bf16.
-        model = get_peft_model(model, config, autocast_adapter_dtype=False)
+        if adapter_dir is None:
+            model = get_peft_model(model, config, autocast_adapter_dtype=False)
+        else:
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True, autocast_adapter_dtype=False)
+            check_adapter_config(model.peft_config["default"], config, adapter_dir)
+            if reference_copy:
+                model.load_adapter(adapter_dir, adapter_name=REFERENCE_ADAPTER, is_trainable=False,
+                                   autocast_adapter_dtype=False)
     except ValueError as err:  # peft names the modules it did not find
         raise ValueError(f"train.lora.target_modules: {err}") from err
     wrapped = [name for name, module in model.named_modules()
@@ -153,6 +170,16 @@ def add_adapter(model, lora: LoraConfig):
         raise ValueError(f"train.lora.target_modules {lora.target_modules} wrap the LM head or embeddings "
                          f"({', '.join(wrapped)}); vLLM's log-probs ignore adapters there")
     return model
+
+
+def check_adapter_config(loaded, asked, adapter_dir: str) -> None:
+    """pi_t's adapter is continued as it was trained: train.lora must still describe it."""
+    differ = [f"train.lora.{field} is {mine!r}, the adapter's {theirs!r}"
+              for field, mine, theirs in (("rank", asked.r, loaded.r), ("alpha", asked.lora_alpha, loaded.lora_alpha),
+                                          ("target_modules", set(asked.target_modules), set(loaded.target_modules)))
+              if mine != theirs]
+    if differ:
+        raise ValueError(f"pi_t's adapter {adapter_dir} cannot be continued: {'; '.join(differ)}")
 
 
 def load_frozen_reference(policy_dir: str, cfg: TrainConfig, trust_remote_code: bool):
@@ -175,12 +202,16 @@ def _train_dtype(cfg: TrainConfig) -> torch.dtype:
 @torch.no_grad()
 def online_reference_logps(engine, frozen, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """train.reference_logps 'online': [B, 2] (chosen, rejected) log-probs under pi_t of this batch:
-    the frozen copy's, or with an adapter (no copy), the model's with the adapter switched off,
-    which is pi_t while the adapter starts fresh each iteration. In eval mode, as the other modes."""
+    the frozen copy's, or with an adapter (no second model), the model's under pi_t's adapter
+    frozen (REFERENCE_ADAPTER, by peft's per-row adapter names), or with the adapter switched off
+    when pi_t is the base. In eval mode, as the other modes."""
     if frozen is not None:
         return torch.stack(pair_logps(frozen, batch)[:2], dim=1)
     engine.eval()
     try:
+        if REFERENCE_ADAPTER in engine.module.peft_config:
+            names = [REFERENCE_ADAPTER] * batch["input_ids"].shape[0]
+            return torch.stack(pair_logps(engine, batch, adapter_names=names)[:2], dim=1)
         with engine.module.disable_adapter():
             return torch.stack(pair_logps(engine, batch)[:2], dim=1)
     finally:
@@ -188,12 +219,14 @@ def online_reference_logps(engine, frozen, batch: dict[str, torch.Tensor]) -> to
 
 
 def pair_logps(
-    model, batch: dict[str, torch.Tensor], *, wpo_weights: bool = False
+    model, batch: dict[str, torch.Tensor], *, wpo_weights: bool = False, adapter_names: list[str] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Summed response log-probs (chosen [B], rejected [B]) from one forward pass, and with
-    wpo_weights WPO's pair weights [B] under this model from the same logits (else None)."""
+    wpo_weights WPO's pair weights [B] under this model from the same logits (else None).
+    adapter_names: a peft model's adapter for each row (eval mode only)."""
     input_ids = batch["input_ids"]
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).logits
+    extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False, **extra).logits
     logps = sequence_logps(logits, input_ids, batch["loss_mask"])
     half = logps.shape[0] // 2
     weights = None
@@ -258,9 +291,11 @@ def train(
     started_at: float | None = None,
     live_metrics: LiveMetrics | None = None,
     trust_remote_code: bool = False,
+    adapter_dir: str | None = None,
 ) -> RecipeResult:
     """Train pi_{t+1} from pi_t (the local model directory policy_dir) on the pairs `rows`
     (`read_pairs`), publish it at checkpoint_dir, on every rank of the current process group.
+    With train.lora, pi_t is policy_dir plus the adapter in adapter_dir (None: a fresh one).
 
     timeout_s: checked before each micro-batch against started_at (wall clock; default now).
     live_metrics: where rank 0 logs each optimizer step. Raises FloatingPointError (a
@@ -288,7 +323,7 @@ def train(
     probs = torch.tensor([[r["chosen_probs_win"], r["chosen_probs_lose"], r["chosen_probs"]] for r in rows])
     per_epoch, num_steps = steps_per_epoch(len(rows), cfg), total_steps(len(rows), cfg)
     encoded = time.monotonic()
-    engine, hf_ds_config = load_engine(policy_dir, cfg, num_steps, trust_remote_code)
+    engine, hf_ds_config = load_engine(policy_dir, cfg, num_steps, trust_remote_code, adapter_dir)
     frozen = None
     try:
         if cfg.reference_logps == "online" and cfg.lora is None:
@@ -433,7 +468,9 @@ def main(argv: list[str] | None = None) -> None:
                                      description="One SPPO training stage in a torch.distributed process group "
                                                  "(start it with torchrun).")
     parser.add_argument("--pairs", required=True, help="a pairs.parquet file, as the pairs stage writes it")
-    parser.add_argument("--policy", required=True, help="pi_t: a local model directory or tiny:policy")
+    parser.add_argument("--policy", required=True, help="pi_t: a local model directory or tiny:policy (with "
+                        "train.lora and --adapter: the base)")
+    parser.add_argument("--adapter", help="with train.lora: pi_t's adapter directory, continued (default: a fresh one)")
     parser.add_argument("--checkpoint", required=True, help="where pi_{t+1} is published")
     parser.add_argument("--config", help="a job config (YAML): its train section (default: the defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE")
@@ -448,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.use_gpu:
         torch.cuda.set_device(device)
     result = train(cfg, read_pairs(args.pairs, sampled_tokens=cfg.reference_logps == "sampler"),
-                   resolve_model(args.policy), args.checkpoint, device=device)
+                   resolve_model(args.policy), args.checkpoint, device=device, adapter_dir=args.adapter)
     if int(os.environ.get("RANK", "0")) == 0 and result.history:
         print(f"trained {len(result.history)} steps, last loss {result.history[-1]['train/loss']:.4g}; "
               f"published {args.checkpoint}")

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sppo.checkpoint import ADAPTER_DIR, ADAPTER_WEIGHTS, check_adapter
+from sppo.checkpoint import ADAPTER_WEIGHTS, check_adapter
+from sppo.policy import ADAPTER_DIR
 from sppo.config import LORA_TARGET_MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, load_config
 from sppo.losses import LOSSES
 from sppo.training_recipe import add_adapter, train
@@ -143,6 +144,14 @@ def runs(one_process_group, tiny_policy_dir, tmp_path_factory):
     }
     results = {name: train(TrainConfig(**cfg), make_rows(8), tiny_policy_dir, str(root / name),
                            device=one_process_group) for name, cfg in ways.items()}
+    # The next iteration: pi_1 = the base + the "lora" run's adapter, continued (policy and online
+    # references); and pi_1's reference log-probs from its merged checkpoint, for comparison.
+    pi_1 = str(root / "lora" / ADAPTER_DIR)
+    for name, cfg in (("continued", LORA_CFG), ("continued_online", {**LORA_CFG, "reference_logps": "online"})):
+        results[name] = train(TrainConfig(**cfg), make_rows(8), tiny_policy_dir, str(root / name),
+                              device=one_process_group, adapter_dir=pi_1)
+    results["merged_pi_1"] = train(TrainConfig(**{**ONE_RANK_CFG, "max_steps": 0}), make_rows(8), str(root / "lora"),
+                                   str(root / "merged_pi_1"), device=one_process_group)
     return {"root": root, "results": results}
 
 
@@ -295,3 +304,47 @@ def test_two_zero3_processes_publish_what_one_does(one_process_group, tiny_polic
     moved = load_file(tmp_path / "two" / "model.safetensors")[q_proj] - load_file(
         Path(tiny_policy_dir) / "model.safetensors")[q_proj]
     assert moved.abs().max() > 1e-3, "the two ranks' tolerance is far below what training moved"
+
+
+@pytest.mark.slow
+def test_a_continued_adapter_starts_at_pi_t_and_publishes_the_base_plus_one_adapter(runs, tiny_policy_dir):
+    """pi_1 = the base + adapter_1; the next iteration continues adapter_1: its reference is
+    log pi_1 (what the merged pi_1 gives), its first step's log-ratios 0, and what it publishes
+    is the same base plus one adapter, adapter_2, which peft merges into the published weights."""
+    results, root = runs["results"], runs["root"]
+    torch.testing.assert_close(torch.tensor(results["continued"].reference_logps),
+                               torch.tensor(results["merged_pi_1"].reference_logps), atol=1e-5, rtol=1e-6)
+    assert not torch.allclose(torch.tensor(results["continued"].reference_logps),  # pi_1 is not pi_0
+                              torch.tensor(results["lora"].reference_logps), atol=1e-3)
+    assert results["continued"].history[0]["train/chosen_logratio"] == pytest.approx(0.0, abs=1e-5)
+    config = json.loads((root / "continued" / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_policy_dir and config["r"] == 16
+    published, by_peft = merged_and_adapter(root / "continued", tiny_policy_dir)
+    for name in published:
+        torch.testing.assert_close(published[name], by_peft[name], atol=1e-6, rtol=1e-6)
+    adapter_1 = load_file(root / "lora" / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    adapter_2 = load_file(root / "continued" / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    assert adapter_1.keys() == adapter_2.keys() and any(not torch.equal(adapter_1[k], adapter_2[k]) for k in adapter_1)
+
+
+@pytest.mark.slow
+def test_an_online_reference_continuing_an_adapter_is_pi_ts_frozen_adapter(runs):
+    """'online' with a continued adapter: pi_t's adapter frozen beside the trained one (no second
+    model), giving the precomputed reference's training step for step."""
+    results = runs["results"]
+    assert results["continued_online"].reference_logps == []
+    for key in ("train/loss", "train/chosen_logratio", "train/rejected_logratio"):
+        assert history(results["continued_online"], key) == pytest.approx(history(results["continued"], key),
+                                                                          rel=1e-4, abs=1e-5), key
+
+
+def test_an_adapter_is_continued_only_as_it_was_trained(tiny_policy_dir, tmp_path):
+    saved = add_adapter(base_model(tiny_policy_dir), LoraConfig(rank=16, target_modules=["q_proj", "v_proj"]))
+    saved.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"cannot be continued: train\.lora\.rank is 8, the adapter's 16; "
+                                         r"train\.lora\.target_modules"):
+        add_adapter(base_model(tiny_policy_dir), LoraConfig(rank=8), str(tmp_path / "adapter"))
+    continued = add_adapter(base_model(tiny_policy_dir), LoraConfig(rank=16, target_modules=["v_proj", "q_proj"]),
+                            str(tmp_path / "adapter"))
+    assert sorted(n for n, p in continued.named_parameters() if p.requires_grad) == sorted(
+        n for n, p in saved.named_parameters() if p.requires_grad)

@@ -19,6 +19,7 @@ import pytest
 
 from sppo.chat import render_prompt_ids
 from sppo.config import SamplingConfig
+from sppo.policy import Policy
 from sppo.roles import sampling_role
 from sppo.sampling import (
     EnginePool,
@@ -210,7 +211,7 @@ def sampled(ray_cluster, tiny_policy_dir, prompts) -> SamplingRun:
     total_cpus = ray_cluster.cluster_resources()["CPU"]
     shm_before = _shm_entries()
     started = time.monotonic()
-    samples = sample_candidates(tiny_policy_dir, prompts, NEAR_GREEDY, seed=0, role=sampling_role(NEAR_GREEDY, timeout_s=900),
+    samples = sample_candidates(Policy(tiny_policy_dir), prompts, NEAR_GREEDY, seed=0, role=sampling_role(NEAR_GREEDY, timeout_s=900),
                                 token_logps=True)
     print(f"sample_candidates: {time.monotonic() - started:.1f}s for {len(prompts)} prompts")
     return SamplingRun(samples, total_cpus, _leaked_shm(shm_before))
@@ -323,7 +324,7 @@ def test_timeout_names_role_and_stage_and_releases_engines(ray_cluster, tiny_pol
     cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1})
     # Far shorter than an engine start: the engine is killed while it is still loading.
     with pytest.raises(TimeoutError, match=r"stage 'sampling': vLLM engine 0 \(seed 0, 2 prompts, model .*\): not done within timeout_s=1 s"):
-        sample_candidates(tiny_policy_dir, prompts[:2], cfg, seed=0, role=sampling_role(cfg, timeout_s=1.0))
+        sample_candidates(Policy(tiny_policy_dir), prompts[:2], cfg, seed=0, role=sampling_role(cfg, timeout_s=1.0))
     assert _wait_for_cpus(ray_cluster, total_cpus) == total_cpus
 
 
@@ -333,7 +334,7 @@ def test_engine_failure_names_the_engine_and_model(ray_cluster, tmp_path, prompt
     missing = str(tmp_path / "no-such-policy")
     cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1})
     with pytest.raises(RuntimeError, match=r"stage 'sampling': vLLM engine 0 .*no-such-policy.* failed"):
-        sample_candidates(missing, prompts[:2], cfg, seed=0, role=sampling_role(cfg, timeout_s=600))
+        sample_candidates(Policy(missing), prompts[:2], cfg, seed=0, role=sampling_role(cfg, timeout_s=600))
     assert _wait_for_cpus(ray_cluster, total_cpus) == total_cpus
 
 
@@ -350,7 +351,7 @@ def test_a_killed_engine_is_restarted_and_its_shard_retried(ray_cluster, tiny_po
     prompts = bundled_prompts()[:64]  # a few seconds of generation to land the kill in
     cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1, "max_tokens": 32})
     with ThreadPoolExecutor(1) as pool:
-        sampling = pool.submit(sample_candidates, tiny_policy_dir, prompts, cfg, seed=0,
+        sampling = pool.submit(sample_candidates, Policy(tiny_policy_dir), prompts, cfg, seed=0,
                                role=sampling_role(cfg, timeout_s=900))
         victim = wait_for_titled([os.getpid()], "ray::VLLMEngine.generate",
                                  still_running=lambda: not sampling.done())
@@ -396,14 +397,15 @@ def test_kept_engines_load_each_policy_in_place_and_a_restarted_one_loads_the_cu
     prompts = bundled_prompts()[:64]  # a few seconds of generation to land the kill in
     cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1, "max_tokens": 32, "top_p": 1.0,
                                          "engine_mode": "resident"})
-    fresh_b = sample_candidates(other_policy_dir, prompts, cfg, seed=5)
+    pi_a, pi_b = Policy(tiny_policy_dir), Policy(other_policy_dir)
+    fresh_b = sample_candidates(pi_b, prompts, cfg, seed=5)
     with EnginePool(cfg) as pool, ThreadPoolExecutor(1) as thread:
-        first_a = pool.sample(tiny_policy_dir, prompts, seed=5)
-        b = pool.sample(other_policy_dir, prompts, seed=5)
-        again_a = pool.sample(tiny_policy_dir, prompts, seed=5)
+        first_a = pool.sample(pi_a, prompts, seed=5)
+        b = pool.sample(pi_b, prompts, seed=5)
+        again_a = pool.sample(pi_a, prompts, seed=5)
         assert (first_a.engine_starts, b.engine_starts, again_a.engine_starts) == (1, 0, 0)
         assert first_a.weights_load_s == 0.0 and b.weights_load_s > 0.0
-        sampling = thread.submit(pool.sample, other_policy_dir, prompts, 5)
+        sampling = thread.submit(pool.sample, pi_b, prompts, 5)
         victim = wait_for_titled([os.getpid()], "ray::VLLMEngine.generate", still_running=lambda: not sampling.done())
         victim.kill()
         assert not wait_gone([victim], timeout_s=30)
@@ -413,3 +415,98 @@ def test_kept_engines_load_each_policy_in_place_and_a_restarted_one_loads_the_cu
     assert b.candidates == fresh_b.candidates
     assert again_a.candidates == first_a.candidates
     assert after_kill.candidates == fresh_b.candidates and after_kill.engine_starts == 1
+
+
+def test_engine_kwargs_enable_lora_only_for_a_pool_that_serves_adapters():
+    kwargs = engine_kwargs("/m", SamplingConfig(), seed=0, max_lora_rank=16)
+    assert (kwargs["enable_lora"], kwargs["max_lora_rank"], kwargs["max_loras"]) == (True, 16, 1)
+    assert "enable_lora" not in engine_kwargs("/m", SamplingConfig(), seed=0)
+
+
+def test_each_adapter_has_its_own_positive_id_and_the_same_one_everywhere():
+    ids = {Policy("/base", f"/run/iter-{t}/checkpoint/adapter").adapter_id for t in range(1, 200)}
+    assert len(ids) == 199 and min(ids) >= 1  # vLLM keys its prefix cache by this id
+    assert Policy("/base", "/a").adapter_id == Policy("/other-base", "/a").adapter_id
+    with pytest.raises(ValueError, match="has no adapter"):
+        Policy("/base").adapter_id
+    assert Policy("b", "a").mapped(str.upper) == Policy("B", "A") and Policy("b").mapped(str.upper) == Policy("B")
+
+
+def test_a_pool_without_lora_refuses_an_adapter_before_starting_an_engine():
+    pool = EnginePool(NEAR_GREEDY)
+    with pytest.raises(ValueError, match=r"has a LoRA adapter, but the engines serve none"):
+        pool.sample(Policy("/base", "/adapter"), ["hi"], seed=0)
+    assert pool.starts == 0
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_policy_dir, tmp_path_factory) -> dict[str, str]:
+    """Two peft LoRA adapters (rank 8, every projection) on the tiny policy, their B matrices
+    drawn at random so that each moves the policy: as an iteration's training publishes them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32),
+                               LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                              "gate_proj", "up_proj", "down_proj"]))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_B" in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+        out[name] = str(tmp_path_factory.mktemp(f"adapter-{name}"))
+        model.save_pretrained(out[name])
+    return out
+
+
+@pytest.mark.slow
+def test_a_kept_engine_serves_each_adapter_on_the_base_it_keeps(ray_cluster, tiny_policy_dir, adapters, prompts):
+    """One resident engine with LoRA samples base + adapter a, base + b, a again and the base
+    alone, then is SIGKILLed while sampling b. No base weights move; each adapter's draws are
+    its own (the same seed gives a's again after b, and b's again from the engine Ray restarts);
+    K candidates per prompt; the sampled tokens' log-probs are base + adapter's, as peft's
+    float32 forward pass computes them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sppo.tiny.policy import bundled_prompts
+    from tests.processes import wait_for_titled, wait_gone
+
+    pi_a, pi_b, base = Policy(tiny_policy_dir, adapters["a"]), Policy(tiny_policy_dir, adapters["b"]), Policy(tiny_policy_dir)
+    cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1, "top_p": 1.0, "engine_mode": "resident"})
+    with EnginePool(cfg, max_lora_rank=8) as pool, ThreadPoolExecutor(1) as thread:
+        first_a = pool.sample(pi_a, prompts, seed=5, token_logps=True)
+        b = pool.sample(pi_b, prompts, seed=5, token_logps=True)
+        again_a = pool.sample(pi_a, prompts, seed=5, token_logps=True)
+        plain = pool.sample(base, prompts, seed=5, token_logps=True)
+        assert [s.engine_starts for s in (first_a, b, again_a, plain)] == [1, 0, 0, 0]
+        assert all(s.weights_load_s == 0.0 for s in (first_a, b, again_a, plain))  # the base stays
+        many = bundled_prompts()[:64]  # a few seconds of generation to land the kill in
+        b_many = pool.sample(pi_b, many, seed=6)
+        sampling = thread.submit(pool.sample, pi_b, many, 6)
+        victim = wait_for_titled([os.getpid()], "ray::VLLMEngine.generate", still_running=lambda: not sampling.done())
+        victim.kill()
+        assert not wait_gone([victim], timeout_s=30)
+        after_kill = sampling.result(timeout=900)
+        assert pool.starts == 2 and after_kill.engine_starts == 1  # the first start and Ray's restart
+    assert all(len(c) == cfg.k for s in (first_a, b, plain) for c in s.candidates)
+    assert again_a.candidates == first_a.candidates and after_kill.candidates == b_many.candidates
+    assert len({str(s.candidates) for s in (first_a, b, plain)}) == 3  # each adapter moves the policy its way
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
+    for samples, policy in ((first_a, pi_a), (b, pi_b)):
+        served = PeftModel.from_pretrained(model, policy.adapter).eval()
+        for prompt_ids, ids_k, logps_k in list(zip(samples.prompt_token_ids, samples.token_ids,
+                                                   samples.token_logps, strict=True))[:4]:
+            for ids, logps in zip(ids_k, logps_k, strict=True):
+                with torch.no_grad():
+                    logits = served(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
+                expected = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+                torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-4, rtol=1e-4)
+        model = served.unload()

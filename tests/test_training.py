@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sppo.chat import render_prompt_ids
 from sppo.config import TrainConfig
+from sppo.policy import Policy
 from sppo.roles import training_role
 from sppo.training import TrainingError, train_policy
 from sppo.training_data import (
@@ -262,7 +263,7 @@ def trained(ray_cluster, tiny_policy_dir, tmp_path_factory):
     cfg = TrainConfig(**{**TRAIN_CFG, "epochs": 3, "max_steps": EXPECTED_STEPS})
     result = train_policy(
         str(pairs_path),
-        tiny_policy_dir,
+        Policy(tiny_policy_dir),
         str(root / "ckpt" / "iter1"),
         cfg,
         storage_dir=str(root / "ray"),
@@ -347,7 +348,7 @@ def test_sampler_reference_is_taken_as_given_and_no_reference_pass_runs(ray_clus
     # Prompts are never cut in this mode (sampling skips prompts over max_prompt_length); responses are.
     cfg = TrainConfig(**{**TRAIN_CFG, "gradient_accumulation_steps": 1, "epochs": 1, "reference_logps": "sampler",
                          "max_length": 96, "max_prompt_length": 90})
-    result = train_policy(str(pairs_path), tiny_policy_dir, str(tmp_path / "ckpt" / "iter1"), cfg,
+    result = train_policy(str(pairs_path), Policy(tiny_policy_dir), str(tmp_path / "ckpt" / "iter1"), cfg,
                           storage_dir=str(tmp_path / "ray"), role=training_role(cfg, timeout_s=900))
     pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                          sampled_tokens=True)
@@ -507,7 +508,7 @@ def test_non_finite_loss_fails_without_checkpoint(ray_cluster, tiny_policy_dir, 
     cfg = TrainConfig(**{**TRAIN_CFG, "eta": 1e300, "gradient_accumulation_steps": 1, "epochs": 1})
     with pytest.raises(TrainingError, match=r"non-finite sppo loss \(inf\) at step 1/2"):
         checkpoint_dir = str(tmp_path / "ckpt" / "iter1")
-        train_policy(str(pairs_path), tiny_policy_dir, checkpoint_dir, cfg, storage_dir=str(tmp_path / "ray"))
+        train_policy(str(pairs_path), Policy(tiny_policy_dir), checkpoint_dir, cfg, storage_dir=str(tmp_path / "ray"))
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
 
 
