@@ -58,6 +58,7 @@ NOT_IN_THE_REPOSITORY = {
 # Dotted names that start like a config field and are something else.
 NOT_CONFIG_FIELDS = {
     "sampling.engine_mode_used",  # the MLflow parameter recording the mode a job used
+    "policy.input",  # the MLflow parameter recording the policy an iteration started from
     "sampling.kk",  # the unknown field of the bad-input examples
 }
 # Flags of outside tools that the docs write as bare code spans.
