@@ -89,6 +89,7 @@ def run(size: str = "full") -> dict:
 
     from sppo.chat import render_prompt_ids
     from sppo.config import SamplingConfig
+    from sppo.policy import Policy
     from sppo.sampling import VLLMEngine, engine_env, engine_kwargs, sampling_params_kwargs
     from sppo.tiny import resolve_model
     from sppo.tiny.policy import bundled_prompts
@@ -98,6 +99,7 @@ def run(size: str = "full") -> dict:
     cfg = SamplingConfig(k=k, temperature=0.7, top_p=0.9, max_tokens=setting["max_tokens"], num_engines=1,
                          cpus_per_engine=1, max_model_len=512, cpu_kvcache_gib=1)
     model_dir = resolve_model("tiny:policy")
+    policy = Policy(model_dir)
     prompts = bundled_prompts()[: setting["prompts"]]
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -108,10 +110,10 @@ def run(size: str = "full") -> dict:
         actor_cls = ray.remote(num_cpus=cfg.cpus_per_engine, num_gpus=cfg.gpus_per_engine,
                                runtime_env={"env_vars": engine_env(cfg)})(with_sequential_passes(VLLMEngine))
         with Timer() as actor_start:
-            engine = actor_cls.remote(model_dir, cfg)
+            engine = actor_cls.remote(policy, cfg)
             threads = ray.get(engine.threads.remote())
         # Started and waited for here, so that nothing else runs while the matmul peak is measured.
-        default_engine = actor_cls.remote(model_dir, cfg.model_copy(update={"max_num_seqs": None}))
+        default_engine = actor_cls.remote(policy, cfg.model_copy(update={"max_num_seqs": None}))
         vllm_default_seqs = ray.get(default_engine.max_num_seqs.remote())
         # The bare engine gets the actor's environment: thread count, KV cache size, and CPU
         # priority: Ray starts its workers at niceness 15, which on a shared machine alone makes
@@ -142,7 +144,7 @@ def run(size: str = "full") -> dict:
         params = SamplingParams(**sampling_params_kwargs(cfg))
 
         def ours() -> int:
-            return ray.get(engine.generate.remote(model_dir, prompts, SEED)).num_generated_tokens
+            return ray.get(engine.generate.remote(policy, prompts, SEED)).num_generated_tokens
 
         def sequential() -> int:
             return ray.get(engine.generate_sequential.remote(prompts, sampling_params_kwargs(cfg), k))
@@ -152,10 +154,10 @@ def run(size: str = "full") -> dict:
             return sum(len(c.token_ids) for out in outputs for c in out.outputs)
 
         def ours_vllm_default() -> int:
-            return ray.get(default_engine.generate.remote(model_dir, prompts, SEED)).num_generated_tokens
+            return ray.get(default_engine.generate.remote(policy, prompts, SEED)).num_generated_tokens
 
         def ours_token_logps() -> int:  # as train.reference_logps 'sampler' asks
-            samples = ray.get(engine.generate.remote(model_dir, prompts, SEED, token_logps=True))
+            samples = ray.get(engine.generate.remote(policy, prompts, SEED, token_logps=True))
             assert sum(len(lp) for c in samples.token_logps for lp in c) == samples.num_generated_tokens
             return samples.num_generated_tokens
 

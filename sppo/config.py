@@ -320,10 +320,10 @@ class TrackingConfig(_Strict):
     # The license named in each checkpoint's model card (an SPDX-style id such as apache-2.0, or
     # the base model's, e.g. gemma); None leaves it out.
     license: str | None = None
-    # MLflow's system metrics monitor, run in the driver: the driver's machine only (the Ray head
-    # in the shipped layouts, which has no GPU) sampled as each iteration run's system/* metrics
-    # (CPU, memory, disk, network; GPU only where that machine has one). The engines', judge's
-    # and training workers' use on other nodes is not recorded; the Ray dashboard shows it.
+    # MLflow's system metrics monitor (CPU, memory, disk, network; GPU where the machine has one):
+    # the driver's machine as each iteration run's system/* metrics, and every Ray node of the
+    # job's start, the engines' and training workers' included, as the parent run's
+    # system/<node address>-<node id>/* metrics (sppo/node_metrics.py).
     system_metrics: bool = True
     # How long every MLflow call (the driver's and the training workers') keeps retrying while
     # the tracking server does not answer; past it the job stops, its outputs kept on disk, and

@@ -32,6 +32,7 @@ from sppo.model_card import CARD_FILE, card_summary, registry_tags, write_card
 from sppo.pairs import hybrid_candidates, training_rows
 from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
 from sppo.models import local_model
+from sppo.node_metrics import start_node_monitors, stop_node_monitors
 from sppo.plan import PlacementError, job_placement
 from sppo.policy import Policy, trained_policy
 from sppo.preflight import preflight
@@ -189,6 +190,8 @@ def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | No
     run = manifest.run  # the output directory, and the shared storage it is mirrored to
     tracker = Tracker(cfg.tracking.resolved_uri, cfg.tracking.experiment, run, cfg.tracking.system_metrics)
     tracker.start_parent(cfg.tracking.run_name or run.root.name, cfg.flat())
+    # Every node's CPU, memory, disk, network (and GPU) as the parent run's system/<node>/*.
+    node_monitors = start_node_monitors(tracker.parent_id, tracker.uri) if cfg.tracking.system_metrics else []
     links = tracker.ui_links()
     log.info("MLflow: runs %s ; per-iteration curves %s", links["runs"], links["curves"])
     run.write_text(run.config_file, cfg.to_yaml())
@@ -216,6 +219,7 @@ def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | No
         status = "FINISHED"
     finally:
         engines.close()
+        stop_node_monitors(node_monitors)
         tracker.finish_parent(status)
     return [run.iteration(t).checkpoint for t in range(1, cfg.iterations + 1)]
 

@@ -75,6 +75,11 @@ def test_three_iterations_then_resume(demo, tmp_path):
         assert len(table["data"]) == 48
         assert "data/eval_judgments.parquet" in {f["path"] for f in listed}
         assert any(key.startswith("system/cpu_utilization") for key in metrics)
+    # Every node's use, in the parent run, named by node: here the one node.
+    parent_metrics = {m["key"] for m in parent["data"]["metrics"]}
+    nodes = {key.split("/")[1] for key in parent_metrics if key.endswith("/cpu_utilization_percentage")
+             and key.count("/") == 2}
+    assert len(nodes) == 1 and {f"system/{node}/system_memory_usage_megabytes" for node in nodes} <= parent_metrics
 
     # It learns: on held-out prompts pi_t beats pi_0 more often every iteration, and clearly by
     # the third; the parent run holds the same values as a series with step = iteration.

@@ -532,7 +532,7 @@ def test_a_killed_worker_restarts_the_group_and_retrains(ray_cluster, tiny_polic
     cfg = TrainConfig(**{**TRAIN_CFG, "max_failures": 1})
     checkpoint = tmp_path / "ckpt" / "iter1"
     with ThreadPoolExecutor(1) as pool:
-        training = pool.submit(train_policy, str(pairs_path), tiny_policy_dir, str(checkpoint), cfg,
+        training = pool.submit(train_policy, str(pairs_path), Policy(tiny_policy_dir), str(checkpoint), cfg,
                                storage_dir=str(tmp_path / "ray"), mlflow_tracking_uri=tracking_uri,
                                mlflow_run_id=run_id, role=training_role(cfg, timeout_s=1200))
         # Step 1 logged: the workers are in the training loop, past Ray Train's start-up.

@@ -140,6 +140,14 @@ def test_a_run_in_s3_storage_spreads_engines_and_training_workers_over_two_nodes
     assert rest(stack, "runs/get", {"run_id": record["parent_run_id"]})["run"]["info"]["status"] == "FINISHED"
     runs = nested_runs(stack, record["experiment_id"], record["parent_run_id"])
     assert sorted(runs) == ["iter-1", "iter-2"] and all(r["info"]["status"] == "FINISHED" for r in runs.values())
+    # Each node's use reached the parent run, named by node: the worker node's engine and
+    # training worker included, not only the driver's machine.
+    assert placed.get("NodeMetricsMonitor") == Counter(dict.fromkeys(node_ids, 1)), placed
+    parent_metrics = {m["key"] for m in rest(stack, "runs/get", {"run_id": record["parent_run_id"]})
+                      ["run"]["data"]["metrics"]}
+    watched = {key.split("/")[1].rsplit("-", 1)[1] for key in parent_metrics
+               if key.endswith("/cpu_utilization_percentage") and key.count("/") == 2}
+    assert watched == {node_id[:8] for node_id in node_ids}, parent_metrics
 
     # The storage holds the whole run, byte for byte what the driver kept: stage outputs,
     # metrics, manifest and both checkpoints (uploaded by rank 0 wherever it ran).
