@@ -3,6 +3,11 @@
 That directory is what `from_pretrained` loads and `hf upload REPO DIR` uploads as it is (`hf`
 is huggingface_hub's command line); `--push-to-hub` uploads it with huggingface_hub's API.
 
+With `--adapter`, an iteration trained with `train.lora` is exported as its adapter alone, in
+PEFT's shape (`adapter_config.json` naming the base as the run's config names it,
+`adapter_model.safetensors`, a card with `library_name: peft`): what
+`PeftModel.from_pretrained(base, DIR)` loads.
+
 Only a finished iteration is exported (its tracking stage is in the run's manifest); the target
 must not exist or be empty, and is filled through a temporary sibling renamed into place, so
 nothing is ever overwritten or left half-copied.
@@ -11,14 +16,16 @@ nothing is ever overwritten or left half-copied.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 
-from sppo.config import ConfigError, load_config
+from sppo.config import ConfigError, RunConfig, load_config
 from sppo.manifest import RunManifest
 from sppo.model_card import CARD_FILE, card_of
-from sppo.run_directory import RunDirectory
+from sppo.policy import ADAPTER_DIR
+from sppo.run_directory import IterationDir, RunDirectory
 from sppo.storage import publish_directory
 
 
@@ -39,8 +46,9 @@ def check_hub_access() -> str:
     return token
 
 
-def export_iteration(output_dir: Path, iteration: int, target: Path) -> Path:
-    """Copy iteration `iteration`'s checkpoint and card to `target`; returns `target`."""
+def export_iteration(output_dir: Path, iteration: int, target: Path, adapter: bool = False) -> Path:
+    """Copy iteration `iteration`'s checkpoint (with `adapter`, its LoRA adapter alone) and card to
+    `target`; returns `target`."""
     output_dir = output_dir.resolve()
     run = RunDirectory(output_dir)
     if not run.manifest_file.is_file():
@@ -51,18 +59,38 @@ def export_iteration(output_dir: Path, iteration: int, target: Path) -> Path:
                           "re-submit the run to finish it")
     if not it.trained:
         raise ExportError(f"--iteration {iteration}: the checkpoint {it.checkpoint} is missing or incomplete")
+    source = it.checkpoint / ADAPTER_DIR if adapter else it.checkpoint
+    if adapter and not (source / "adapter_config.json").is_file():
+        raise ExportError(f"--adapter: iteration {iteration} was not trained with train.lora ({source} holds no "
+                          "adapter); export the full checkpoint without --adapter")
     target = target.resolve()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ExportError(f"--to: {target} exists and is not an empty directory; nothing was overwritten")
 
     def fill(staging: Path) -> None:
         # copyfile, not copy2: new files take the exporting user's umask, not the checkpoint's modes.
-        shutil.copytree(it.checkpoint, staging, copy_function=shutil.copyfile, dirs_exist_ok=True)
-        if not (staging / CARD_FILE).exists():  # a checkpoint published before cards were written
+        shutil.copytree(source, staging, copy_function=shutil.copyfile, dirs_exist_ok=True)
+        if adapter:
+            adapter_card(load_config(run.config_file), it, staging)
+        elif not (staging / CARD_FILE).exists():  # a checkpoint published before cards were written
             (staging / CARD_FILE).write_text(str(card_of(load_config(run.config_file), it)))
 
     publish_directory(target, fill)  # an empty target directory (checked above) is replaced
     return target
+
+
+def adapter_card(cfg: RunConfig, it: IterationDir, staging: Path) -> None:
+    """The adapter's config names the base as the run's config does (a hub id, where the
+    published one holds the path the workers loaded it from), and its card is the iteration's
+    card in PEFT's shape, in place of peft's template."""
+    config_file = staging / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = cfg.policy.path
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    card = card_of(cfg, it)
+    card.data.library_name = "peft"
+    card.data.tags = sorted({*(card.data.tags or []), "lora"})
+    (staging / CARD_FILE).write_text(str(card))
 
 
 def push_to_hub(folder: Path, repo_id: str, token: str, private: bool) -> str:
@@ -80,16 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iteration", required=True, type=int, metavar="N", help="the iteration to export")
     parser.add_argument("--to", required=True, type=Path, metavar="PATH",
                         help="a new (or empty) directory for the checkpoint and its README.md card")
+    parser.add_argument("--adapter", action="store_true",
+                        help="export the iteration's LoRA adapter alone (runs with train.lora), not the full checkpoint")
     parser.add_argument("--push-to-hub", metavar="REPO", help="then upload PATH to this hub repository")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     args = parser.parse_args(argv)
     try:
         token = check_hub_access() if args.push_to_hub else None  # before anything is copied
-        target = export_iteration(args.output_dir, args.iteration, args.to)
+        target = export_iteration(args.output_dir, args.iteration, args.to, adapter=args.adapter)
     except (ExportError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"exported iteration {args.iteration} to {target} (load it with from_pretrained('{target}'))")
+    loader = "PeftModel.from_pretrained(base, '{}')" if args.adapter else "from_pretrained('{}')"
+    print(f"exported iteration {args.iteration} to {target} (load it with {loader.format(target)})")
     if args.push_to_hub:
         print(f"uploaded to {push_to_hub(target, args.push_to_hub, token, args.private)}")
     return 0

@@ -225,3 +225,37 @@ def test_export_refuses_in_one_line_and_overwrites_nothing(run_dir, tmp_path, ca
     else:
         assert not target.exists()
     assert [p.name for p in tmp_path.iterdir() if ".export-" in p.name] == []
+
+
+def test_export_of_an_adapter_is_peft_shaped_and_names_the_base(run_dir, tmp_path, tiny_policy_dir):
+    """--adapter: the iteration's adapter/ alone, its config and card naming the base as the run's
+    config does, loadable by peft on the base; a full-weights iteration is refused."""
+    import json
+
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sppo.policy import ADAPTER_DIR
+
+    adapter_dir = RunDirectory(run_dir).iteration(1).checkpoint / ADAPTER_DIR
+    refused = export("--output-dir", str(run_dir), "--iteration", "1", "--to", str(tmp_path / "none"), "--adapter")
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --adapter: iteration 1 was not trained "
+                                                                 "with train.lora"), refused.stderr
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter_dir)
+    target = tmp_path / "adapter"
+    done = export("--output-dir", str(run_dir), "--iteration", "1", "--to", str(target), "--adapter")
+    assert done.returncode == 0, done.stderr
+    assert f"PeftModel.from_pretrained(base, '{target}')" in done.stdout
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "adapter_config.json",
+                                                        "adapter_model.safetensors"]
+    config = json.loads((target / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny:policy" and config["r"] == 8
+    saved, exported = load_file(adapter_dir / "adapter_model.safetensors"), load_file(target / "adapter_model.safetensors")
+    assert saved.keys() == exported.keys() and all(torch.equal(saved[k], exported[k]) for k in saved)
+    card = ModelCard.load(target / CARD_FILE)
+    assert (card.data.library_name, card.data.base_model) == ("peft", "tiny:policy") and "lora" in card.data.tags
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32)
+    assert PeftModel.from_pretrained(base, target).peft_config["default"].r == 8
