@@ -90,6 +90,8 @@ def check_run(cfg: RunConfig, resume_from: int | None = None, plan: bool = False
         check_judge(section, judge)
     tokenizer = check_model_dir("policy.path", cfg.policy.path, cfg.policy.trust_remote_code, chat_template=True)
     needs_cluster(check_hub_model, "policy.path", cfg.policy.path, job_refuses=False)
+    if cfg.train.lora is not None:
+        check_lora_targets(cfg.train.lora.target_modules, cfg.policy.path)
     for section, judge in judges.items():
         if judge.model_path is not None:
             check_model_dir(f"{section}.path", judge.model_path, judge.trust_remote_code)
@@ -188,6 +190,25 @@ def check_model_dir(field: str, spec: str, trust_remote_code: bool = False, chat
     if chat_template and not tokenizer.chat_template:
         raise PreflightError(f"{field}: {path}'s tokenizer has no chat template (prompts are rendered with it)")
     return tokenizer
+
+
+def check_lora_targets(targets: list[str], spec: str) -> None:
+    """Each of train.lora.target_modules names a linear layer of a local policy, read from its
+    safetensors headers (no weights loaded): peft matches a target by its module name's last
+    part. A policy that is not on this machine is checked when training starts."""
+    path = local_model_dir(spec)
+    if path is None:
+        return
+    from safetensors import safe_open
+
+    names = set()
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as opened:
+            names.update(key[: -len(".weight")].rsplit(".", 1)[-1] for key in opened.keys()
+                         if key.endswith(".weight") and len(opened.get_slice(key).get_shape()) == 2)
+    if names and (missing := [t for t in targets if t not in names]):
+        raise PreflightError(f"train.lora.target_modules: {', '.join(missing)} name no layer of policy.path {path} "
+                             f"(its matrices: {', '.join(sorted(names))})")
 
 
 def check_state_files(out: Path, tracking_uri: str) -> None:

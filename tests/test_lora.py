@@ -348,3 +348,13 @@ def test_an_adapter_is_continued_only_as_it_was_trained(tiny_policy_dir, tmp_pat
                             str(tmp_path / "adapter"))
     assert sorted(n for n, p in continued.named_parameters() if p.requires_grad) == sorted(
         n for n, p in saved.named_parameters() if p.requires_grad)
+
+
+def test_preflight_names_a_target_module_the_policy_does_not_have(tiny_policy_dir):
+    from sppo.preflight import PreflightError, check_lora_targets
+
+    check_lora_targets(list(LORA_TARGET_MODULES), tiny_policy_dir)
+    with pytest.raises(PreflightError, match=r"train\.lora\.target_modules: qkv_proj name no layer of policy\.path "
+                                             r".*\(its matrices: .*down_proj.*q_proj"):
+        check_lora_targets(["q_proj", "qkv_proj"], tiny_policy_dir)
+    check_lora_targets(["qkv_proj"], "someone/not-on-this-machine")  # checked when training starts
