@@ -34,7 +34,7 @@ from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, 
 from sppo.models import local_model
 from sppo.node_metrics import start_node_monitors, stop_node_monitors
 from sppo.plan import PlacementError, job_placement
-from sppo.policy import Policy, trained_policy
+from sppo.policy import ADAPTER_DIR, Policy
 from sppo.preflight import preflight
 from sppo.roles import run_roles
 from sppo.run_directory import IterationDir
@@ -70,8 +70,12 @@ def run_iteration(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, p
 
 
 def published_policy(cfg: RunConfig, it: IterationDir) -> Policy:
-    """pi_{t+1} as iteration it published it (with train.lora: the base plus its adapter)."""
-    return trained_policy(cfg.policy.path, str(it.checkpoint), adapter=cfg.train.lora is not None)
+    """pi_{t+1} as iteration it published it: its checkpoint, or with train.lora the base plus
+    its adapter, which continued pi_t's (the engines keep the base; the next iteration continues
+    the adapter)."""
+    if cfg.train.lora is None:
+        return Policy(str(it.checkpoint))
+    return Policy(cfg.policy.path, str(it.checkpoint / ADAPTER_DIR))
 
 
 # Each stage reads its input from the iteration directory and publishes its output there.
@@ -190,8 +194,6 @@ def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | No
     run = manifest.run  # the output directory, and the shared storage it is mirrored to
     tracker = Tracker(cfg.tracking.resolved_uri, cfg.tracking.experiment, run, cfg.tracking.system_metrics)
     tracker.start_parent(cfg.tracking.run_name or run.root.name, cfg.flat())
-    # Every node's CPU, memory, disk, network (and GPU) as the parent run's system/<node>/*.
-    node_monitors = start_node_monitors(tracker.parent_id, tracker.uri) if cfg.tracking.system_metrics else []
     links = tracker.ui_links()
     log.info("MLflow: runs %s ; per-iteration curves %s", links["runs"], links["curves"])
     run.write_text(run.config_file, cfg.to_yaml())
@@ -210,6 +212,8 @@ def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | No
     # (with train.lora, the engines keep the base and serve each iteration's adapter).
     engines = EnginePool(cfg.sampling.model_copy(update={"engine_mode": engine_mode}), run_roles(cfg).sampling,
                          cfg.policy.trust_remote_code, max_lora_rank=cfg.train.lora.rank if cfg.train.lora else None)
+    # Every node's CPU, memory, disk, network (and GPU) as the parent run's system/<node>/*.
+    node_monitors = start_node_monitors(tracker.parent_id, tracker.uri) if cfg.tracking.system_metrics else []
     try:
         for t in range(first, cfg.iterations + 1):
             log.info("=== iteration %d/%d: policy %s", t, cfg.iterations, policy)

@@ -38,9 +38,3 @@ class Policy:
         """The same policy with each path translated (the driver's paths as workers see them)."""
         return Policy(path(self.weights), None if self.adapter is None else path(self.adapter))
 
-
-def trained_policy(base: str, checkpoint: str, adapter: bool) -> Policy:
-    """The policy an iteration published in `checkpoint`: its full weights, or when it trained an
-    adapter (train.lora) the base plus that adapter, which continued pi_t's: the engines keep
-    the base, and the next iteration continues the adapter."""
-    return Policy(base, f"{checkpoint}/{ADAPTER_DIR}") if adapter else Policy(checkpoint)

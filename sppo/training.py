@@ -68,6 +68,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     imported = time.time()
 
     cfg = TrainConfig.model_validate(config["cfg"])
+    policy = config["policy"].mapped(local_model)  # from shared storage if a URI
     live_metrics = None
     if ray.train.get_context().get_world_rank() == 0:
         logger.setLevel(logging.INFO)  # progress lines, whatever level the worker's root logger is at
@@ -75,11 +76,11 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             live_metrics = LiveMetrics(config["mlflow_tracking_uri"], config["mlflow_run_id"])
     try:
         result = training_recipe.train(
-            cfg, config["rows"], local_model(config["policy_dir"]),  # from shared storage if a URI
+            cfg, config["rows"], policy.weights,
             config["checkpoint_dir"], device=ray.train.torch.get_device(), timeout_s=config["timeout_s"],
             started_at=config["submitted_at"], live_metrics=live_metrics,
             trust_remote_code=config["trust_remote_code"],
-            adapter_dir=None if config["adapter_dir"] is None else local_model(config["adapter_dir"]))
+            adapter_dir=policy.adapter)
     except (FloatingPointError, TimeoutError, OSError, ValueError) as err:  # loss, deadline, disk, data
         return {"error": f"{type(err).__name__}: {err}"}
     # worker_start: from fit() to the recipe (Ray Train's controller, the workers' processes,
@@ -176,8 +177,7 @@ def train_policy(
         train_loop_config={
             "cfg": cfg.model_dump(),
             "rows": rows,
-            "policy_dir": _absolute(policy_dir),
-            "adapter_dir": None if policy.adapter is None else _absolute(policy.adapter),
+            "policy": policy.mapped(_absolute),
             "checkpoint_dir": _absolute(checkpoint_dir),
             "mlflow_tracking_uri": mlflow_tracking_uri,
             "mlflow_run_id": mlflow_run_id,
