@@ -1,11 +1,12 @@
 """`python -m bench`: every benchmark in turn, then bench/results/latest.json.
 
-    python -m bench [--size full|smoke] [--only judge,train,sample,iteration,scale,checkpoint] [--out PATH]
+    python -m bench [--size full|smoke] [--only judge,train,sample,iteration,scale,checkpoint,lora] [--out PATH]
                     [--max-tokens N]
 
 The scale benchmarks run only when named in --only: `scale` (an iteration at 1,000 to 20,000
-prompts) and `checkpoint` (a checkpoint of about 1B parameters through save, upload, registry
-and a vLLM engine). Their records also go to scale.json beside the results file, whose top level
+prompts), `checkpoint` (a checkpoint of about 1B parameters through save, upload, registry
+and a vLLM engine) and `lora` (LoRA against full-parameter training at that size: the results
+file's lora_step_fits_1b, lora_worker_peak_vs_full, adapter_bytes_vs_full, adapter_switch_vs_reload). Their records also go to scale.json beside the results file, whose top level
 holds scale_ratio, driver_peak_rss_mib, mlflow_table_rows and checkpoint_publish_vs_cp.
 
 Top-level numbers in the results file: judge_ratio, train_ratio_vs_online_ref,
@@ -24,11 +25,11 @@ import os
 import traceback
 from pathlib import Path
 
-from bench import checkpoint, iteration, judge, sample, scale, train
+from bench import checkpoint, iteration, judge, lora, sample, scale, train
 from bench.common import LATEST, write_latest
 
 BENCHMARKS = {"judge": judge, "train": train, "sample": sample, "iteration": iteration, "scale": scale,
-              "checkpoint": checkpoint}
+              "checkpoint": checkpoint, "lora": lora}
 DEFAULT = ("judge", "train", "sample", "iteration")
 SCALE_FILE = "scale.json"  # beside the results file: the scale and checkpoint records
 
@@ -59,6 +60,8 @@ def summary(records: dict[str, dict]) -> dict[str, float]:
                     for key in ("scale_ratio", "driver_peak_rss_mib", "mlflow_table_rows")})
     if "checkpoint" in records:
         out["checkpoint_publish_vs_cp"] = records["checkpoint"]["results"]["checkpoint_publish_vs_cp"]
+    if "lora" in records:
+        out.update({key: records["lora"]["results"][key] for key in lora.KEYS})
     return out
 
 

@@ -148,6 +148,9 @@ class ProcessPeaks:
         self.driver_pid, self.interval_s, self.roots = driver_pid, interval_s, roots
         self.stage = "setup"
         self.peaks: dict[str, dict[str, float]] = {}
+        # The same, of anonymous memory only (RssAnon): without the file pages a process maps,
+        # such as a safetensors checkpoint being loaded, which RSS counts while they are mapped.
+        self.anon_peaks: dict[str, dict[str, float]] = {}
         self.driver_hwm_mib = 0.0  # the kernel's high-water mark: no peak between samples is missed
         self._stop, self._lock = threading.Event(), threading.Lock()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -180,9 +183,10 @@ class ProcessPeaks:
             return name[5:].split(".")[0].split(" ")[0]
         return None
 
-    def peak(self, kind: str) -> float:
-        """The highest RSS of `kind` over every stage (0 if never seen)."""
-        return max((stage.get(kind, 0.0) for stage in self.peaks.values()), default=0.0)
+    def peak(self, kind: str, anon: bool = False) -> float:
+        """The highest RSS (anon: RssAnon) of `kind` over every stage (0 if never seen)."""
+        peaks = self.anon_peaks if anon else self.peaks
+        return max((stage.get(kind, 0.0) for stage in peaks.values()), default=0.0)
 
     def enter(self, stage: str) -> None:
         """Attribute what follows to `stage`, starting with a sample taken now (a stage may be
@@ -200,11 +204,13 @@ class ProcessPeaks:
 
         with self._lock:  # the thread's samples and enter()'s
             stage = self.peaks.setdefault(self.stage, {})
+            anon_stage = self.anon_peaks.setdefault(self.stage, {})
             for process in self._processes():
                 try:
                     if (kind := self._kind(process)) is not None:
                         stage[kind] = max(stage.get(kind, 0.0), process.memory_info().rss / 2**20)
-                except psutil.Error:
+                        anon_stage[kind] = max(anon_stage.get(kind, 0.0), _rss_anon_mib(process.pid))
+                except (psutil.Error, OSError):
                     continue
         try:
             for line in Path(f"/proc/{self.driver_pid}/status").read_text().splitlines():
@@ -212,6 +218,13 @@ class ProcessPeaks:
                     self.driver_hwm_mib = max(self.driver_hwm_mib, int(line.split()[1]) / 1024)
         except OSError:
             pass
+
+
+def _rss_anon_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def peak_rss_mib() -> float:

@@ -6,9 +6,9 @@ with the policy's tokenizer and chat template, and published atomically (locally
 Rank 0 holds at most one shard of the gathered model at a time (`SHARD_BYTES`), never the whole
 model: a 9B policy in bf16 is 18 GB, on top of what ZeRO-3 already keeps on each rank.
 
-A policy trained as a LoRA adapter (train.lora) is published merged, as the same full checkpoint
-(the base model's names, no adapter tensors), so everything that loads checkpoints loads it; the
-adapter alone is beside it in `adapter/` (peft's adapter_config.json + adapter_model.safetensors).
+A policy trained as a LoRA adapter (train.lora) is published as its adapter alone, in
+`adapter/` (peft's adapter_config.json + adapter_model.safetensors): pi_{t+1} is the base plus it,
+served as such, and `python -m sppo.export` merges the two into a full model on request.
 """
 
 from __future__ import annotations
@@ -54,37 +54,24 @@ def shard_file(index: int, count: int) -> str:
 
 
 def publish_checkpoint(engine, policy_dir: str, checkpoint_dir: str, dtype: torch.dtype) -> None:
-    """Gather the ZeRO-3 partitions shard by shard and publish an HF checkpoint.
+    """Gather the ZeRO-3 partitions shard by shard and publish an HF checkpoint (a peft model,
+    train.lora: its trained adapter alone, in adapter/).
 
     Every rank takes part in the gathers; rank 0 writes each shard as it is gathered and
-    publishes the directory (`publish_directory`), so checkpoint_dir is complete or absent, and an
-    earlier attempt's is replaced, never merged with. A peft model (train.lora) is merged first,
-    which leaves the engine's model merged and without its adapter: publish once, at the end.
+    publishes the directory, so checkpoint_dir is complete or absent, and an earlier attempt's is
+    replaced, never merged with.
     """
     model = engine.module
-    peft = sys.modules.get("peft")  # not imported: no adapter to merge
-    if peft is None or not isinstance(model, peft.PeftModel):
+    peft = sys.modules.get("peft")  # not imported: no adapter
+    if peft is not None and isinstance(model, peft.PeftModel):
+        _publish_adapter(model, checkpoint_dir)
+    else:
         _publish(model, policy_dir, checkpoint_dir, dtype)
-        return
-    # Saved by peft before the merge, which drops the adapter layers (peft would then save none).
-    with tempfile.TemporaryDirectory(prefix="sppo-adapter-") as adapter_dir:
-        failed = save_adapter(model, Path(adapter_dir))
-        merged = merge_adapter(model)
-
-        def add_adapter(staging: Path) -> None:
-            if failed is not None:  # raised only now: every gather is done
-                raise failed
-            (staging / ADAPTER_DIR).mkdir()
-            for source in Path(adapter_dir).iterdir():  # the umask's modes, not the temporary's
-                shutil.copyfile(source, staging / ADAPTER_DIR / source.name)
-            check_adapter(staging / ADAPTER_DIR)
-
-        _publish(merged, policy_dir, checkpoint_dir, dtype, add_adapter)
 
 
-def save_adapter(model, directory: Path) -> Exception | None:
-    """Gather the adapter's ZeRO-3 partitions (every rank) and, on rank 0, save it with peft into
-    `directory`. A failed write is returned, not raised, so that no rank is left in a gather."""
+def _publish_adapter(model, checkpoint_dir: str) -> None:
+    """Gather the adapter's ZeRO-3 partitions (every rank) and, on rank 0, publish it with peft's
+    save into checkpoint_dir/adapter/."""
     import deepspeed
     import torch.distributed as dist
 
@@ -93,13 +80,20 @@ def save_adapter(model, directory: Path) -> Exception | None:
         # Handed to peft's save whole: its own state dict would take this rank's partitions.
         state = {name: p.detach().to("cpu", copy=True) for name, p in adapter.items()} if dist.get_rank() == 0 else None
     if state is None:
-        return None
-    try:
-        # The trained adapter alone: with an online reference, pi_t's frozen copy is loaded beside it.
-        model.save_pretrained(str(directory), state_dict=state, selected_adapters=["default"])
-    except Exception as err:
-        return err
-    return None
+        return
+
+    def fill(staging: Path) -> None:
+        try:
+            # The trained adapter alone: with an online reference, pi_t's frozen copy is loaded beside it.
+            model.save_pretrained(str(staging / ADAPTER_DIR), state_dict=state, selected_adapters=["default"])
+            for written in (staging / ADAPTER_DIR).iterdir():
+                follow_umask(written)
+        except Exception as err:  # safetensors reports a full disk as its own error type
+            raise OSError(f"writing the adapter ({ADAPTER_DIR}/{ADAPTER_WEIGHTS}) for {checkpoint_dir} failed: "
+                          f"{err}") from err
+        check_adapter(staging / ADAPTER_DIR)
+
+    _publish_directory(checkpoint_dir, fill)
 
 
 def check_adapter(directory: Path) -> None:
@@ -113,25 +107,7 @@ def check_adapter(directory: Path) -> None:
         raise ValueError(f"the adapter saved in {directory} is empty or partial: {empty or 'no tensors'}")
 
 
-def merge_adapter(model):
-    """Every LoRA layer's adapter merged into its base weight under ZeRO-3 (peft's merge on the
-    gathered weights, rank 0's written back to the partitions); peft then drops the adapter
-    layers, leaving the base model, its names and its (ZeRO-3) parameters."""
-    import deepspeed
-    from peft.tuners.lora import LoraLayer
-
-    for layer in model.modules():
-        if isinstance(layer, LoraLayer):
-            base = list(layer.get_base_layer().parameters())
-            adapter = [p for p in layer.parameters() if all(p is not b for b in base)]
-            with deepspeed.zero.GatheredParameters(adapter, modifier_rank=None), \
-                    deepspeed.zero.GatheredParameters(base, modifier_rank=0):
-                layer.merge()
-    return model.unload()
-
-
-def _publish(model, policy_dir: str, checkpoint_dir: str, dtype: torch.dtype,
-             write_extra: Callable[[Path], None] | None = None) -> None:
+def _publish(model, policy_dir: str, checkpoint_dir: str, dtype: torch.dtype) -> None:
     import torch.distributed as dist
 
     params = dict(model.named_parameters())
@@ -148,21 +124,25 @@ def _publish(model, policy_dir: str, checkpoint_dir: str, dtype: torch.dtype,
             _gather_shards(params, shards, dtype,
                            write=lambda name, tensors: _save_shard(tensors, staging / name))
             _write_model_files(model, policy_dir, staging, shards, sum(size for _, size in sizes), dtype)
-            if write_extra is not None:
-                write_extra(staging)
         except Exception as err:  # safetensors reports a full disk as its own error type
             raise OSError(f"writing the checkpoint for {checkpoint_dir} failed: {err}") from err
 
-    if is_uri(checkpoint_dir):  # shared storage: written here, then uploaded in place of any earlier one
-        with tempfile.TemporaryDirectory(prefix="sppo-checkpoint-") as staging:
-            fill(Path(staging))
-            try:
-                fs, path = pafs.FileSystem.from_uri(checkpoint_dir)
-                upload_dir(Path(staging), fs, path)
-            except Exception as err:
-                raise OSError(f"uploading the checkpoint to {checkpoint_dir} failed: {err}") from err
+    _publish_directory(checkpoint_dir, fill)
+
+
+def _publish_directory(checkpoint_dir: str, fill: Callable[[Path], None]) -> None:
+    """checkpoint_dir filled by `fill`, whole or not at all: locally by `publish_directory`; on
+    shared storage written here, then uploaded in place of any earlier one."""
+    if not is_uri(checkpoint_dir):
+        publish_directory(Path(checkpoint_dir), fill)
         return
-    publish_directory(Path(checkpoint_dir), fill)
+    with tempfile.TemporaryDirectory(prefix="sppo-checkpoint-") as staging:
+        fill(Path(staging))
+        try:
+            fs, path = pafs.FileSystem.from_uri(checkpoint_dir)
+            upload_dir(Path(staging), fs, path)
+        except Exception as err:
+            raise OSError(f"uploading the checkpoint to {checkpoint_dir} failed: {err}") from err
 
 
 def _gather_shards(params: dict, shards: list[list[str]], dtype: torch.dtype,

@@ -196,8 +196,8 @@ _NO_LORA_MODULES = frozenset({"lm_head", "embed_tokens", "embed_in", "embed_out"
 
 
 class LoraConfig(_Strict):
-    """train.lora: train a peft LoRA adapter on the frozen policy instead of all its weights; the
-    checkpoint is published merged (a full model), with the adapter alone in its adapter/. docs/lora.md."""
+    """train.lora: train a peft LoRA adapter on the frozen policy instead of all its weights; each
+    iteration publishes the adapter alone (checkpoint/adapter/), continued by the next. docs/lora.md."""
 
     # Only ranks vLLM serves (its max_lora_rank choices), so an adapter can be served as it is.
     rank: int = 16
@@ -261,6 +261,10 @@ class TrainConfig(_Strict):
     max_failures: int = Field(default=1, ge=0)
     # One GPU per worker, collectives over NCCL; false: CPUs and gloo.
     use_gpu: bool = False
+    # With use_gpu, the share of a GPU each worker reserves in Ray (None: a whole one). A fraction
+    # lets one worker share its GPU with a kept, sleeping vLLM engine (docs/lora.md: one GPU);
+    # only with num_workers 1, as two NCCL ranks cannot share a device.
+    gpus_per_worker: float | None = Field(default=None, gt=0.0, le=1.0)
     # Train in bfloat16 (DeepSpeed's bf16 mode).
     bf16: bool = False
     # Recompute each layer's activations in the backward pass: less memory, more compute.
@@ -286,8 +290,8 @@ class TrainConfig(_Strict):
     lora: LoraConfig | None = None
 
     @model_serializer(mode="wrap")
-    def _unset_lora_left_out(self, handler) -> dict[str, Any]:
-        return without_unset(handler(self), "lora")
+    def _unset_fields_left_out(self, handler) -> dict[str, Any]:
+        return without_unset(without_unset(handler(self), "lora"), "gpus_per_worker")
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "TrainConfig":
@@ -296,6 +300,18 @@ class TrainConfig(_Strict):
                 f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _shared_gpu_has_one_worker(self) -> "TrainConfig":
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 1 and self.num_workers > 1:
+            raise ValueError(f"gpus_per_worker ({self.gpus_per_worker:g}) below 1 shares a GPU: only with "
+                             f"num_workers 1 (got {self.num_workers}), as two NCCL ranks cannot share one")
+        return self
+
+    @property
+    def worker_gpus(self) -> float:
+        """The GPUs each worker reserves in Ray: 0 without use_gpu."""
+        return (self.gpus_per_worker or 1.0) if self.use_gpu else 0.0
 
     @property
     def beta(self) -> float:

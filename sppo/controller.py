@@ -316,7 +316,7 @@ class IterationRecord:
         if self.cfg.tracking.register_model:
             version = self.tracker.register_checkpoint(
                 self.run_id, self.cfg.tracking.register_model, "checkpoint", description=card_summary(card),
-                tags=registry_tags(self.it.read_metrics()))
+                tags=registry_tags(self.cfg, self.it.read_metrics()))
             self.record({"registry/model_version": float(version)})
         self.crown_champion()
         # The parent run's per-iteration curves (step = iteration), as the published cards compare

@@ -76,7 +76,10 @@ TEMPLATE = """---
 
 Iteration {{ iteration }} of {{ iterations }} of {{ objective_name }} starting from
 `{{ base_model }}`, trained with sppo on prompts from `{{ dataset }}`.
-
+{% if adapter %}
+A LoRA adapter on `{{ base_model }}` (iterations continue one adapter): load it with
+`PeftModel.from_pretrained(base, ...)`, or export it merged into the base with `python -m sppo.export`.
+{% endif %}
 ## How it was trained
 
 - Objective: {{ objective_name }}, `train.loss: {{ loss }}`, eta = {{ eta }} (beta = 1/eta), with
@@ -201,12 +204,17 @@ def hyperparameters(cfg: RunConfig) -> list[tuple[str, object]]:
         ("max_length", train.max_length),
         ("max_prompt_length", train.max_prompt_length),
         ("precision", "bf16" if train.bf16 else "fp32"),
+        *([("lora_rank", train.lora.rank), ("lora_alpha", train.lora.alpha), ("lora_dropout", train.lora.dropout),
+           ("lora_target_modules", ", ".join(train.lora.target_modules))] if train.lora else []),
     ]
 
 
 def build_card(cfg: RunConfig, iteration: int, results: list[IterationResult],
-               versions: dict[str, str]) -> ModelCard:
-    """The card of iteration `iteration`'s checkpoint; `results` holds iterations 1..iteration."""
+               versions: dict[str, str], adapter: bool | None = None) -> ModelCard:
+    """The card of iteration `iteration`'s checkpoint; `results` holds iterations 1..iteration.
+    adapter: the card of a LoRA adapter (PEFT's shape: library_name peft), not of a full model;
+    None: as the run published it (an adapter with train.lora)."""
+    adapter = cfg.train.lora is not None if adapter is None else adapter
     loss = cfg.train.loss
     objective = OBJECTIVE_FAMILY.get(loss, loss)
     objective_name, citation = OBJECTIVES[objective]
@@ -232,8 +240,9 @@ def build_card(cfg: RunConfig, iteration: int, results: list[IterationResult],
     ]
     data = ModelCardData(
         model_name=model_name, base_model=cfg.policy.path, datasets=[cfg.prompts.source], license=cfg.tracking.license,
-        library_name="transformers", pipeline_tag="text-generation",
-        tags=[objective, "alignment", "preference-optimization", "deepspeed", "generated_from_trainer"],
+        library_name="peft" if adapter else "transformers", pipeline_tag="text-generation",
+        tags=[objective, "alignment", "preference-optimization", "deepspeed", "generated_from_trainer",
+              *(["lora"] if adapter else [])],
         eval_results=eval_results or None,
     )
     champion = choose_champion(by_iteration)
@@ -249,7 +258,7 @@ def build_card(cfg: RunConfig, iteration: int, results: list[IterationResult],
     warnings = [f"Iteration {t}: {w}" for t, m in sorted(by_iteration.items()) for w in length_gain_warnings(m)]
     return ModelCard.from_template(
         data, template_str=TEMPLATE, model_name=model_name, iteration=iteration, iterations=cfg.iterations,
-        objective_name=objective_name, loss=loss, eta=cfg.train.eta, base_model=cfg.policy.path,
+        objective_name=objective_name, loss=loss, eta=cfg.train.eta, base_model=cfg.policy.path, adapter=adapter,
         dataset=cfg.prompts.source,
         k=cfg.sampling.k, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
         max_tokens=cfg.sampling.max_tokens, judge=judge, eval_judge=eval_judge,
@@ -263,10 +272,11 @@ def build_card(cfg: RunConfig, iteration: int, results: list[IterationResult],
     )
 
 
-def card_of(cfg: RunConfig, it: IterationDir) -> ModelCard:
-    """Iteration it's card, from the metrics every iteration so far recorded in the output directory."""
+def card_of(cfg: RunConfig, it: IterationDir, adapter: bool | None = None) -> ModelCard:
+    """Iteration it's card, from the metrics every iteration so far recorded in the output
+    directory (adapter: as `build_card`'s)."""
     results = [IterationResult(t, it.run.iteration(t).read_metrics()) for t in range(1, it.iteration + 1)]
-    return build_card(cfg, it.iteration, results, software_versions())
+    return build_card(cfg, it.iteration, results, software_versions(), adapter)
 
 
 def write_card(cfg: RunConfig, it: IterationDir) -> ModelCard:
@@ -276,11 +286,15 @@ def write_card(cfg: RunConfig, it: IterationDir) -> ModelCard:
     return card
 
 
-def registry_tags(metrics: dict[str, float]) -> dict[str, str]:
+def registry_tags(cfg: RunConfig, metrics: dict[str, float]) -> dict[str, str]:
     """An iteration's held-out win rates, raw and length-controlled (and intervals), by the
-    evaluation judge, as a registered version's tags."""
-    return {key.removeprefix("eval/"): f"{value:.4f}" for key, value in sorted(metrics.items())
+    evaluation judge, as a registered version's tags; with train.lora, the version is an adapter,
+    and its tags name the base it applies to, as the run's config names it."""
+    tags = {key.removeprefix("eval/"): f"{value:.4f}" for key, value in sorted(metrics.items())
             if key.startswith(("eval/win_rate_", "eval/lc_win_rate_"))}
+    if cfg.train.lora is not None:
+        tags.update(base_model=cfg.policy.path, library_name="peft", adapter=f"lora rank {cfg.train.lora.rank}")
+    return tags
 
 
 def card_summary(card: ModelCard) -> str:

@@ -56,7 +56,8 @@ def config_problems(cfg: RunConfig) -> list[str]:
     """Resource settings that cannot work on any cluster."""
     s = cfg.sampling
     problems = []
-    if s.gpus_per_engine > 0 and s.tensor_parallel_size > s.gpus_per_engine:
+    # A share of one GPU (tensor_parallel_size 1) lets a kept engine sleep beside the trainer on one GPU.
+    if s.gpus_per_engine > 0 and s.tensor_parallel_size > 1 and s.tensor_parallel_size > s.gpus_per_engine:
         problems.append(
             f"stage 'sampling': sampling.tensor_parallel_size={s.tensor_parallel_size} needs that many GPUs "
             f"in each engine, but sampling.gpus_per_engine={s.gpus_per_engine:g}; set gpus_per_engine to "

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 ADAPTER_DIR = "adapter"  # in a checkpoint trained with train.lora: the trained adapter alone
+ADAPTER_CONFIG = "adapter_config.json"  # peft's, in an adapter directory
 
 
 @dataclass(frozen=True)

@@ -130,13 +130,14 @@ def judging_role(cfg: JudgeConfig, timeout_s: float | None = None, node_lost_s: 
 
 def training_role(cfg: TrainConfig, timeout_s: float | None = None, node_lost_s: float | None = None,
                   placement_s: float | None = None) -> Role:
-    """Ray Train's workers: train.cpus_per_worker CPUs each, and one GPU each with train.use_gpu;
-    restarts are the whole group's (train.max_failures)."""
+    """Ray Train's workers: train.cpus_per_worker CPUs each, and with train.use_gpu one GPU each
+    (train.gpus_per_worker: a share of one); restarts are the whole group's (train.max_failures)."""
+    gpu_field = (f"train.gpus_per_worker={cfg.gpus_per_worker:g}" if cfg.use_gpu and cfg.gpus_per_worker is not None
+                 else f"train.use_gpu={str(cfg.use_gpu).lower()}")
     return Role(
-        "training", "ZeRO-3 worker", cfg.num_workers, cfg.cpus_per_worker, 1.0 if cfg.use_gpu else 0.0,
-        cfg.max_failures,
+        "training", "ZeRO-3 worker", cfg.num_workers, cfg.cpus_per_worker, cfg.worker_gpus, cfg.max_failures,
         {"count": f"train.num_workers={cfg.num_workers}", "CPU": f"train.cpus_per_worker={cfg.cpus_per_worker:g}",
-         "GPU": f"train.use_gpu={str(cfg.use_gpu).lower()}", "restarts": f"train.max_failures={cfg.max_failures}"},
+         "GPU": gpu_field, "restarts": f"train.max_failures={cfg.max_failures}"},
         timeout_s, node_lost_s, placement_s,
     )
 

@@ -10,6 +10,7 @@ publishes into it.
     <output_dir>/iter-N/stage_metrics.json  stage metrics, replayed into a fresh MLflow run
     <output_dir>/iter-N/train_history.json  per-step training metrics (written after training)
     <output_dir>/iter-N/checkpoint/         consolidated HF checkpoint (safetensors) = pi_N
+                                            (train.lora: adapter/, pi_N = the base + it)
     <output_dir>/iter-N/eval_samples.parquet    held-out samples of pi_N (iter-0: the base policy's)
     <output_dir>/iter-N/eval_judgments.parquet  pi_N against pi_{N-1} and pi_0 on them
 
@@ -28,6 +29,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from sppo.policy import ADAPTER_CONFIG, ADAPTER_DIR
 from sppo.storage import SharedStorage, atomic_write_parquet, atomic_write_text
 
 RUN_FILE = "run.json"
@@ -142,8 +144,10 @@ class IterationDir:
 
     @property
     def trained(self) -> bool:
-        """Training is done when both its checkpoint and its metric history were published."""
-        return (self.checkpoint / "config.json").exists() and self.train_history.exists()
+        """Training is done when both its checkpoint (with train.lora, its adapter) and its metric
+        history were published."""
+        published = (self.checkpoint / "config.json").exists() or (self.checkpoint / ADAPTER_DIR / ADAPTER_CONFIG).exists()
+        return published and self.train_history.exists()
 
     def read_metrics(self) -> dict[str, float]:
         return json.loads(self.stage_metrics.read_text()) if self.stage_metrics.exists() else {}

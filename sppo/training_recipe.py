@@ -14,8 +14,8 @@ reference log-probs, the train loop, save. Where log pi_ref comes from (train.re
 
 With train.lora, pi_t is the base plus an adapter (`--adapter`; none at the first iteration): the
 base loads frozen, pi_t's adapter (or a fresh one, B = 0) is the only trainable state and is
-continued, so pi_{t+1} is the same base plus one adapter; the checkpoint is published merged,
-with that adapter in adapter/.
+continued, so pi_{t+1} is the same base plus one adapter, published alone in the checkpoint's
+adapter/.
 
 Without any orchestrator, on the job's own config:
 

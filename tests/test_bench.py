@@ -200,3 +200,40 @@ def test_scale_benchmarks_smoke_write_scale_json(tmp_path):
     assert steps["register"]["model_version"] >= 1 and steps["vllm_load"]["generated_tokens"] > 0
     assert steps["train"]["peak_rss_mib"]["RayTrainWorker"] > 100 and steps["vllm_load"]["peak_rss_mib"]["VLLMEngine"] > 100
     assert {"model_load", "train_steps", "checkpoint_save"} <= set(steps["train"]["timings"])
+
+
+@pytest.mark.slow
+def test_lora_benchmark_smoke_measures_both_trainings_and_both_switches(tmp_path):
+    """`python -m bench --only lora` at its smallest: the full-parameter and the LoRA run on 2
+    ZeRO-3 workers, and a kept engine moving by adapter and by reload; its keys in the results."""
+    from bench.lora import KEYS
+
+    out = run_bench("--size", "smoke", "--only", "lora", "--out", str(tmp_path / "latest.json"))
+    results = json.loads((tmp_path / "latest.json").read_text())
+    record = results["benchmarks"]["lora"]["results"]
+    for key in KEYS:
+        assert f"\n{key}=" in out and results[key] == record[key] and np.isfinite(results[key]), key
+    full, lora = record["full"], record["lora"]
+    assert results["lora_step_fits_1b"] == 1.0 and lora["optimizer_steps"] == 1
+    assert lora["partition"]["trainable_numel"] < full["partition"]["trainable_numel"] / 2
+    assert full["worker_peak_rss_mib"] > 100 and lora["worker_peak_rss_mib"] > 100
+    # The adapter alone was published: smaller than the full checkpoint, which holds its own weights.
+    assert 0 < lora["published_bytes"] < full["published_bytes"]
+    by_adapter, by_reload = record["engine"]["by_adapter"], record["engine"]["by_reload"]
+    assert by_adapter["weights_load_s"] == 0 and by_reload["weights_load_s"] > 0
+    assert by_reload["switch_s"] > 0 and all(s["new_policy_s"] > 0 for s in (by_adapter, by_reload))
+
+
+def test_the_gpu_lora_script_dry_runs_on_cpu_at_a_small_shape(tmp_path):
+    """bench/gpu_lora.py, the script a GPU machine runs with torch, transformers and peft only:
+    both ways at a small Gemma-2 shape on CPU, one timed step each."""
+    from bench.gpu_lora import main
+
+    record = main(["--shape", "small", "--device", "cpu", "--pairs", "2", "--tokens", "32", "--steps", "1",
+                   "--out", str(tmp_path / "gpu.json")])
+    assert json.loads((tmp_path / "gpu.json").read_text()) == record
+    lora, full = record["ways"]["lora"], record["ways"]["full"]
+    assert lora["fits"] and full["fits"]
+    # The adapter alone trains (rank 128 on the seven projections of a small model is not small).
+    assert 0 < lora["trainable_parameters"] < lora["parameters"] and full["trainable_parameters"] == full["parameters"]
+    assert all(np.isfinite(way["final_loss"]) and way["tokens_per_s"] > 0 for way in (lora, full))

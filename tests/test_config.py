@@ -109,7 +109,11 @@ PRODUCTION = ["gemma-2-9b-it-sppo.yaml", "llama-3-8b-instruct-sppo.yaml", "mistr
 def test_every_config_validates_and_its_resources_add_up(path):
     cfg = load_config(path)
     s, t = cfg.sampling, cfg.train
-    if t.use_gpu or s.gpus_per_engine:
+    if s.gpus_per_engine and s.gpus_per_engine < 1:
+        # One GPU shared: a kept engine (asleep while training) beside the judge, and the trainer.
+        assert s.tensor_parallel_size == 1 and s.num_engines == t.num_workers == 1 and s.engine_mode == "sleep"
+        assert s.gpus_per_engine + cfg.judge.num_gpus <= 1 and s.gpus_per_engine + t.worker_gpus <= 1
+    elif t.use_gpu or s.gpus_per_engine:
         # Each engine's GPUs hold its tensor-parallel shards; sampling and training use the same GPUs in turn.
         assert s.gpus_per_engine == s.tensor_parallel_size
         assert s.num_engines * s.gpus_per_engine == t.num_workers
@@ -160,3 +164,16 @@ def test_tiny_configs_cover_every_new_objective():
         cfg = load_config(CONFIGS / f"tiny-{loss}.yaml")
         assert cfg.train.loss == loss and cfg.iterations == 1 and not cfg.train.use_gpu
     assert load_config(CONFIGS / "tiny-wpo.yaml").prompts.response_column == "response"
+
+
+def test_a_shared_gpu_for_the_trainer_is_one_worker_and_left_out_of_the_record_when_unset():
+    assert "gpus_per_worker" not in RunConfig().to_yaml() and "train.gpus_per_worker" not in RunConfig().flat()
+    assert RunConfig().train.worker_gpus == 0.0
+    assert load_config(None, {"train.use_gpu": True}).train.worker_gpus == 1.0
+    shared = load_config(None, {"train.use_gpu": True, "train.gpus_per_worker": 0.5, "train.num_workers": 1})
+    assert shared.train.worker_gpus == 0.5 and shared.flat()["train.gpus_per_worker"] == 0.5
+    with pytest.raises(ConfigError, match=r"train.*gpus_per_worker \(0.5\) below 1 shares a GPU: only with num_workers 1"):
+        load_config(None, {"train.use_gpu": True, "train.gpus_per_worker": 0.5, "train.num_workers": 2})
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match=r"train\.gpus_per_worker"):
+            load_config(None, {"train.gpus_per_worker": bad})

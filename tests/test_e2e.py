@@ -226,7 +226,8 @@ def test_an_evaluation_judge_apart_from_a_training_judge_that_pays_for_length(li
 def test_the_tiny_lora_config_trains_one_adapter_served_by_an_engine_that_keeps_its_base(live_stack, tmp_path):
     """configs/tiny-lora.yaml in one job: one vLLM engine starts on the base and never loads
     weights again; each iteration continues the previous adapter (pi_t = base + adapter_t, as
-    the iteration's MLflow run records), publishes it on the base, and the policy learns."""
+    the iteration's MLflow run records), publishes it alone, on the base, logged and registered
+    as the iteration's model version naming the base, and the policy learns."""
     out = tmp_path / "lora"
     done = submit(live_stack, out, config="configs/tiny-lora.yaml")
     assert "SPPO finished" in done.stdout and done.stdout.count("sampling: starting 1 vLLM engine(s)") == 1
@@ -242,8 +243,20 @@ def test_the_tiny_lora_config_trains_one_adapter_served_by_an_engine_that_keeps_
         assert params["train.lora.rank"] == "16"
         found[t] = {m["key"]: m["value"] for m in runs[f"iter-{t}"]["data"]["metrics"]}
         assert found[t]["time/sampling/weights_load_s"] == 0.0
-        adapter = json.loads((out / f"iter-{t}" / "checkpoint" / "adapter" / "adapter_config.json").read_text())
+        checkpoint = out / f"iter-{t}" / "checkpoint"
+        adapter = json.loads((checkpoint / "adapter" / "adapter_config.json").read_text())
         assert "iter-" not in adapter["base_model_name_or_path"]  # the base, not an earlier iteration
+        assert sorted(p.name for p in checkpoint.iterdir()) == ["README.md", "adapter"]  # no full weights
+        logged = rest(live_stack, "artifacts/list", {"run_id": runs[f"iter-{t}"]["info"]["run_id"],
+                                                     "path": "checkpoint/adapter"})["files"]
+        assert {f["path"] for f in logged} >= {"checkpoint/adapter/adapter_config.json",
+                                               "checkpoint/adapter/adapter_model.safetensors"}
+    versions = rest(live_stack, "model-versions/search", {"filter": "name = 'sppo-tiny-lora'"})["model_versions"]
+    mine = [v for v in versions if v["run_id"] in {runs[f"iter-{t}"]["info"]["run_id"] for t in (1, 2, 3)}]
+    assert len(mine) == 3
+    for version in mine:
+        tags = {tag["key"]: tag["value"] for tag in version["tags"]}
+        assert (tags["base_model"], tags["library_name"], tags["adapter"]) == ("tiny:policy", "peft", "lora rank 16")
     rates = [found[t]["eval/win_rate_vs_base"] for t in (1, 2, 3)]
     assert rates[2] > rates[0] and rates[2] >= LORA_WIN_RATE_AT_3, rates
 

@@ -39,11 +39,11 @@ def _stages(out: Path) -> dict[str, dict]:
 
 
 def _submit_and_kill(stack, out: Path, *, when_running: str | None = None, when_training: bool = False,
-                     kill_at: str | None = None) -> None:
+                     kill_at: str | None = None, config: str = CONFIG, args: tuple[str, ...] = ARGS) -> None:
     """Submit the job; SIGKILL its driver once a worker titled `when_running` runs or once the
     training workers logged a step, or let the driver kill itself at the fault-injection point
     `kill_at`. The submission must fail."""
-    cmd, env = submit_command(stack, out, *ARGS, config=CONFIG, job_env={KILL_AT_ENV: kill_at} if kill_at else None)
+    cmd, env = submit_command(stack, out, *args, config=config, job_env={KILL_AT_ENV: kill_at} if kill_at else None)
     job = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if when_running:
@@ -122,3 +122,31 @@ def test_driver_killed_in_every_stage_resumes_to_the_uninterrupted_result(live_s
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         assert run["info"]["status"] == "FAILED" and tags["mlflow.runName"] == "iter-1"
         assert tags["sppo.replaced_by"] in {r["info"]["run_id"] for r in killed} | {final_id}
+
+
+def test_a_lora_job_killed_while_training_resumes_from_the_previous_adapter(live_stack, tmp_path):
+    """configs/tiny-lora.yaml: iteration 1 done, then a submission for 2 iterations killed once
+    iteration 2's adapter (continuing adapter_1) took a training step; the re-submission redoes
+    only training on, from base + adapter_1 again, and publishes adapter_2 alone, on the base."""
+    out, config = tmp_path / "lora", "configs/tiny-lora.yaml"
+    common = ("--set", "prompts.per_iteration=16", "--set", "train.epochs=3", "--set", "timeouts.lease_s=5")
+    submit(live_stack, out, "--iters", "1", *common, config=config)
+    _submit_and_kill(live_stack, out, when_training=True, config=config, args=("--iters", "2", *common))
+    iteration_2 = json.loads((out / "manifest.json").read_text())["iterations"]["2"]["stages"]
+    assert {"sampling", "judging", "pairs"} <= set(iteration_2) and "training" not in iteration_2
+    assert not (out / "iter-2" / "checkpoint").exists()
+
+    done = submit(live_stack, out, "--iters", "2", *common, config=config)
+    assert "iteration 2: continuing at training" in done.stdout
+    stages = json.loads((out / "manifest.json").read_text())["iterations"]["2"]["stages"]
+    assert {name: stages[name] for name in ("sampling", "judging", "pairs")} == {
+        name: iteration_2[name] for name in ("sampling", "judging", "pairs")}, "a stage before training was redone"
+    record = json.loads((out / "run.json").read_text())
+    runs = nested_runs(live_stack, record["experiment_id"], record["parent_run_id"])
+    params = {p["key"]: p["value"] for p in runs["iter-2"]["data"]["params"]}
+    assert params["policy.input"] == f"tiny:policy + adapter {out}/iter-1/checkpoint/adapter"
+    checkpoint = out / "iter-2" / "checkpoint"
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["README.md", "adapter"]
+    adapter = json.loads((checkpoint / "adapter" / "adapter_config.json").read_text())
+    assert "iter-" not in adapter["base_model_name_or_path"]
+

@@ -1,5 +1,5 @@
-"""train.lora: a peft LoRA adapter trained on the frozen policy under ZeRO-3, published merged
-(a full checkpoint) with the adapter alone in adapter/. Config and adapter checks without
+"""train.lora: a peft LoRA adapter trained on the frozen policy under ZeRO-3 and published alone,
+in the checkpoint's adapter/ (no full weights). Config and adapter checks without
 DeepSpeed, then the recipe in this process (a group of one) and under torchrun (two)."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from sppo.checkpoint import ADAPTER_WEIGHTS, check_adapter
-from sppo.policy import ADAPTER_DIR
+from sppo.export import write_merged
+from sppo.policy import ADAPTER_CONFIG, ADAPTER_DIR, Policy
 from sppo.config import LORA_TARGET_MODULES, ConfigError, LoraConfig, RunConfig, TrainConfig, load_config
 from sppo.losses import LOSSES
 from sppo.training_recipe import add_adapter, train
@@ -119,17 +120,6 @@ def test_an_empty_adapter_is_refused(tiny_policy_dir, tmp_path):
 LORA_CFG = {**ONE_RANK_CFG, "lora": {}}  # gradient checkpointing on, as ONE_RANK_CFG has it
 
 
-def merged_and_adapter(checkpoint: Path, tiny_policy_dir: str):
-    """The published checkpoint loaded as transformers loads it, and pi_t + its adapter/ merged by
-    peft on CPU (PeftModel.from_pretrained(...).merge_and_unload()): two state dicts."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    published = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
-    by_peft = PeftModel.from_pretrained(base_model(tiny_policy_dir), checkpoint / ADAPTER_DIR).merge_and_unload()
-    return published, by_peft.state_dict()
-
-
 @pytest.fixture(scope="module")
 def runs(one_process_group, tiny_policy_dir, tmp_path_factory):
     """The recipe on the same 8 pairs (4 steps) in several ways, each published under root/<name>."""
@@ -145,13 +135,15 @@ def runs(one_process_group, tiny_policy_dir, tmp_path_factory):
     results = {name: train(TrainConfig(**cfg), make_rows(8), tiny_policy_dir, str(root / name),
                            device=one_process_group) for name, cfg in ways.items()}
     # The next iteration: pi_1 = the base + the "lora" run's adapter, continued (policy and online
-    # references); and pi_1's reference log-probs from its merged checkpoint, for comparison.
+    # references); and pi_1's reference log-probs from pi_1 merged (as sppo.export merges it) and
+    # trained in full, for comparison.
     pi_1 = str(root / "lora" / ADAPTER_DIR)
     for name, cfg in (("continued", LORA_CFG), ("continued_online", {**LORA_CFG, "reference_logps": "online"})):
         results[name] = train(TrainConfig(**cfg), make_rows(8), tiny_policy_dir, str(root / name),
                               device=one_process_group, adapter_dir=pi_1)
-    results["merged_pi_1"] = train(TrainConfig(**{**ONE_RANK_CFG, "max_steps": 0}), make_rows(8), str(root / "lora"),
-                                   str(root / "merged_pi_1"), device=one_process_group)
+    write_merged(Policy(tiny_policy_dir, pi_1), root / "pi_1_merged")
+    results["merged_pi_1"] = train(TrainConfig(**{**ONE_RANK_CFG, "max_steps": 0}), make_rows(8),
+                                   str(root / "pi_1_merged"), str(root / "merged_pi_1"), device=one_process_group)
     return {"root": root, "results": results}
 
 
@@ -166,10 +158,8 @@ def test_a_fresh_adapter_gives_the_full_models_reference_and_publishes_pi_t(runs
     assert len(lora.reference_logps) == 8
     torch.testing.assert_close(torch.tensor(lora.reference_logps), torch.tensor(full.reference_logps),
                                atol=1e-6, rtol=0)
-    # No step: the merged checkpoint is pi_t exactly, and the adapter's B matrices are 0.
-    published = load_file(root / "lora_untrained" / "model.safetensors")
-    policy = load_file(Path(tiny_policy_dir) / "model.safetensors")
-    assert published.keys() == policy.keys() and all(torch.equal(published[k], policy[k]) for k in policy)
+    # No step: the published adapter's B matrices are 0, so base + adapter is pi_t exactly.
+    assert [p.name for p in (root / "lora_untrained").iterdir()] == [ADAPTER_DIR]
     adapter = load_file(root / "lora_untrained" / ADAPTER_DIR / ADAPTER_WEIGHTS)
     assert len(adapter) == 2 * 2 * len(TINY_SHAPES)
     assert all(not t.any() for name, t in adapter.items() if ".lora_B." in name)
@@ -208,39 +198,36 @@ def test_gradient_checkpointing_trains_the_adapter_as_without_it(runs):
 
 
 @pytest.mark.slow
-def test_a_trained_adapter_is_published_merged_and_alone(runs, tiny_policy_dir):
+def test_a_trained_adapter_is_published_alone(runs, tiny_policy_dir, tmp_path):
     checkpoint = runs["root"] / "lora"
-    published, by_peft = merged_and_adapter(checkpoint, tiny_policy_dir)
-    policy = load_file(Path(tiny_policy_dir) / "model.safetensors")
-    # The base model's names and nothing else: no peft prefixes, no adapter tensors.
-    assert load_file(checkpoint / "model.safetensors").keys() == policy.keys() == published.keys()
-    changed = {name for name in policy if not torch.equal(policy[name], published[name])}
-    assert changed == {name for name in policy if name.split(".")[-2] in TINY_SHAPES}
-    assert published.keys() == by_peft.keys()
-    for name in published:
-        torch.testing.assert_close(published[name], by_peft[name], atol=1e-6, rtol=1e-6)
+    assert [p.name for p in checkpoint.iterdir()] == [ADAPTER_DIR]  # no full weights
     adapter = load_file(checkpoint / ADAPTER_DIR / ADAPTER_WEIGHTS)
     assert sum(t.numel() for t in adapter.values()) == adapter_numel(16)
     assert all(t.dim() == 2 and t.abs().sum() > 0 for t in adapter.values())
-    config = json.loads((checkpoint / ADAPTER_DIR / "adapter_config.json").read_text())
+    config = json.loads((checkpoint / ADAPTER_DIR / ADAPTER_CONFIG).read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (16, 32, "LORA")
     assert config["base_model_name_or_path"] == tiny_policy_dir
     assert sorted(config["target_modules"]) == sorted(TINY_SHAPES)
-    assert json.loads((checkpoint / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    # Merged into the base, it moves exactly the target modules' weights.
+    write_merged(Policy(tiny_policy_dir, str(checkpoint / ADAPTER_DIR)), tmp_path / "merged")
+    policy, merged = load_file(Path(tiny_policy_dir) / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
+    assert merged.keys() == policy.keys()
+    changed = {name for name in policy if not torch.equal(policy[name], merged[name])}
+    assert changed == {name for name in policy if name.split(".")[-2] in TINY_SHAPES}
 
 
 @pytest.mark.slow
 def test_an_adapter_that_does_not_fit_publishes_nothing(one_process_group, tiny_policy_dir, small_disk):  # noqa: F811
-    """Room for the merged model (912 KiB on tmpfs) but not for adapter/ after it: the disk error
-    names the checkpoint, and what was published there stays whole."""
-    disk = small_disk("960k")
+    """Room for less than the adapter (139 KiB at rank 16): the disk error names the checkpoint
+    and the adapter's file, and what was published there stays whole."""
+    disk = small_disk("64k")
     published = disk / "iter1"
     published.mkdir()
     (published / "config.json").write_text('{"published": true}')
     with pytest.raises(OSError, match=r"No space left on device|StorageFull") as failure:
         train(TrainConfig(**{**LORA_CFG, "max_steps": 1}), make_rows(8), tiny_policy_dir, str(published),
               device=one_process_group)
-    assert str(published) in str(failure.value) and ADAPTER_WEIGHTS in str(failure.value)
+    assert str(published) in str(failure.value) and f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}" in str(failure.value)
     assert [p.name for p in disk.iterdir()] == ["iter1"], "a staging directory was left behind"
     assert [p.name for p in published.iterdir()] == ["config.json"]
 
@@ -262,8 +249,7 @@ def test_every_loss_trains_an_adapter(loss, one_process_group, tiny_policy_dir, 
 @pytest.mark.slow
 def test_two_zero3_processes_publish_what_one_does(one_process_group, tiny_policy_dir, tmp_path):  # noqa: F811
     """torchrun, 2 ranks x 2 pairs against 1 rank x 2 pairs x 2 accumulation steps: the same pairs
-    in each step, so the same adapter and merged checkpoint, to float tolerance; each rank held
-    half of the adapter."""
+    in each step, so the same adapter, to float tolerance; each rank held half of it."""
     import subprocess
     import sys
 
@@ -295,22 +281,19 @@ def test_two_zero3_processes_publish_what_one_does(one_process_group, tiny_polic
         partition = rank["partition"]
         assert partition["trainable_numel"] == adapter_numel(16) == 2 * partition["trainable_local_numel"]
     assert history(one, "train/loss") == pytest.approx([m["train/loss"] for m in ranks[0]["history"]], rel=1e-4)
-    for name in ("model.safetensors", f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}"):
-        two_ranks, one_rank = load_file(tmp_path / "two" / name), load_file(tmp_path / "one" / name)
-        assert two_ranks.keys() == one_rank.keys()
-        for key in one_rank:
-            torch.testing.assert_close(two_ranks[key], one_rank[key], atol=1e-5, rtol=1e-4)
-    q_proj = "model.layers.0.self_attn.q_proj.weight"
-    moved = load_file(tmp_path / "two" / "model.safetensors")[q_proj] - load_file(
-        Path(tiny_policy_dir) / "model.safetensors")[q_proj]
-    assert moved.abs().max() > 1e-3, "the two ranks' tolerance is far below what training moved"
+    two_ranks, one_rank = (load_file(tmp_path / run / ADAPTER_DIR / ADAPTER_WEIGHTS) for run in ("two", "one"))
+    assert two_ranks.keys() == one_rank.keys() and len(one_rank) == 2 * 2 * len(TINY_SHAPES)
+    for key in one_rank:
+        torch.testing.assert_close(two_ranks[key], one_rank[key], atol=1e-5, rtol=1e-4)
+    moved = max(t.abs().max() for name, t in two_ranks.items() if ".lora_B." in name)  # B starts at 0
+    assert moved > 1e-3, "the two ranks' tolerance is far below what training moved"
 
 
 @pytest.mark.slow
 def test_a_continued_adapter_starts_at_pi_t_and_publishes_the_base_plus_one_adapter(runs, tiny_policy_dir):
     """pi_1 = the base + adapter_1; the next iteration continues adapter_1: its reference is
     log pi_1 (what the merged pi_1 gives), its first step's log-ratios 0, and what it publishes
-    is the same base plus one adapter, adapter_2, which peft merges into the published weights."""
+    is the same base plus one adapter, adapter_2."""
     results, root = runs["results"], runs["root"]
     torch.testing.assert_close(torch.tensor(results["continued"].reference_logps),
                                torch.tensor(results["merged_pi_1"].reference_logps), atol=1e-5, rtol=1e-6)
@@ -319,9 +302,6 @@ def test_a_continued_adapter_starts_at_pi_t_and_publishes_the_base_plus_one_adap
     assert results["continued"].history[0]["train/chosen_logratio"] == pytest.approx(0.0, abs=1e-5)
     config = json.loads((root / "continued" / ADAPTER_DIR / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == tiny_policy_dir and config["r"] == 16
-    published, by_peft = merged_and_adapter(root / "continued", tiny_policy_dir)
-    for name in published:
-        torch.testing.assert_close(published[name], by_peft[name], atol=1e-6, rtol=1e-6)
     adapter_1 = load_file(root / "lora" / ADAPTER_DIR / ADAPTER_WEIGHTS)
     adapter_2 = load_file(root / "continued" / ADAPTER_DIR / ADAPTER_WEIGHTS)
     assert adapter_1.keys() == adapter_2.keys() and any(not torch.equal(adapter_1[k], adapter_2[k]) for k in adapter_1)

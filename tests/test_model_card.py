@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
-from sppo.config import load_config
+from sppo.config import RunConfig, load_config
 from sppo.manifest import RunManifest
+from sppo.policy import ADAPTER_DIR
 from sppo.model_card import (CARD_FILE, IterationResult, build_card, card_summary, hyperparameters, registry_tags,
                              software_versions, write_card)
 from sppo.run_directory import RunDirectory
@@ -130,7 +131,7 @@ def test_a_card_needs_every_iteration_up_to_its_own():
 
 
 def test_registry_tags_are_the_win_rates():
-    assert registry_tags({**metrics_of(1), "train/final_loss": 1.0, "eval/training_judge/win_rate_vs_base": 0.9}) == {
+    assert registry_tags(RunConfig(), {**metrics_of(1), "train/final_loss": 1.0, "eval/training_judge/win_rate_vs_base": 0.9}) == {
         "lc_win_rate_vs_base": "0.5000", "lc_win_rate_vs_base_ci_high": "0.5400",
         "lc_win_rate_vs_base_ci_low": "0.4600",
         "win_rate_vs_base": "0.6000", "win_rate_vs_base_ci_high": "0.6500", "win_rate_vs_base_ci_low": "0.5500",
@@ -227,26 +228,65 @@ def test_export_refuses_in_one_line_and_overwrites_nothing(run_dir, tmp_path, ca
     assert [p.name for p in tmp_path.iterdir() if ".export-" in p.name] == []
 
 
-def test_export_of_an_adapter_is_peft_shaped_and_names_the_base(run_dir, tmp_path, tiny_policy_dir):
+@pytest.fixture
+def lora_run_dir(tmp_path, tiny_policy_dir):
+    """An output directory with iteration 1 finished as configs/tiny-lora.yaml publishes one: its
+    checkpoint the adapter alone (rank 8 on q_proj and v_proj, B moved off 0) and the card."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora-run"
+    cfg = load_config(REPO / "configs" / "tiny-lora.yaml", {"output_dir": str(out), "iterations": 1})
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    it = RunDirectory(out).iteration(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
+    model.save_pretrained(it.checkpoint / ADAPTER_DIR)
+    atomic_write_text(it.train_history, "[]")
+    it.add_metrics(metrics_of(1))
+    manifest = RunManifest(RunDirectory(out))
+    manifest.record_stage(1, "training", cfg, {"checkpoint": it.checkpoint}, "run-id")
+    write_card(cfg, it)
+    manifest.record_stage(1, "tracking", cfg, {}, "run-id")
+    return out
+
+
+def test_a_lora_iteration_publishes_an_adapter_card_that_names_the_base(lora_run_dir):
+    checkpoint = RunDirectory(lora_run_dir).iteration(1).checkpoint
+    assert sorted(p.name for p in checkpoint.iterdir()) == [CARD_FILE, ADAPTER_DIR]  # no full weights
+    card = ModelCard.load(checkpoint / CARD_FILE)
+    assert (card.data.library_name, card.data.base_model) == ("peft", "tiny:policy") and "lora" in card.data.tags
+    assert "A LoRA adapter on `tiny:policy`" in card.text and "- lora_rank: 16" in card.text
+
+
+def test_registry_tags_of_an_adapter_name_its_base():
+    cfg = load_config(REPO / "configs" / "tiny-lora.yaml")
+    tags = registry_tags(cfg, metrics_of(1))
+    assert (tags["base_model"], tags["library_name"], tags["adapter"]) == ("tiny:policy", "peft", "lora rank 16")
+    assert tags["win_rate_vs_base"] == "0.6000"
+
+
+def test_export_of_an_adapter_is_peft_shaped_and_names_the_base(lora_run_dir, run_dir, tmp_path, tiny_policy_dir):
     """--adapter: the iteration's adapter/ alone, its config and card naming the base as the run's
     config does, loadable by peft on the base; a full-weights iteration is refused."""
     import json
 
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from sppo.policy import ADAPTER_DIR
-
-    adapter_dir = RunDirectory(run_dir).iteration(1).checkpoint / ADAPTER_DIR
     refused = export("--output-dir", str(run_dir), "--iteration", "1", "--to", str(tmp_path / "none"), "--adapter")
     assert refused.returncode == 2 and refused.stderr.startswith("error: --adapter: iteration 1 was not trained "
                                                                  "with train.lora"), refused.stderr
-    base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32)
-    get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter_dir)
+    adapter_dir = RunDirectory(lora_run_dir).iteration(1).checkpoint / ADAPTER_DIR
     target = tmp_path / "adapter"
-    done = export("--output-dir", str(run_dir), "--iteration", "1", "--to", str(target), "--adapter")
+    done = export("--output-dir", str(lora_run_dir), "--iteration", "1", "--to", str(target), "--adapter")
     assert done.returncode == 0, done.stderr
     assert f"PeftModel.from_pretrained(base, '{target}')" in done.stdout
     assert sorted(p.name for p in target.iterdir()) == ["README.md", "adapter_config.json",
@@ -259,3 +299,36 @@ def test_export_of_an_adapter_is_peft_shaped_and_names_the_base(run_dir, tmp_pat
     assert (card.data.library_name, card.data.base_model) == ("peft", "tiny:policy") and "lora" in card.data.tags
     base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32)
     assert PeftModel.from_pretrained(base, target).peft_config["default"].r == 8
+
+
+def test_export_of_a_lora_iteration_merges_its_adapter_into_the_base(lora_run_dir, tmp_path, tiny_policy_dir):
+    """Without --adapter: one full model, the base's names, dtype, tokenizer and chat template,
+    whose weights are peft's merge of base + adapter and whose outputs are base + adapter's."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = tmp_path / "merged"
+    done = export("--output-dir", str(lora_run_dir), "--iteration", "1", "--to", str(target))
+    assert done.returncode == 0, done.stderr
+    assert f"from_pretrained('{target}')" in done.stdout
+    assert not (target / ADAPTER_DIR).exists() and not (target / "adapter_config.json").exists()
+    base_weights = load_file(Path(tiny_policy_dir) / "model.safetensors")
+    merged_weights = load_file(target / "model.safetensors")
+    assert merged_weights.keys() == base_weights.keys()
+    assert {merged_weights[k].dtype for k in merged_weights} == {base_weights[k].dtype for k in base_weights}
+    changed = {k for k in base_weights if not torch.equal(base_weights[k], merged_weights[k])}
+    assert changed and all(k.split(".")[-2] in ("q_proj", "v_proj") for k in changed)
+    adapter = RunDirectory(lora_run_dir).iteration(1).checkpoint / ADAPTER_DIR
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32), adapter).eval()
+    merged = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(tiny_policy_dir).chat_template
+    ids = tokenizer("the merged model is the base plus its adapter", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-4, rtol=1e-4)
+    card = ModelCard.load(target / CARD_FILE)
+    assert (card.data.library_name, card.data.base_model) == ("transformers", "tiny:policy")
+    assert "lora" not in card.data.tags

@@ -112,6 +112,23 @@ def test_kept_engines_hold_their_resources_while_later_stages_run():
     assert check_fit(kept, parse_node("2x CPU=2")) == []
 
 
+def test_the_one_gpu_lora_config_fits_one_gpu_with_its_engine_asleep_beside_the_trainer():
+    """configs/gemma-2-9b-it-sppo-lora.yaml: the kept engine (sleep), the judge and the trainer
+    each reserve half the GPU, so the engine stays for the whole job on 16 CPUs and 1 GPU."""
+    cfg = config("gemma-2-9b-it-sppo-lora.yaml")
+    stages = resource_plan(cfg)
+    assert [(s.role.count, s.role.gpus, s.kept) for s in stages] == [(1, 0.5, True), (1, 0.5, False), (1, 0.5, False)]
+    assert config_problems(cfg) == [] and check_fit(stages, parse_node("1x CPU=16,GPU=1")) == []
+    assert plan_main(cfg, ["1x CPU=16,GPU=1"]) == FITS
+    # A whole GPU for the trainer leaves none beside the sleeping engine: named by its field.
+    whole = config("gemma-2-9b-it-sppo-lora.yaml", **{"train.gpus_per_worker": None})
+    [problem] = check_fit(resource_plan(whole), parse_node("1x CPU=16,GPU=1"))
+    assert problem.startswith("stage 'training' does not fit") and "train.use_gpu=true" in problem
+    [problem] = check_fit(resource_plan(config("gemma-2-9b-it-sppo-lora.yaml", **{"train.gpus_per_worker": 0.75})),
+                          parse_node("1x CPU=16,GPU=1"))
+    assert "train.gpus_per_worker=0.75" in problem and "beside the kept vLLM engines" in problem
+
+
 def test_tensor_parallel_engines_need_as_many_gpus():
     cfg = config("gemma-2-9b-it-sppo.yaml", **{"sampling.tensor_parallel_size": 2})
     problems = config_problems(cfg)
