@@ -258,12 +258,7 @@ def test_the_tiny_lora_config_trains_one_adapter_served_by_an_engine_that_keeps_
         tags = {tag["key"]: tag["value"] for tag in version["tags"]}
         assert (tags["base_model"], tags["library_name"], tags["adapter"]) == ("tiny:policy", "peft", "lora rank 16")
     rates = [found[t]["eval/win_rate_vs_base"] for t in (1, 2, 3)]
-    assert rates[2] > rates[0] and rates[2] >= LORA_WIN_RATE_AT_3, rates
-
-
-# What configs/tiny-lora.yaml reaches by iteration 3 (docs/lora.md): less than the full
-# fine-tune's 0.81: adapters may not move the LM head or the embeddings.
-LORA_WIN_RATE_AT_3 = 0.53
+    assert rates[0] < rates[1] < rates[2] and rates[2] >= 0.65, rates
 
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

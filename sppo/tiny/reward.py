@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sppo.tiny.policy import BUILD_VERSION as POLICY_BUILD_VERSION
+from sppo.tiny.policy import FINAL_NORM_GAIN
 
 SEED = 0
 BUILD_VERSION = f"v1-policy-{POLICY_BUILD_VERSION}"
@@ -26,8 +27,9 @@ def build(out_dir: Path) -> None:
     policy_dir = resolve_model("tiny:policy")
     model = LlamaForSequenceClassification.from_pretrained(policy_dir, num_labels=1, dtype=torch.float32)
     # A wider head than the default init (std 0.02, rewards within ~0.1 of each other and win
-    # probabilities of ~0.5 everywhere) spreads the rewards like a trained model's.
+    # probabilities of ~0.5 everywhere) spreads the rewards like a trained model's: std 0.5 on a
+    # hidden state of RMS 1, so divided by the policy's final-norm gain.
     torch.manual_seed(SEED)
-    torch.nn.init.normal_(model.score.weight, std=0.5)
+    torch.nn.init.normal_(model.score.weight, std=0.5 / FINAL_NORM_GAIN)
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(policy_dir).save_pretrained(out_dir)
