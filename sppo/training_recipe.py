@@ -93,12 +93,40 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
             "stage": 3,
             # 0: partition every parameter, however small (the default keeps small ones whole).
             "stage3_param_persistence_threshold": 0,
+            # A gathered layer is freed after its use and at most 1e8 parameters are gathered
+            # ahead. DeepSpeed's defaults (1e9 each) kept a whole 1B model gathered on every
+            # worker through each step (docs/performance.md, "LoRA at a billion parameters"):
+            # its memory, against re-gathering the last layers for the backward pass.
+            "stage3_max_reuse_distance": 0,
+            "stage3_max_live_parameters": 100_000_000,
         },
         # ZeRO only vouches for its own optimizers; RMSprop is what SPPO trains with.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+# glibc's own initial threshold (bytes), kept fixed by setting it (`release_freed_blocks`).
+MMAP_THRESHOLD = 128 * 1024
+
+
+def release_freed_blocks() -> None:
+    """Have glibc give every block above MMAP_THRESHOLD its own mapping, returned to the OS when freed.
+
+    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB), and
+    blocks under it come from the heap, whose freed space stays resident. ZeRO-3 gathers each
+    layer's weights into new blocks of a few MiB and frees them after use, so a worker's resident
+    memory grew by most of the gathered model in the first optimizer step (docs/performance.md,
+    "LoRA at a billion parameters"). No-op where the C library has no mallopt.
+    """
+    import ctypes
+    import ctypes.util
+
+    mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
+    if mallopt is not None:
+        M_MMAP_THRESHOLD = -3  # malloc.h
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def load_engine(policy_dir: str, cfg: TrainConfig, num_steps: int, trust_remote_code: bool,
@@ -306,6 +334,7 @@ def train(
     import torch.distributed as dist
     from transformers import AutoConfig, AutoTokenizer
 
+    release_freed_blocks()
     # The process group is the caller's (Ray Train, torchrun); DeepSpeed wraps it.
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
