@@ -510,3 +510,33 @@ def test_a_kept_engine_serves_each_adapter_on_the_base_it_keeps(ray_cluster, tin
                 expected = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
                 torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-4, rtol=1e-4)
         model = served.unload()
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_merged_export_of_an_adapter_as_base_plus_adapter(ray_cluster, tiny_policy_dir, adapters, prompts,
+                                                                          tmp_path):
+    """What `python -m sppo.export` writes for a LoRA iteration without --adapter (the base and
+    its adapter merged into one model directory) loads in a vLLM engine as a full policy, and
+    the log-probs of what it samples are base + adapter's, as peft's float32 forward pass
+    computes them."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sppo.export import write_merged
+
+    merged = tmp_path / "merged"
+    write_merged(Policy(tiny_policy_dir, adapters["a"]), merged)
+    cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1, "top_p": 1.0})
+    with EnginePool(cfg) as pool:
+        samples = pool.sample(Policy(str(merged)), prompts, seed=5, token_logps=True)
+    assert all(len(c) == cfg.k for c in samples.candidates)
+    served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32),
+                                       adapters["a"]).eval()
+    for prompt_ids, ids_k, logps_k in list(zip(samples.prompt_token_ids, samples.token_ids, samples.token_logps,
+                                               strict=True))[:4]:
+        for ids, logps in zip(ids_k, logps_k, strict=True):
+            with torch.no_grad():
+                logits = served(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-4, rtol=1e-4)
