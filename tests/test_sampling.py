@@ -502,14 +502,22 @@ def test_a_kept_engine_serves_each_adapter_on_the_base_it_keeps(ray_cluster, tin
     model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32).eval()
     for samples, policy in ((first_a, pi_a), (b, pi_b)):
         served = PeftModel.from_pretrained(model, policy.adapter).eval()
-        for prompt_ids, ids_k, logps_k in list(zip(samples.prompt_token_ids, samples.token_ids,
-                                                   samples.token_logps, strict=True))[:4]:
-            for ids, logps in zip(ids_k, logps_k, strict=True):
-                with torch.no_grad():
-                    logits = served(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
-                expected = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
-                torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-4, rtol=1e-4)
+        _assert_token_logps_are_the_models(samples, served)
         model = served.unload()
+
+
+def _assert_token_logps_are_the_models(samples: Samples, model, prompts: int = 4) -> None:
+    """The sampled tokens' log-probs of the first `prompts` prompts equal log_softmax of `model`'s
+    float32 logits at those tokens."""
+    import torch
+
+    for prompt_ids, ids_k, logps_k in list(zip(samples.prompt_token_ids, samples.token_ids, samples.token_logps,
+                                               strict=True))[:prompts]:
+        for ids, logps in zip(ids_k, logps_k, strict=True):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -533,10 +541,4 @@ def test_vllm_serves_the_merged_export_of_an_adapter_as_base_plus_adapter(ray_cl
     assert all(len(c) == cfg.k for c in samples.candidates)
     served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32),
                                        adapters["a"]).eval()
-    for prompt_ids, ids_k, logps_k in list(zip(samples.prompt_token_ids, samples.token_ids, samples.token_logps,
-                                               strict=True))[:4]:
-        for ids, logps in zip(ids_k, logps_k, strict=True):
-            with torch.no_grad():
-                logits = served(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
-            expected = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
-            torch.testing.assert_close(torch.tensor(logps), expected, atol=1e-4, rtol=1e-4)
+    _assert_token_logps_are_the_models(samples, served)
