@@ -4,7 +4,6 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON3 ?= python3
-# Resolved here, as the recipes' PATH starts with the venv's bin (below).
 HOST_PYTHON := $(shell command -v $(PYTHON3) || echo $(PYTHON3))
 # The install is redone only when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements/cpu.lock pyproject.toml | sha1sum | cut -c1-12)
@@ -45,15 +44,6 @@ mark = @echo "$$(date +%s) $(1)" >> $(DEMO_TIMES)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_AUTH_MODE := token
-# DeepSpeed's CPU op is built once at install into the venv, not into ~/.cache, so that every
-# process using this venv finds it whatever its home directory.
-export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
-# The venv's tools first, for every process started from here: Ray puts them first for its
-# workers, and DeepSpeed builds that op with whichever `ninja` PATH finds. The venv's ninja
-# (1.13) and the system's (1.11) record a build differently, so each took the other's build
-# for stale and rebuilt it: about a CPU-minute at every switch between a Ray Train worker and a
-# process started outside Ray (docs/testing.md).
-export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install uv lock-gpu demo demo-intro demo-times test bench stop status
 
@@ -78,9 +68,6 @@ $(STAMP): requirements/cpu.lock pyproject.toml | uv
 	@# torchaudio, torchcodec, triton) that break torch's imports here (tests/test_install.py).
 	$(UV_PIP) --no-deps -r requirements/cpu.lock
 	$(UV_PIP) --no-deps --no-build-isolation -e .
-	@# DeepSpeed compiles its CPU shared-memory op on first use. Built here, a training worker
-	@# killed mid-build cannot leave a stale build lock behind that hangs every later training.
-	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" >/dev/null
 	@rm -f $(VENV)/.installed-* && touch $@
 	@echo ">> environment ready ($$(( $$(date +%s) - $(STARTED) )) s)"
 

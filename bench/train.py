@@ -227,17 +227,16 @@ def _trainer(loop, config: dict, cfg, storage: str, name: str):
 def _trl_loop(config: dict) -> dict:
     """TRL's DPOTrainer with loss_type="sppo_hard" on the same rows, ZeRO-3 config and batch."""
     import datasets
-    import deepspeed
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from sppo.config import TrainConfig
-    from sppo.training_recipe import deepspeed_config
+    from sppo.training_recipe import deepspeed_config, init_deepspeed
 
     cfg = TrainConfig.model_validate(config["cfg"])
     policy_dir = config["policy_dir"]
     # Before anything reads the ZeRO config: DeepSpeed takes the world size from its own comm layer.
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed("gloo")
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):

@@ -129,6 +129,22 @@ def release_freed_blocks() -> None:
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
+def init_deepspeed(backend: str) -> None:
+    """DeepSpeed's comm layer on the caller's process group, without DeepSpeed's CPU shared-memory op.
+
+    That op serves only the all-reduce of DeepSpeed inference's tensor-parallel layers, which
+    ZeRO-3 training never calls, yet DeepSpeed compiles it (g++ against torch's headers, most of
+    a minute on 2 cores) into TORCH_EXTENSIONS_DIR the first time a process initializes on CPUs
+    (docs/performance.md, "Install"). Marked incompatible, it is neither built nor loaded, and
+    collectives go through torch.distributed as with any other backend.
+    """
+    import deepspeed
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    deepspeed.init_distributed(dist_backend=backend)
+
+
 def load_engine(policy_dir: str, cfg: TrainConfig, num_steps: int, trust_remote_code: bool,
                 adapter_dir: str | None = None):
     """The policy as a ZeRO-3 DeepSpeed engine with RMSprop and a linear warmup/decay schedule.
@@ -330,13 +346,12 @@ def train(
     non-finite loss), TimeoutError, OSError (a checkpoint that cannot be written) or ValueError
     (the data); nothing is published then.
     """
-    import deepspeed
     import torch.distributed as dist
     from transformers import AutoConfig, AutoTokenizer
 
     release_freed_blocks()
     # The process group is the caller's (Ray Train, torchrun); DeepSpeed wraps it.
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    init_deepspeed("nccl" if cfg.use_gpu else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if world_size != cfg.num_workers:  # the global batch, and so the schedule, counts them
         raise ValueError(f"train.num_workers is {cfg.num_workers}, but the process group has {world_size} processes")

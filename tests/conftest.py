@@ -124,14 +124,14 @@ def process_group_of_one():
     """This process as a torch.distributed group of one (gloo), once per session, as in a Ray
     Train worker: DeepSpeed keeps the first group it takes, so a second one in the same process
     breaks it ("Group ... is not registered")."""
-    import deepspeed
     import torch.distributed as dist
 
     from sppo.devtools.localstack import free_port
+    from sppo.training_recipe import init_deepspeed
 
     with launcher_env(MASTER_PORT=str(free_port())):
         dist.init_process_group("gloo", rank=0, world_size=1)
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_deepspeed("gloo")
     yield
     dist.destroy_process_group()
 

@@ -480,21 +480,27 @@ def test_the_recipe_names_a_process_group_of_the_wrong_size(one_process_group, t
 
 @pytest.mark.slow
 def test_the_recipe_runs_under_torchrun_without_ray(tiny_policy_dir, tmp_path):
-    """`torchrun -m sppo.training_recipe`: two processes, ZeRO-3 across them, no Ray anywhere."""
+    """`torchrun -m sppo.training_recipe`: two processes, ZeRO-3 across them, no Ray anywhere,
+    and nothing compiled: DeepSpeed's CPU shared-memory op (`init_deepspeed`) is not built into
+    an empty TORCH_EXTENSIONS_DIR."""
+    import os
     import subprocess
     import sys
 
     pairs_path = tmp_path / "pairs.parquet"
     pd.DataFrame(make_rows(NUM_ROWS)).to_parquet(pairs_path)
     overrides = [f"train.{key}={value}" for key, value in TRAIN_CFG.items()]
+    extensions = tmp_path / "torch_extensions"
     done = subprocess.run(
         [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
          "-m", "sppo.training_recipe", "--pairs", str(pairs_path), "--policy", "tiny:policy",
          "--checkpoint", str(tmp_path / "pi1"), *[a for o in overrides for a in ("--set", o)]],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert f"trained {EXPECTED_STEPS} steps" in done.stdout
     assert (tmp_path / "pi1" / "model.safetensors").exists()
+    assert not list(extensions.rglob("*.so")), "a DeepSpeed op was compiled for training"
+    assert "deepspeed_shm_comm" not in done.stdout + done.stderr
     ray_free = "import sys, sppo.training_recipe; assert not [m for m in sys.modules if m.split('.')[0] == 'ray']"
     assert subprocess.run([sys.executable, "-c", ray_free]).returncode == 0
 
