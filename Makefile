@@ -44,6 +44,9 @@ mark = @echo "$$(date +%s) $(1)" >> $(DEMO_TIMES)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_AUTH_MODE := token
+# Nothing started from here sends usage data: MLflow's telemetry off (the servers' and jobs' too,
+# sppo/devtools/localstack.py), as Ray's usage stats are.
+export MLFLOW_DISABLE_TELEMETRY ?= true
 
 .PHONY: install uv lock-gpu demo demo-intro demo-times test bench stop status
 

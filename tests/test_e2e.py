@@ -26,6 +26,8 @@ def test_three_iterations_then_resume(demo, tmp_path):
     # The demo made its own Ray token in the empty home, readable by its owner only.
     token = demo.home / ".ray" / "auth_token"
     assert token.stat().st_mode & 0o077 == 0 and f"Ray: created a token for token auth in {token}" in demo.log
+    # No process of the demo started MLflow's usage telemetry (it writes its installation id first).
+    assert not list(demo.home.rglob("telemetry.json")), "MLflow telemetry ran in the demo"
     assert "SPPO finished" in demo.log and "MLflow runs:" in demo.log
     assert_no_secrets("the demo's output and job log", demo.log)
     # The job's log tells the story in our own lines; vLLM's, DeepSpeed's and torch's output is

@@ -62,10 +62,13 @@ def _wait_until(predicate, what: str, timeout: float, log: Path | None = None) -
 
 def _venv_env() -> dict[str, str]:
     """The environment for started servers: this interpreter's bin first on PATH, so that a
-    job entrypoint's `python` is the project's, and token auth explicitly on."""
+    job entrypoint's `python` is the project's, token auth explicitly on, and MLflow's usage
+    telemetry off for the server and every job process (as Ray's usage stats are, with
+    `--disable-usage-stats`) unless the caller's environment turns it on."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "token"
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     return env
 
 
