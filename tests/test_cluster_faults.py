@@ -4,7 +4,8 @@ going away: tests/test_mlflow_outage.py).
 A real Ray head and MLflow server and the tiny config submitted with `ray job submit`.
 
 - One output directory, one job: a first job holds its output directory's lease
-  (`sppo/lease.py`) while it runs; a second submission with the same output directory is
+  (`sppo/lease.py`) while it runs (held at its pair building, SPPO_HOLD_AT, so that it cannot
+  finish before the test is done with it); a second submission with the same output directory is
   refused at once, naming the first job; the first job's driver is then SIGKILLed, and a third
   submission takes over its lease once it has gone unrenewed for `timeouts.lease_s`, and
   finishes the run.
@@ -18,6 +19,7 @@ import time
 
 import pytest
 
+from sppo.devtools.faults import HOLD_AT_ENV
 from sppo.lease import LEASE_FILE
 from tests.live_stack import REPO, nested_runs, submit, submit_command
 from tests.processes import driver_of, wait_gone
@@ -31,7 +33,7 @@ ARGS = ("--iters", "1", "--set", "prompts.per_iteration=16", "--set", "prompts.e
 
 def test_one_output_directory_one_job_and_a_dead_drivers_lease_is_taken_over(live_stack, tmp_path):
     out = tmp_path / "run"
-    cmd, env = submit_command(live_stack, out, *ARGS)
+    cmd, env = submit_command(live_stack, out, *ARGS, job_env={HOLD_AT_ENV: "pairs"})
     first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
