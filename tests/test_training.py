@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -483,10 +484,6 @@ def test_the_recipe_runs_under_torchrun_without_ray(tiny_policy_dir, tmp_path):
     """`torchrun -m sppo.training_recipe`: two processes, ZeRO-3 across them, no Ray anywhere,
     and nothing compiled: DeepSpeed's CPU shared-memory op (`init_deepspeed`) is not built into
     an empty TORCH_EXTENSIONS_DIR."""
-    import os
-    import subprocess
-    import sys
-
     pairs_path = tmp_path / "pairs.parquet"
     pd.DataFrame(make_rows(NUM_ROWS)).to_parquet(pairs_path)
     overrides = [f"train.{key}={value}" for key, value in TRAIN_CFG.items()]
@@ -525,7 +522,6 @@ def test_non_finite_loss_fails_without_checkpoint(ray_cluster, tiny_policy_dir, 
 def test_a_killed_worker_restarts_the_group_and_retrains(ray_cluster, tiny_policy_dir, tmp_path):
     """SIGKILL a training worker after its first optimizer step: Ray Train restarts the worker
     group (train.max_failures) and the iteration retrains from pi_t to a complete checkpoint."""
-    import os
     import time
     from concurrent.futures import ThreadPoolExecutor
 
