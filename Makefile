@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/cpu.lock pyproject.toml | s
 UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
 # --compile-bytecode: uv leaves it out by default, and where PYTHONDONTWRITEBYTECODE is set (CI,
-# many containers) every process would compile its imports again: 21 s instead of 8 s for the
+# many containers) every process would compile its imports again: 21 s instead of about 10 s for the
 # imports of an engine or a training worker (docs/performance.md, "Install").
 UV_PIP := $(UV) pip install --quiet --compile-bytecode --python $(PY)
 # The CPU torch build is not on PyPI: it comes from PyTorch's CPU index (pyproject.toml's
