@@ -8,8 +8,8 @@ for t = 1..T:
     pi_{t+1} = argmin SPPO loss, ref = pi_t   (DeepSpeed ZeRO-3 in a Ray Train TorchTrainer)
 
 Each stage publishes its output atomically under `<output_dir>/iter-t/` and records it in the
-run manifest; a re-submitted job continues from the first stage the manifest does not vouch
-for (`RunManifest.resume_point`).
+run manifest; a re-submitted job runs only the stages the manifest does not vouch for, and
+those that read their outputs (`RunManifest.redo_plan`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ log = logging.getLogger("sppo")
 def run_iteration(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool, policy: Policy, judge: str,
                   todo: tuple[str, ...] = STAGES) -> Policy:
     """One SPPO iteration, pi_t -> pi_{t+1}: the stages in `todo`, the rest done by an earlier
-    attempt (`RunManifest.resume_point`). policy: pi_t, the base model at the first iteration."""
+    attempt (`RunManifest.redo_plan`). policy: pi_t, the base model at the first iteration."""
     it = rec.it
     if "sampling" in todo:
         sample_stage(cfg, rec, engines, policy)  # y_1..y_K ~ pi_t(. | x) for x in D_t
@@ -202,9 +202,8 @@ def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | No
             if (moved := run.archive(t)) is not None:
                 manifest.forget(t)
                 log.info("iteration %d: earlier outputs moved to %s", t, moved)
-    first, todo = manifest.resume_point(cfg)
-    if first <= cfg.iterations and todo != STAGES:
-        log.info("iteration %d: continuing at %s (the manifest vouches for the stages before it)", first, todo[0])
+    plan = manifest.redo_plan(cfg)  # iteration -> the stages it runs; iterations the manifest vouches for are absent
+    first = min(plan, default=cfg.iterations + 1)
     policy = Policy(cfg.policy.path) if first == 1 else published_policy(cfg, run.iteration(first - 1))
     judge = cfg.judge.model_path or ""  # each judge actor resolves it on its node
     status = "FAILED"
@@ -215,10 +214,12 @@ def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | No
     # Every node's CPU, memory, disk, network (and GPU) as the parent run's system/<node>/*.
     node_monitors = start_node_monitors(tracker.parent_id, tracker.uri) if cfg.tracking.system_metrics else []
     try:
-        for t in range(first, cfg.iterations + 1):
+        for t, todo in plan.items():
             log.info("=== iteration %d/%d: policy %s", t, cfg.iterations, policy)
+            if todo != STAGES:
+                log.info("iteration %d: running %s (the manifest vouches for the other stages)", t, ", ".join(todo))
             with IterationRecord.open(tracker, manifest, run.iteration(t), cfg, policy, engines.mode) as rec:
-                policy = run_iteration(cfg, rec, engines, policy, judge, todo if t == first else STAGES)
+                policy = run_iteration(cfg, rec, engines, policy, judge, todo)
             log.info("=== iteration %d done: %s", t, rec.summary())
         status = "FINISHED"
     finally:

@@ -2,9 +2,11 @@
 
 Per iteration and stage it records the status, the output paths, their content hashes, the
 MLflow run id and a digest of the config fields the stage's result depends on. It alone decides
-what a re-submitted job redoes (`resume_point`): a stage is done when its entry exists, its
-outputs still hash as recorded and the config fields it depends on are unchanged; the first
-stage that is not, and everything after it, runs again. MLflow reports; it does not decide.
+what a re-submitted job redoes (`redo_plan`): a stage is done when its entry exists, its
+outputs still hash as recorded, the config fields it depends on are unchanged and none of the
+stages it reads from (`STAGE_INPUTS`) is redone; every other stage runs again. So a changed
+`eval.*` field redoes each iteration's evaluation and tracking, not its training. MLflow reports;
+it does not decide.
 
 It also keeps the run's lineage: the fields that, once changed, make earlier iterations belong
 to another run (the policy, K, the judge, the prompt source). Continuing a run under a
@@ -45,6 +47,19 @@ STAGE_FIELDS = {
     "tracking": (),
 }
 _RUN_ONLY_FIELDS = ("train.max_failures", "train.cpus_per_worker")
+# The stages whose outputs each stage reads, as (iteration offset, stage): redoing one of them
+# redoes it. Iteration t samples from and trains on top of pi_t (iteration t-1's training), and
+# evaluates pi_{t+1} against pi_t; its tracking logs all of its outputs and names the champion
+# among the evaluations so far (through iteration t-1's tracking).
+STAGE_INPUTS = {
+    "sampling": ((-1, "training"),),
+    "judging": ((0, "sampling"),),
+    "pairs": ((0, "sampling"), (0, "judging")),
+    "training": ((0, "pairs"), (-1, "training")),
+    "evaluation": ((0, "training"), (-1, "training")),
+    "tracking": ((0, "sampling"), (0, "judging"), (0, "pairs"), (0, "training"), (0, "evaluation"),
+                 (-1, "tracking")),
+}
 
 
 class LineageError(ValueError):
@@ -134,28 +149,34 @@ class RunManifest:
                 return False
         return True
 
-    def resume_point(self, cfg: RunConfig) -> tuple[int, tuple[str, ...]]:
-        """Where a job on this output directory starts: the first iteration and stage the manifest
-        does not vouch for, with the stages of that iteration it runs (that one and every later
-        one). Entries from there on are dropped: they describe outputs made from what is redone.
-        (cfg.iterations + 1, ()) when every iteration is done."""
-        for t in range(1, cfg.iterations + 1):
-            for i, stage in enumerate(STAGES):
-                if not self.vouches_for(t, stage, cfg):
-                    self._drop_from(t, STAGES[i:])
-                    return t, STAGES[i:]
-        return cfg.iterations + 1, ()
+    def redo_plan(self, cfg: RunConfig) -> dict[int, tuple[str, ...]]:
+        """What a job on this output directory runs: for each iteration up to cfg.iterations that
+        has anything to run, its stages in order (all of them for an iteration not yet begun).
+        A stage runs when the manifest does not vouch for it or a stage it reads from runs
+        (`STAGE_INPUTS`). Entries of the stages that run, in any recorded iteration, are dropped
+        first: they describe outputs made from what is redone."""
+        recorded = [int(key) for key in self.data["iterations"]]
+        redo: set[tuple[int, str]] = set()
+        for t in range(1, max([cfg.iterations, *recorded]) + 1):
+            for stage in STAGES:
+                if not self.vouches_for(t, stage, cfg) or any(
+                        (t + offset, source) in redo for offset, source in STAGE_INPUTS[stage]):
+                    redo.add((t, stage))
+        self._drop(redo)
+        plan = {t: tuple(stage for stage in STAGES if (t, stage) in redo) for t in range(1, cfg.iterations + 1)}
+        return {t: stages for t, stages in plan.items() if stages}
 
-    def _drop_from(self, iteration: int, stages: tuple[str, ...]) -> None:
-        iterations = self.data["iterations"]
-        later = [key for key in iterations if int(key) > iteration]
-        recorded = iterations.get(str(iteration), {}).get("stages", {})
-        dropped = [stage for stage in stages if stage in recorded]
-        for key in later:
-            del iterations[key]
-        for stage in dropped:
-            del recorded[stage]
-        if later or dropped:
+    def _drop(self, stages: set[tuple[int, str]]) -> None:
+        changed = False
+        for key, entry in list(self.data["iterations"].items()):
+            recorded = entry.get("stages", {})
+            for stage in [s for s in recorded if (int(key), s) in stages]:
+                del recorded[stage]
+                changed = True
+            if not recorded:
+                del self.data["iterations"][key]
+                changed = True
+        if changed:
             self._save()
 
     def forget(self, iteration: int) -> None:

@@ -16,6 +16,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from sppo.evaluation import choose_champion
+from sppo.manifest import content_hash
 from tests.live_stack import assert_no_secrets, nested_runs, rest, submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -194,9 +195,9 @@ def test_an_evaluation_judge_apart_from_a_training_judge_that_pays_for_length(li
     policies' lengths are logged every iteration, the champion alias follows the rule, and the model
     card's table shows it."""
     out = tmp_path / "length"
-    done = submit(live_stack, out, "--iters", "2", "--set", "judge.rule.weights={letters: 1.0, length: 5.0}",
-                  "--set", "eval.judge.kind=rule", "--set", "eval.bootstrap_samples=200",
-                  "--set", "tracking.experiment=sppo-tiny-length", "--set", "tracking.register_model=sppo-tiny-length")
+    settings = ("--iters", "2", "--set", "judge.rule.weights={letters: 1.0, length: 5.0}", "--set", "eval.judge.kind=rule",
+                "--set", "tracking.experiment=sppo-tiny-length", "--set", "tracking.register_model=sppo-tiny-length")
+    done = submit(live_stack, out, *settings, "--set", "eval.bootstrap_samples=200")
     record = json.loads((out / "run.json").read_text())
     runs = nested_runs(live_stack, record["experiment_id"], record["parent_run_id"])
     found = {t: {m["key"]: m["value"] for m in runs[f"iter-{t}"]["data"]["metrics"]} for t in (1, 2)}
@@ -218,6 +219,27 @@ def test_an_evaluation_judge_apart_from_a_training_judge_that_pays_for_length(li
     card = (out / "iter-2" / "checkpoint" / "README.md").read_text()
     assert champion.reason in card and "By the training judge, a rule judge (letters 1, length 5)" in card
     assert "judged by a rule judge (letters 1)," in card
+
+    # Re-graded with another eval field: each iteration's evaluation and tracking run again in a
+    # replacing nested run, on the held-out samples already drawn; nothing is sampled, judged or
+    # trained again, and the checkpoints stay as they were.
+    checkpoints = {t: content_hash(out / f"iter-{t}" / "checkpoint", ("README.md",)) for t in (1, 2)}
+    again = submit(live_stack, out, *settings, "--set", "eval.bootstrap_samples=100")
+    for t in (1, 2):
+        assert f"iteration {t}: running evaluation, tracking (the manifest vouches" in again.stdout
+        assert not any(f"iteration {t}: {stage} ..." in again.stdout for stage in ("sampling", "judging", "training"))
+        assert f"iteration {t}: evaluation done" in again.stdout
+    assert {t: content_hash(out / f"iter-{t}" / "checkpoint", ("README.md",)) for t in (1, 2)} == checkpoints
+    regraded = nested_runs(live_stack, record["experiment_id"], record["parent_run_id"])
+    assert sorted(regraded) == ["iter-1", "iter-2"]
+    for t in (1, 2):
+        run = regraded[f"iter-{t}"]
+        assert run["info"]["status"] == "FINISHED" and run["info"]["run_id"] != runs[f"iter-{t}"]["info"]["run_id"]
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert params["eval.bootstrap_samples"] == "100"
+        assert metrics["eval/win_rate_vs_base"] == found[t]["eval/win_rate_vs_base"]  # the same samples, judged alike
+        assert metrics["train/final_loss"] == found[t]["train/final_loss"]  # replayed, not retrained
     for t in (1, 2):
         row = next(line for line in card.splitlines() if line.startswith(f"| {t} "))
         assert f"| {found[t]['eval/lc_win_rate_vs_base']:.3f} [" in row

@@ -137,7 +137,7 @@ def test_a_lora_job_killed_while_training_resumes_from_the_previous_adapter(live
     assert not (out / "iter-2" / "checkpoint").exists()
 
     done = submit(live_stack, out, "--iters", "2", *common, config=config)
-    assert "iteration 2: continuing at training" in done.stdout
+    assert "iteration 2: running training, evaluation, tracking (the manifest vouches" in done.stdout
     stages = json.loads((out / "manifest.json").read_text())["iterations"]["2"]["stages"]
     assert {name: stages[name] for name in ("sampling", "judging", "pairs")} == {
         name: iteration_2[name] for name in ("sampling", "judging", "pairs")}, "a stage before training was redone"

@@ -86,52 +86,84 @@ def _publish_iteration(manifest: RunManifest, cfg, t: int) -> dict[str, Path]:
                "evaluation": {"eval_judgments": it / "eval_judgments.parquet"},
                # The model card goes into the checkpoint directory after training recorded it.
                "tracking": {"card": it / "checkpoint" / "README.md"}}
-    (it / "checkpoint").mkdir(parents=True)
+    (it / "checkpoint").mkdir(parents=True, exist_ok=True)
     (it / "checkpoint" / "model.safetensors").write_bytes(b"weights")
     for stage, files in outputs.items():
         for path in files.values():
-            if not path.exists():
+            if not path.is_dir():
                 path.write_text(f"{stage} of iteration {t}")
         manifest.record_stage(t, stage, cfg, files, f"run-{t}")
     return {name: path for files in outputs.values() for name, path in files.items()}
 
 
 def test_the_manifest_alone_decides_what_a_resubmission_redoes(tmp_path):
-    """A stage is done when recorded, its outputs hash as recorded and its config fields are
-    unchanged; the first stage that is not, and everything after it, runs again. No MLflow."""
+    """A stage is done when recorded, its outputs hash as recorded, its config fields are unchanged
+    and no stage it reads from is redone; everything else runs again. No MLflow."""
     cfg = tiny(tmp_path, iterations=3)
     manifest = RunManifest(RunDirectory(tmp_path / "out"))
-    assert manifest.resume_point(cfg) == (1, STAGES)
+    assert manifest.redo_plan(cfg) == {1: STAGES, 2: STAGES, 3: STAGES}
     first = _publish_iteration(manifest, cfg, 1)
     _publish_iteration(manifest, cfg, 2)
-    assert RunManifest(manifest.run).resume_point(cfg) == (3, STAGES)
-    assert manifest.resume_point(tiny(tmp_path, iterations=2)) == (3, ())  # all done
+    assert RunManifest(manifest.run).redo_plan(cfg) == {3: STAGES}
+    assert manifest.redo_plan(tiny(tmp_path, iterations=2)) == {}  # all done
     # Resources and restarts change how training runs, not what it makes: nothing is redone.
-    assert manifest.resume_point(tiny(tmp_path, iterations=3, **{"train.max_failures": 5, "sampling.num_engines": 2,
-                                                                   "tracking.outage_limit_s": 5})) == (3, STAGES)
+    assert manifest.redo_plan(tiny(tmp_path, iterations=3, **{"train.max_failures": 5, "sampling.num_engines": 2,
+                                                                "tracking.outage_limit_s": 5})) == {3: STAGES}
 
     # A changed training field: training of iteration 1 and all after it; what came before stays.
     changed = tiny(tmp_path, iterations=3, **{"train.learning_rate": 1e-4})
-    assert RunManifest(manifest.run).resume_point(changed) == (1, ("training", "evaluation", "tracking"))
+    assert RunManifest(manifest.run).redo_plan(changed) == {1: ("training", "evaluation", "tracking"),
+                                                            2: STAGES, 3: STAGES}
     again = RunManifest(manifest.run)  # the entries made from what is redone are gone from the file
     assert set(again.data["iterations"]) == {"1"} and set(again.stage(1, "pairs")) and not again.stage(1, "training")
 
-    # An output that no longer hashes as recorded (edited, or half-restored from a backup).
+    # An output that no longer hashes as recorded (edited, or half-restored from a backup): that
+    # stage, the stages reading it, and what reads those in later iterations.
     manifest = RunManifest(RunDirectory(tmp_path / "out"))
     for stage in ("training", "evaluation", "tracking"):
         manifest.record_stage(1, stage, cfg, {"training": {"checkpoint": first["checkpoint"],
                                                            "train_history": first["train_history"]},
                                               "evaluation": {"eval_judgments": first["eval_judgments"]},
                                               "tracking": {"card": first["card"]}}[stage], "run-1")
-    assert manifest.resume_point(cfg) == (2, STAGES)
+    assert manifest.redo_plan(cfg) == {2: STAGES, 3: STAGES}
+    _publish_iteration(manifest, cfg, 2)
+    third = _publish_iteration(manifest, cfg, 3)
+    assert manifest.redo_plan(cfg) == {}
     first["card"].write_text("edited card")  # the tracking stage's own output, not training's
-    assert RunManifest(manifest.run).resume_point(cfg) == (1, ("tracking",))
+    assert RunManifest(manifest.run).redo_plan(cfg) == {1: ("tracking",), 2: ("tracking",), 3: ("tracking",)}
     manifest = RunManifest(manifest.run)
-    manifest.record_stage(1, "tracking", cfg, {"card": first["card"]}, "run-1")
+    assert not manifest.stage(3, "tracking") and manifest.stage(3, "evaluation")
+    for t in (1, 2, 3):
+        manifest.record_stage(t, "tracking", cfg, {"card": manifest.root / f"iter-{t}" / "checkpoint" / "README.md"},
+                              f"run-{t}")
+    third["eval_judgments"].write_text("edited")  # the last iteration's evaluation, and its tracking
+    assert manifest.redo_plan(cfg) == {3: ("evaluation", "tracking")}
+    _publish_iteration(manifest, cfg, 3)
     first["judgments"].write_text("edited")
-    assert manifest.resume_point(cfg) == (1, ("judging", "pairs", "training", "evaluation", "tracking"))
+    assert manifest.redo_plan(cfg) == {1: ("judging", "pairs", "training", "evaluation", "tracking"),
+                                       2: STAGES, 3: STAGES}
     first["samples"].unlink()
-    assert RunManifest(manifest.run).resume_point(cfg) == (1, STAGES)
+    assert RunManifest(manifest.run).redo_plan(cfg) == {1: STAGES, 2: STAGES, 3: STAGES}
+
+
+def test_a_changed_evaluation_field_redoes_evaluations_not_training(tmp_path):
+    """eval.* decides how pi_{t+1} is graded, not what it is: a finished run re-submitted with a
+    changed eval field re-evaluates (and re-tracks) every iteration, and keeps every sample,
+    judgment, pair set and checkpoint with its manifest entry."""
+    cfg = tiny(tmp_path, iterations=3)
+    manifest = RunManifest(RunDirectory(tmp_path / "out"))
+    for t in (1, 2, 3):
+        _publish_iteration(manifest, cfg, t)
+    kept = {t: {s: manifest.stage(t, s) for s in ("sampling", "judging", "pairs", "training")} for t in (1, 2, 3)}
+    regraded = tiny(tmp_path, iterations=3, **{"eval.bootstrap_samples": 200})
+    assert manifest.redo_plan(regraded) == {t: ("evaluation", "tracking") for t in (1, 2, 3)}
+    after = RunManifest(manifest.run)
+    assert {t: {s: after.stage(t, s) for s in kept[t]} for t in (1, 2, 3)} == kept
+    assert not any(after.stage(t, s) for t in (1, 2, 3) for s in ("evaluation", "tracking"))
+    # Fewer iterations than recorded: the later ones' entries made from what is redone go too.
+    assert RunManifest(manifest.run).redo_plan(tiny(tmp_path, iterations=2, **{"train.epochs": 1})) == {
+        1: ("training", "evaluation", "tracking"), 2: STAGES}
+    assert set(RunManifest(manifest.run).data["iterations"]) == {"1"}
 
 
 def test_an_unset_evaluation_judge_keeps_the_record_and_a_set_one_redoes_only_evaluation_on(tmp_path):
@@ -142,7 +174,7 @@ def test_an_unset_evaluation_judge_keeps_the_record_and_a_set_one_redoes_only_ev
     assert "judge:" not in cfg.to_yaml().split("eval:")[1]
     manifest = RunManifest(RunDirectory(tmp_path / "out"))
     _publish_iteration(manifest, cfg, 1)
-    assert manifest.resume_point(cfg) == (2, ())
+    assert manifest.redo_plan(cfg) == {}
     judged = tiny(tmp_path, iterations=1, **{"eval.judge.kind": "pairrm"})
     assert judged.flat()["eval.judge.kind"] == "pairrm"
-    assert RunManifest(manifest.run).resume_point(judged) == (1, ("evaluation", "tracking"))
+    assert RunManifest(manifest.run).redo_plan(judged) == {1: ("evaluation", "tracking")}

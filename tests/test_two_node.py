@@ -264,5 +264,5 @@ def test_a_lost_judge_node_fails_judging_naming_it_and_a_resubmission_continues(
 
     stack.add_worker_node(num_cpus=judge_cpus)
     again = submit(stack, out, *args, job_env=JOB_ENV)
-    assert "SPPO finished" in again.stdout and "iteration 1: continuing at judging" in again.stdout
+    assert "SPPO finished" in again.stdout and "iteration 1: running judging, pairs, training, evaluation, tracking (the manifest vouches" in again.stdout
     assert json.loads((out / "manifest.json").read_text())["iterations"]["1"]["stages"]["sampling"] == published["sampling"]
