@@ -22,7 +22,8 @@ metrics named eval/...; where eval.judge is another judge, the training judge gr
 its metrics named eval/training_judge/....
 
 Each policy's samples are drawn once: pi_t's (`iter-t/eval_samples.parquet`) serve as pi_{t-1}'s
-in the next iteration, and pi_0's lie in `iter-0/`.
+in the next iteration, and pi_0's lie in `iter-0/`; each row records the seed and sampling
+settings it was drawn with, and samples drawn with other ones are drawn again.
 
 - Pure core: `compare`, `bootstrap_interval`, `length_controlled_fit`, `judge_comparison` and the
   metric names; from the metrics of every iteration, `length_gain_warning` (a gain over the base
@@ -35,18 +36,22 @@ in the next iteration, and pi_0's lie in `iter-0/`.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import expit
 
-from sppo.config import EvalConfig, JudgeConfig, RunConfig
+from sppo.config import EvalConfig, JudgeConfig, RunConfig, SamplingConfig
 from sppo.policy import Policy
 from sppo.roles import Role, eval_judging_role, own_eval_judge, run_roles
 from sppo.run_directory import IterationDir, RunDirectory
-from sppo.sampling import EnginePool
+from sppo.sampling import EnginePool, sampling_params_kwargs
 from sppo.storage import read_parquet
+
+log = logging.getLogger("sppo.evaluation")
 
 # Metric prefixes: the evaluation judge's, and the training judge's where eval.judge is another.
 EVAL_JUDGE, TRAINING_JUDGE = "eval/", "eval/training_judge/"
@@ -287,12 +292,27 @@ def choose_champion(metrics: Mapping[int, Mapping[str, float]]) -> Champion:
 # ---------------------------------------------------------------- the stage
 
 
+def drawn_with(cfg: SamplingConfig, seed: int) -> str:
+    """What held-out samples are drawn with besides their policy and prompts, as they record it."""
+    return json.dumps({"seed": seed, "dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
+                       **sampling_params_kwargs(cfg)}, sort_keys=True)
+
+
 def ensure_eval_samples(it: IterationDir, engines: EnginePool, policy: Policy, prompts: list[str], seed: int) -> list[dict]:
-    """The held-out samples of iteration it's policy, drawn from `policy` when not yet published."""
+    """The held-out samples of iteration it's policy, drawn from `policy` unless published with
+    the same seed and sampling settings (an evaluation redone with another eval.seed, or the base's
+    samples after a sampling field changed, draws them again). Samples published before the
+    settings were recorded with them are taken as they are."""
     path = it.eval_samples
-    if not path.exists():
+    settings = drawn_with(engines.cfg, seed)
+    recorded = read_parquet(path, limit=1) if path.exists() else []
+    stale = bool(recorded) and recorded[0].get("drawn_with", settings) != settings
+    if stale:
+        log.info("%s: drawn with other settings than %s: drawing them again", path, settings)
+    if stale or not path.exists():
         samples = engines.sample(policy, prompts, seed=seed)
-        it.run.write_rows(path, [{"prompt": p, "candidates": c} for p, c in zip(prompts, samples.candidates)])
+        it.run.write_rows(path, [{"prompt": p, "candidates": c, "drawn_with": settings}
+                                 for p, c in zip(prompts, samples.candidates)])
     rows = read_parquet(path)
     if [r["prompt"] for r in rows] != prompts:
         raise ValueError(f"{path}: its prompts are not the current held-out prompts (prompts.eval_*)")

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 LANES = {
     "demo-stack": ("test_cluster_faults.py", "test_e2e.py", "test_faults.py", "test_objectives_e2e.py",
                    "test_ray_jobs.py"),
-    "local-ray-cluster": ("test_judging.py", "test_placement.py", "test_plan.py", "test_reward_judge.py",
-                          "test_sampling.py", "test_training.py"),
+    "local-ray-cluster": ("test_evaluation.py", "test_judging.py", "test_placement.py", "test_plan.py",
+                          "test_reward_judge.py", "test_sampling.py", "test_training.py"),
 }
 LANE_FIXTURES = {"demo": "demo-stack", "live_stack": "demo-stack", "ray_cluster": "local-ray-cluster"}
 _LANE_OF_FILE = {file: lane for lane, files in LANES.items() for file in files}

@@ -1,8 +1,11 @@
 """Evaluation's pure core: comparisons, bootstrap intervals, the length-controlled win rate on
 synthetic judgments (fixed seeds), the length warning, the champion and the metric names; and the
-stage on held-out samples already drawn."""
+stage on held-out samples already drawn, and drawn again on a real engine when their settings
+changed."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from sppo.evaluation import (Comparison, bootstrap_interval, choose_champion, co
                              judge_comparison, length_controlled_fit, length_difference_metrics, length_gain_warning,
                              length_notes, response_length_metrics, win_rate, win_rate_metrics)
 from sppo.judging.rules import rule_win_matrix
+from sppo.storage import read_parquet
 
 
 def test_compare_takes_the_new_versus_other_block_and_its_length_differences():
@@ -262,6 +266,51 @@ def test_evaluate_judges_new_against_previous_and_base_samples_already_drawn(tmp
     # Samples of other prompts are not silently reused.
     with pytest.raises(ValueError, match="not the current held-out prompts"):
         evaluate(cfg, run, 2, policies, ["other"], engines, tokenizer)
+
+
+@pytest.mark.slow
+def test_held_out_samples_are_drawn_again_only_when_their_seed_or_settings_changed(ray_cluster, tmp_path,
+                                                                                   tiny_policy_dir):
+    """An evaluation redone with another eval.seed (a re-graded run) draws pi_0's and pi_t's held-out
+    samples again with it, on a real engine; redone with the same settings it reuses them as
+    published; samples published before the settings were recorded are reused too."""
+    from transformers import AutoTokenizer
+
+    from sppo.config import load_config
+    from sppo.evaluation import evaluate
+    from sppo.policy import Policy
+    from sppo.run_directory import RunDirectory
+    from sppo.sampling import EnginePool
+
+    def run_with(**overrides):
+        return load_config("configs/tiny.yaml", {"output_dir": str(tmp_path), "sampling.k": 2, "sampling.max_tokens": 8,
+                                                 "eval.bootstrap_samples": 50, **overrides})
+
+    prompts, run = ["Say hi.", "Name a colour.", "Count to three."], RunDirectory(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy_dir)
+    policies = {0: Policy(tiny_policy_dir), 1: Policy(tiny_policy_dir)}
+    samples = [run.iteration(g).eval_samples for g in (0, 1)]
+
+    def drawn():
+        return [(path.stat().st_mtime_ns, read_parquet(path)) for path in samples]
+
+    with EnginePool(run_with().sampling) as engines:
+        evaluate(run_with(), run, 1, policies, prompts, engines, tokenizer)
+        first = drawn()
+        assert json.loads(first[0][1][0]["drawn_with"])["seed"] == 0  # eval.seed + 1000 g
+        assert json.loads(first[1][1][0]["drawn_with"])["seed"] == 1000
+        evaluate(run_with(), run, 1, policies, prompts, engines, tokenizer)
+        assert drawn() == first  # the same settings: nothing drawn
+        evaluate(run_with(**{"eval.seed": 7}), run, 1, policies, prompts, engines, tokenizer)
+        again = drawn()
+        assert [json.loads(rows[0]["drawn_with"])["seed"] for _, rows in again] == [7, 1007]
+        assert all(a[0] != b[0] for a, b in zip(again, first))
+        assert [r["candidates"] for r in again[0][1]] != [r["candidates"] for r in first[0][1]]
+        # Published without their settings (before they were recorded): taken as they are.
+        run.write_rows(samples[0], [{"prompt": p, "candidates": ["x", "y"]} for p in prompts])
+        legacy = drawn()[0]
+        evaluate(run_with(), run, 1, policies, prompts, engines, tokenizer)
+        assert drawn()[0] == legacy
 
 
 def test_an_evaluation_judge_of_its_own_grades_beside_the_training_judge(tmp_path, tiny_policy_dir):
