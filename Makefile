@@ -10,10 +10,13 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/cpu.lock pyproject.toml | s
 # uv installs the lock (pinned; bootstrapped into the venv with python3's pip). Without uv: README.
 UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
-# --compile-bytecode: uv leaves it out by default, and where PYTHONDONTWRITEBYTECODE is set (CI,
-# many containers) every process would compile its imports again: 21 s instead of about 10 s for the
-# imports of an engine or a training worker (docs/performance.md, "Install").
-UV_PIP := $(UV) pip install --quiet --compile-bytecode --python $(PY)
+# Bytecode is written as modules are first imported, not at install: uv's --compile-bytecode
+# compiles every file of every package (40 of a warm install's 46 s), most never imported. So that
+# every process of the demo and the suite writes it once and reads it after, PYTHONDONTWRITEBYTECODE
+# (set in many containers and CI images) is unset for what make runs: with it, each process would
+# compile its imports again (docs/performance.md, "Install").
+unexport PYTHONDONTWRITEBYTECODE
+UV_PIP := $(UV) pip install --quiet --python $(PY)
 # The CPU torch build is not on PyPI: it comes from PyTorch's CPU index (pyproject.toml's
 # [[tool.uv.index]] pytorch-cpu), unless a wheel directory that pip is configured with has it.
 TORCH := $(shell grep -m1 '^torch==' requirements/cpu.lock)
@@ -32,7 +35,7 @@ PYTEST_ARGS ?=
 # core idle in one lane (docs/testing.md). TEST_LANES=0 runs it in this one process.
 TEST_LANES ?= 2
 # What `make demo` announces for a 2-core machine: install from docs/performance.md ("Install"), the rest from README.
-DEMO_INSTALL_TIME := about 60 s the first time (35 s with uv's cache warm)
+DEMO_INSTALL_TIME := about 15 s the first time with fast downloads (5 s with uv's cache warm)
 DEMO_SERVERS_TIME := about 10-20 s
 DEMO_JOB_TIME := about 130-160 s on an empty home directory
 # When make started, and when each part of the demo ended: the wall times it prints at its end.
