@@ -230,14 +230,16 @@ def demo(tmp_path_factory):
     is the 3-iteration job that every test of the demo's record reads."""
     import psutil
 
-    from sppo.devtools.localstack import LocalStack, free_port
+    from sppo.devtools.localstack import LocalStack, free_port, free_port_ray_leaves_alone
     from tests.live_stack import REPO, SECRETS
 
     root = tmp_path_factory.mktemp("demo")
     home, output_dir = root / "home", root / "run"
     home.mkdir()
+    # MLflow on a port Ray never picks itself, as the demo's 5000: the two servers start at once
+    # (the other stacks of the suite take ports from the ephemeral range: one after the other).
     stack = LocalStack(root / "stack", ray_port=free_port(), dashboard_port=free_port(),
-                       mlflow_port=free_port())
+                       mlflow_port=free_port_ray_leaves_alone())
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_AUTH_TOKEN", "SPPO_", "HF_HOME", "XDG_"))}
     env.update(HOME=str(home), **SECRETS)

@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -43,6 +44,37 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# `ray start` binds ports of its own choosing: its workers' (its default --min/--max-worker-port)
+# and, for its other servers, port 0, which the OS serves from its ephemeral range.
+RAY_WORKER_PORTS = range(10002, 20000)
+
+
+def ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):  # not Linux: IANA's dynamic range
+        low, high = 49152, 65535
+    return range(low, high + 1)
+
+
+def ray_may_bind(port: int) -> bool:
+    """Could `ray start` take this port for one of its own servers?"""
+    return port in RAY_WORKER_PORTS or port in ephemeral_ports()
+
+
+def free_port_ray_leaves_alone() -> int:
+    """A free loopback port that `ray start` never picks itself (for a server started beside it)."""
+    for port in random.sample(range(RAY_WORKER_PORTS.stop, 32768), 200):
+        if not ray_may_bind(port):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port outside Ray's worker ports and the ephemeral range")
 
 
 def _listening(port: int) -> bool:
@@ -136,16 +168,23 @@ class LocalStack:
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.load()
-        # MLflow first: `ray start` binds ports of its own choosing (gRPC), which could take the
-        # MLflow port picked beforehand; a port MLflow already holds is never chosen.
+        mlflow = None
         if self.mlflow_running():
             print(f"MLflow: already running at {self.mlflow_url}")
         else:
-            self._start_mlflow()
+            mlflow = self._launch_mlflow()
+        # Both start at once (each is mostly imports: 10-20 s one after the other on 2 cores),
+        # unless `ray start` could take MLflow's port for itself before MLflow binds it: then Ray
+        # starts once MLflow holds it (a port in use is never chosen).
+        mlflow_first = mlflow is not None and ray_may_bind(self.mlflow_port)
+        if mlflow_first:
+            self._await_mlflow(mlflow)
         if self.ray_running():
             print(f"Ray: already running, dashboard {self.dashboard_url}")
         else:
             self._start_ray()
+        if mlflow is not None and not mlflow_first:
+            self._await_mlflow(mlflow)
         self._save()
 
     def _start_ray(self) -> None:
@@ -209,7 +248,7 @@ class LocalStack:
         print(f"Ray: started worker node {index} ({num_cpus} CPUs) joined to 127.0.0.1:{self.ray_port}")
         return temp_dir
 
-    def _start_mlflow(self) -> None:
+    def _launch_mlflow(self) -> subprocess.Popen:
         root = (self.state_dir / "mlflow").resolve()
         root.mkdir(parents=True, exist_ok=True)
         log = self.state_dir / "mlflow.log"
@@ -226,10 +265,15 @@ class LocalStack:
                                 start_new_session=True)
         self.pids["mlflow"] = [proc.pid]
         self._save()
+        return proc
+
+    def _await_mlflow(self, proc: subprocess.Popen) -> None:
+        log = self.state_dir / "mlflow.log"
         _wait_until(lambda: self.mlflow_running() or proc.poll() is not None, "MLflow server", 120, log)
         if proc.poll() is not None:
             raise RuntimeError(f"MLflow server exited with {proc.returncode}; see {log}")
-        print(f"MLflow: started tracking server at {self.mlflow_url} (sqlite, artifacts under {root})")
+        print(f"MLflow: started tracking server at {self.mlflow_url} (sqlite, artifacts under "
+              f"{(self.state_dir / 'mlflow').resolve()})")
 
     def stop(self) -> None:
         """End exactly the processes `start` started (and their children)."""
