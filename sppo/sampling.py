@@ -22,11 +22,13 @@ carries the single BOS), so sampling and training see the same prompt tokens.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from sppo.chat import render_prompt_ids
@@ -179,6 +181,23 @@ def engine_env(cfg: SamplingConfig) -> dict[str, str]:
     return env
 
 
+def import_model_classes_in_process(model_dir: str) -> None:
+    """Register the vLLM classes of model_dir's architectures as imported (vLLM's public
+    `ModelRegistry.register_model`), for an engine on CPUs. vLLM otherwise inspects a lazily
+    registered class in a subprocess that imports torch and vLLM again, to keep CUDA uninitialized
+    in the engine's process, and caches what it found under ~/.cache/vllm: on an empty home, most
+    of a tiny engine's start (docs/performance.md). On CPUs there is no CUDA to keep. Architectures
+    vLLM does not know (remote code) are left to vLLM."""
+    from vllm import ModelRegistry
+
+    config = Path(model_dir, "config.json")
+    if not config.is_file():  # not a local directory: vLLM resolves it
+        return
+    for arch in json.loads(config.read_text()).get("architectures") or []:
+        if arch in ModelRegistry.models:
+            ModelRegistry.register_model(arch, ModelRegistry.models[arch].load_model_cls())
+
+
 def _seed_worker(worker, seed: int) -> None:
     """Runs on every vLLM worker (`collective_rpc`): the sampler draws from the global RNGs."""
     from vllm.utils.torch_utils import set_random_seed
@@ -202,6 +221,8 @@ class VLLMEngine:
         # checkpoint of a run keeps the base model's tokenizer.
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         started = time.monotonic()
+        if cfg.gpus_per_engine == 0:
+            import_model_classes_in_process(model_dir)
         self.llm = LLM(**engine_kwargs(model_dir, cfg, cfg.seed, trust_remote_code, sleep_mode, max_lora_rank))
         self._start_s = time.monotonic() - started
         self._unreported_start = True  # the next Samples report this start

@@ -542,3 +542,27 @@ def test_vllm_serves_the_merged_export_of_an_adapter_as_base_plus_adapter(ray_cl
     served = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir, dtype=torch.float32),
                                        adapters["a"]).eval()
     _assert_token_logps_are_the_models(samples, served)
+
+
+@pytest.mark.slow
+def test_a_cpu_engine_on_an_empty_vllm_cache_starts_without_vllms_inspection_subprocess(tmp_path, tiny_policy_dir):
+    """vLLM inspects a model class in a subprocess (to keep CUDA out of the engine's process) and
+    caches what it found under its cache root; an engine on CPUs registers the policy's classes as
+    imported instead, so on a fresh home nothing is inspected or cached, and it samples as usual."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "vllm-cache"
+    cfg = NEAR_GREEDY.model_copy(update={"num_engines": 1})
+    script = (
+        "import os, sys; from sppo.policy import Policy; from sppo.sampling import VLLMEngine; "
+        "from sppo.config import SamplingConfig; "
+        f"engine = VLLMEngine(Policy({tiny_policy_dir!r}), SamplingConfig.model_validate_json({cfg.model_dump_json()!r})); "
+        f"out = engine.generate(Policy({tiny_policy_dir!r}), ['Say hi.'], seed=3); "
+        "print('candidates', len(out.candidates[0])); sys.stdout.flush(); os._exit(0)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **engine_env(cfg), "VLLM_CACHE_ROOT": str(cache)})
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"candidates {cfg.k}" in done.stdout
+    assert not list(cache.glob("modelinfos/*.json")), "vLLM inspected the model class in a subprocess"
