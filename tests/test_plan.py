@@ -164,7 +164,7 @@ def test_cli_prints_the_plan_and_exits_by_fit(tmp_path):
     short = run_plan("--config", "configs/gemma-2-9b-it-sppo.yaml", "--node", "CPU=64,GPU=4",
                      "--output-dir", str(out))
     assert short.returncode == 1 and "stage 'sampling' does not fit" in short.stderr
-    bad = run_plan("--config", "configs/tiny.yaml", "--node", "GPU=lots")
+    bad = run_plan("--config", "configs/tiny.yaml", "--node", "GPU=lots", "--output-dir", str(out))
     assert bad.returncode == 2 and "--node 'GPU=lots'" in bad.stderr
     assert not out.exists()  # --plan runs nothing and writes nothing
 

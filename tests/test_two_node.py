@@ -107,7 +107,8 @@ def test_a_run_in_s3_storage_spreads_engines_and_training_workers_over_two_nodes
 
     # `--plan` sees both nodes and finds that each stage fits only when spread over them.
     plan = subprocess.run(
-        [str(VENV_BIN / "python"), "-m", "sppo.run", "--plan", "--config", "configs/tiny.yaml", *RUN_ARGS],
+        [str(VENV_BIN / "python"), "-m", "sppo.run", "--plan", "--config", "configs/tiny.yaml", *RUN_ARGS,
+         "--output-dir", str(tmp_path / "planned")],  # not the repo's outputs/tiny, which a demo may have made
         env=client_env(stack, RAY_ADDRESS=f"127.0.0.1:{stack.ray_port}", MLFLOW_TRACKING_URI=stack.mlflow_url),
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
