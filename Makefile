@@ -11,10 +11,10 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/cpu.lock pyproject.toml | s
 UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
 # Bytecode is written as modules are first imported, not at install: uv's --compile-bytecode
-# compiles every file of every package (40 of a warm install's 46 s), most never imported. So that
+# compiles every file of every package, most never imported (docs/performance.md). So that
 # every process of the demo and the suite writes it once and reads it after, PYTHONDONTWRITEBYTECODE
 # (set in many containers and CI images) is unset for what make runs: with it, each process would
-# compile its imports again (docs/performance.md, "Install").
+# compile its imports again.
 unexport PYTHONDONTWRITEBYTECODE
 UV_PIP := $(UV) pip install --quiet --python $(PY)
 # The CPU torch build is not on PyPI: it comes from PyTorch's CPU index (pyproject.toml's

@@ -173,9 +173,9 @@ class LocalStack:
             print(f"MLflow: already running at {self.mlflow_url}")
         else:
             mlflow = self._launch_mlflow()
-        # Both start at once (each is mostly imports: 10-20 s one after the other on 2 cores),
-        # unless `ray start` could take MLflow's port for itself before MLflow binds it: then Ray
-        # starts once MLflow holds it (a port in use is never chosen).
+        # Both start at once (each is mostly its imports), unless `ray start` could take MLflow's
+        # port for itself before MLflow binds it: then Ray starts once MLflow holds it (a port in
+        # use is never chosen).
         mlflow_first = mlflow is not None and ray_may_bind(self.mlflow_port)
         if mlflow_first:
             self._await_mlflow(mlflow)
