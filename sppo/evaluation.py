@@ -305,15 +305,14 @@ def ensure_eval_samples(it: IterationDir, engines: EnginePool, policy: Policy, p
     settings were recorded with them are taken as they are."""
     path = it.eval_samples
     settings = drawn_with(engines.cfg, seed)
-    recorded = read_parquet(path, limit=1) if path.exists() else []
-    stale = bool(recorded) and recorded[0].get("drawn_with", settings) != settings
+    rows = read_parquet(path) if path.exists() else []
+    stale = bool(rows) and rows[0].get("drawn_with", settings) != settings
     if stale:
         log.info("%s: drawn with other settings than %s: drawing them again", path, settings)
     if stale or not path.exists():
         samples = engines.sample(policy, prompts, seed=seed)
-        it.run.write_rows(path, [{"prompt": p, "candidates": c, "drawn_with": settings}
-                                 for p, c in zip(prompts, samples.candidates)])
-    rows = read_parquet(path)
+        rows = [{"prompt": p, "candidates": c, "drawn_with": settings} for p, c in zip(prompts, samples.candidates)]
+        it.run.write_rows(path, rows)
     if [r["prompt"] for r in rows] != prompts:
         raise ValueError(f"{path}: its prompts are not the current held-out prompts (prompts.eval_*)")
     return rows
