@@ -365,8 +365,12 @@ class TimeoutsConfig(_Strict):
     sampling_s: float = Field(default=24 * 3600.0, gt=0.0)
     # Seconds a judging call may take, the judge's start included.
     judging_s: float = Field(default=24 * 3600.0, gt=0.0)
-    # Seconds an iteration's training may take (the workers' deadline and collective timeout).
+    # Seconds an iteration's training may take (the workers' deadline).
     training_s: float = Field(default=48 * 3600.0, gt=0.0)
+    # Seconds one collective of the training workers may wait for its peers, the process group's
+    # rendezvous included (capped at training_s). A rank stuck once then fails its worker group,
+    # which Ray Train starts again (train.max_failures), instead of holding the stage for training_s.
+    collective_s: float = Field(default=1800.0, gt=0.0)
     # A job's lease on its output directory (sppo/lease.py) is taken over by another job once
     # its driver has not renewed it for this long (it renews every quarter of it).
     lease_s: float = Field(default=60.0, gt=0.0)

@@ -26,7 +26,8 @@ JUDGE_NAMES = {"pairrm": "PairRM judge", "reward_model": "reward-model judge", "
 class Role:
     """`count` identical actors (or Ray Train workers) of one stage, each holding `cpus` CPUs and
     `gpus` GPUs; Ray restarts a crashed one `restarts` times. The stage fails once it has waited
-    timeout_s on them, or node_lost_s after a node it began with left (None: never).
+    timeout_s on them, or node_lost_s after a node it began with left (None: never). collective_s
+    (training only): how long a worker waits in one collective (None: timeout_s).
 
     `fields` names the config fields behind count, CPU, GPU and restarts, with their values,
     for messages."""
@@ -41,6 +42,7 @@ class Role:
     timeout_s: float | None = None
     node_lost_s: float | None = None
     placement_s: float | None = None
+    collective_s: float | None = None
 
     @property
     def total_cpus(self) -> float:
@@ -129,7 +131,7 @@ def judging_role(cfg: JudgeConfig, timeout_s: float | None = None, node_lost_s: 
 
 
 def training_role(cfg: TrainConfig, timeout_s: float | None = None, node_lost_s: float | None = None,
-                  placement_s: float | None = None) -> Role:
+                  placement_s: float | None = None, collective_s: float | None = None) -> Role:
     """Ray Train's workers: train.cpus_per_worker CPUs each, and with train.use_gpu one GPU each
     (train.gpus_per_worker: a share of one); restarts are the whole group's (train.max_failures)."""
     gpu_field = (f"train.gpus_per_worker={cfg.gpus_per_worker:g}" if cfg.use_gpu and cfg.gpus_per_worker is not None
@@ -138,7 +140,7 @@ def training_role(cfg: TrainConfig, timeout_s: float | None = None, node_lost_s:
         "training", "ZeRO-3 worker", cfg.num_workers, cfg.cpus_per_worker, cfg.worker_gpus, cfg.max_failures,
         {"count": f"train.num_workers={cfg.num_workers}", "CPU": f"train.cpus_per_worker={cfg.cpus_per_worker:g}",
          "GPU": gpu_field, "restarts": f"train.max_failures={cfg.max_failures}"},
-        timeout_s, node_lost_s, placement_s,
+        timeout_s, node_lost_s, placement_s, collective_s,
     )
 
 
@@ -166,4 +168,4 @@ def run_roles(cfg: RunConfig) -> RunRoles:
     t = cfg.timeouts
     return RunRoles(sampling_role(cfg.sampling, t.sampling_s, t.node_lost_s, t.placement_s),
                     judging_role(cfg.judge, t.judging_s, t.node_lost_s, t.placement_s),
-                    training_role(cfg.train, t.training_s, t.node_lost_s, t.placement_s))
+                    training_role(cfg.train, t.training_s, t.node_lost_s, t.placement_s, t.collective_s))

@@ -118,6 +118,27 @@ def _fit_watching(trainer, placement: PlacementWait, watch: NodeWatch | None):
     return outcome["result"]
 
 
+def worker_group_configs(role: Role, backend: str):
+    """Ray Train's TorchConfig and FailureConfig for the role's worker group.
+
+    A dead worker restarts the whole group (role.restarts), which retrains from pi_t: the
+    checkpoint is published only at the end, so a restart never resumes from a half-trained
+    state. Each collective, the process group's rendezvous included, waits at most
+    role.collective_s (capped at role.timeout_s): a rank that is stuck, or a rendezvous that
+    missed its store, fails the group, which starts again, rather than holding the stage until
+    its timeout. Placing the workers is retried for about role.timeout_s (Ray Train retries every
+    WORKER_GROUP_START_TIMEOUT_S, 60 s, forever by default)."""
+    from ray.train import FailureConfig
+    from ray.train.torch import TorchConfig
+
+    bounds = [s for s in (role.collective_s, role.timeout_s) if s is not None]
+    torch_config = TorchConfig(backend=backend, **({"timeout_s": max(1, math.ceil(min(bounds)))} if bounds else {}))
+    if role.timeout_s is None:
+        return torch_config, FailureConfig(max_failures=role.restarts)
+    return torch_config, FailureConfig(max_failures=role.restarts,
+                                       controller_failure_limit=max(0, math.ceil(role.timeout_s / 60) - 1))
+
+
 def _absolute(spec: str) -> str:
     """Paths are handed to workers absolute; storage URIs and tiny: specs as they are."""
     return str(Path(spec).resolve()) if is_local_path(spec) else spec
@@ -142,13 +163,14 @@ def train_policy(
     role (default `training_role(cfg)`, which never times out): the workers' count, resources and
     restarts, and the stage's deadlines. Its timeout_s is enforced three ways, since fit() itself
     has no timeout: the workers check the deadline before each micro-batch, the process group
-    times out any collective after timeout_s, and placing the workers is retried for about
-    timeout_s (at least 60 s). Its node_lost_s: fail that long after a node the training started
-    with leaves the cluster, if the training has not finished without it (`sppo.cluster.NodeWatch`).
+    times out any collective after collective_s (at most timeout_s), and placing the workers is
+    retried for about timeout_s (at least 60 s) (`worker_group_configs`). Its node_lost_s: fail
+    that long after a node the training started with leaves the cluster, if the training has not
+    finished without it (`sppo.cluster.NodeWatch`).
     Raises TrainingError with the worker's message when training fails.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
 
     policy_dir = policy.weights
     if is_local_path(policy_dir) and not Path(policy_dir, "config.json").is_file():
@@ -161,17 +183,7 @@ def train_policy(
 
     role = role if role is not None else training_role(cfg)
     timeout_s = role.timeout_s
-    backend = "nccl" if cfg.use_gpu else "gloo"
-    # A dead worker restarts the whole group, which retrains from pi_t: the checkpoint is
-    # published only at the end, so a restart never resumes from a half-trained state.
-    torch_config, failure_config = TorchConfig(backend=backend), FailureConfig(max_failures=role.restarts)
-    if timeout_s is not None:
-        torch_config = TorchConfig(backend=backend, timeout_s=max(1, math.ceil(timeout_s)))
-        # Ray Train retries placing the workers every WORKER_GROUP_START_TIMEOUT_S (60 s),
-        # forever by default: this bounds the retries to about timeout_s.
-        failure_config = FailureConfig(
-            max_failures=role.restarts, controller_failure_limit=max(0, math.ceil(timeout_s / 60) - 1)
-        )
+    torch_config, failure_config = worker_group_configs(role, "nccl" if cfg.use_gpu else "gloo")
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={

@@ -555,6 +555,54 @@ def test_a_killed_worker_restarts_the_group_and_retrains(ray_cluster, tiny_polic
     assert len(client.get_metric_history(run_id, "train/loss")) > EXPECTED_STEPS
 
 
+@pytest.mark.slow
+def test_a_rank_stuck_before_a_collective_restarts_the_group_within_collective_s(ray_cluster, tmp_path):
+    """One rank of the first worker group never reaches the group's first collective (a missed
+    rendezvous store looks the same to its peer): its peer gives up after timeouts.collective_s,
+    Ray Train starts the group again, and the run finishes long before the stage's timeout_s,
+    which bounded every collective before."""
+    import time
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sppo.training import worker_group_configs
+
+    def stuck_once(config):
+        import time as clock
+
+        import ray.train
+        import torch.distributed as dist
+
+        rank, attempts = ray.train.get_context().get_world_rank(), Path(config["attempts"])
+        if rank == 0:
+            attempt = len(list(attempts.glob("started-*")))
+            (attempts / f"started-{attempt}").touch()
+        elif not (attempts / "stuck").exists():
+            (attempts / "stuck").touch()
+            clock.sleep(3600)
+        dist.barrier()
+        if rank == 0:
+            (attempts / f"finished-{attempt}").touch()
+
+    role = training_role(TrainConfig(**{**TRAIN_CFG, "max_failures": 1}), timeout_s=300, collective_s=20)
+    torch_config, failure_config = worker_group_configs(role, "gloo")
+    (tmp_path / "attempts").mkdir()
+    trainer = TorchTrainer(
+        stuck_once, train_loop_config={"attempts": str(tmp_path / "attempts")},
+        scaling_config=ScalingConfig(num_workers=role.count, resources_per_worker={"CPU": role.cpus}),
+        torch_config=torch_config,
+        run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="stuck-once", failure_config=failure_config),
+    )
+    started = time.monotonic()
+    trainer.fit()
+    took = time.monotonic() - started
+    # The first group's rank 0 gave up in the barrier; the second group finished.
+    assert sorted(p.name for p in (tmp_path / "attempts").iterdir()) == ["finished-1", "started-0", "started-1", "stuck"]
+    assert took < role.timeout_s, f"the stuck rank held the group {took:.0f} s, as long as the stage's timeout"
+    print(f"a rank stuck once: the restarted group finished after {took:.0f} s (collective_s=20)")
+
+
 # Frees a 16 MiB block (glibc then raises its mmap threshold to 16 MiB), then allocates 101
 # blocks of 4 MiB, frees all but the last and prints how much of their anonymous memory is
 # still resident, in MiB.
