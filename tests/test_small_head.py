@@ -13,7 +13,7 @@ import re
 import pytest
 
 from sppo.devtools.localstack import LocalStack, free_port
-from tests.live_stack import nested_runs, rest, submit
+from tests.live_stack import nested_runs, rest, started, submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -22,11 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 def two_cpu_stack(tmp_path_factory):
     stack = LocalStack(tmp_path_factory.mktemp("two-cpu"), ray_port=free_port(), dashboard_port=free_port(),
                        mlflow_port=free_port(), num_cpus=2)
-    try:
-        stack.start()
+    with started(stack):
         yield stack
-    finally:
-        stack.stop()
 
 
 def test_the_tiny_default_on_a_two_cpu_head_falls_back_to_restarted_engines(two_cpu_stack, tmp_path):
