@@ -370,6 +370,7 @@ class TimeoutsConfig(_Strict):
     # Seconds one collective of the training workers may wait for its peers, the process group's
     # rendezvous included (capped at training_s). A rank stuck once then fails its worker group,
     # which Ray Train starts again (train.max_failures), instead of holding the stage for training_s.
+    # Must exceed tracking.outage_limit_s, which rank 0 may spend in a step's metrics call.
     collective_s: float = Field(default=1800.0, gt=0.0)
     # A job's lease on its output directory (sppo/lease.py) is taken over by another job once
     # its driver has not renewed it for this long (it renews every quarter of it).
@@ -439,6 +440,16 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"prompts.num_splits ({self.prompts.num_splits}) must be >= iterations "
                 f"({self.iterations}): each iteration needs its own disjoint split"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _collectives_outlast_a_tracking_outage(self) -> "RunConfig":
+        if self.timeouts.collective_s <= self.tracking.outage_limit_s:
+            raise ValueError(
+                f"timeouts.collective_s ({self.timeouts.collective_s:g}) must exceed tracking.outage_limit_s "
+                f"({self.tracking.outage_limit_s:g}): the rank-0 training worker waits out an MLflow outage in "
+                "a step's metrics call while the other workers wait for it in the next collective"
             )
         return self
 

@@ -36,6 +36,8 @@ def test_defaults_follow_the_reference():
         ({"train.reference_logps": "vllm"}, "train.reference_logps"),
         # The dataset's own responses were never sampled: no sampler log-probs for them.
         ({"train.reference_logps": "sampler", "prompts.response_column": "responses"}, "prompts.response_column"),
+        # Rank 0 may wait out an MLflow outage in a step's metrics call while the others wait in a collective.
+        ({"tracking.outage_limit_s": 300}, "timeouts.collective_s"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):
