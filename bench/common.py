@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import sys
 import threading
 import time
 from importlib import metadata
@@ -152,6 +153,8 @@ class ProcessPeaks:
         # such as a safetensors checkpoint being loaded, which RSS counts while they are mapped.
         self.anon_peaks: dict[str, dict[str, float]] = {}
         self.driver_hwm_mib = 0.0  # the kernel's high-water mark: no peak between samples is missed
+        # A sample that fails is skipped; it used to end the sampling thread silently.
+        self.failed_samples, self.last_failure = 0, None
         self._stop, self._lock = threading.Event(), threading.Lock()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -162,6 +165,9 @@ class ProcessPeaks:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        if self.failed_samples:
+            print(f"memory sampling: {self.failed_samples} sample(s) failed, the last with "
+                  f"{type(self.last_failure).__name__}: {self.last_failure}", file=sys.stderr)
 
     def _processes(self) -> list:
         import psutil
@@ -196,7 +202,10 @@ class ProcessPeaks:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self._sample()
+            try:
+                self._sample()
+            except Exception as err:  # e.g. psutil reading the process table while another job's processes die
+                self.failed_samples, self.last_failure = self.failed_samples + 1, err
             self._stop.wait(self.interval_s)
 
     def _sample(self) -> None:

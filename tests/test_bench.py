@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from bench.common import check_size, print_table, write_latest
+from bench.common import ProcessPeaks, check_size, print_table, write_latest
 from sppo.config import SamplingConfig
 
 
@@ -73,6 +73,30 @@ def test_results_file_has_the_summary_and_every_record(tmp_path, capsys):
     assert json.loads(path.read_text()) == {"judge_ratio": 6.0, "benchmarks": {"judge": {"results": {"ratio": 6.0}}}}
     print_table("t", ["name", "value"], [["a", 1.23456], ["bb", 2]])
     assert "a     1.235" in capsys.readouterr().out
+
+
+def test_memory_sampling_goes_on_after_a_failed_sample(monkeypatch):
+    """A sample that raises (psutil reading the process table while another job's processes
+    die) is skipped. It used to end the sampling thread silently: the likeliest cause of a 24 s
+    training run in the benchmarks' smoke recording a worker peak of 0 beside the two-node
+    tests (7 December's suite; not reproduced alone)."""
+    import os
+    import time
+
+    reads = []
+    whole_table = ProcessPeaks._processes
+
+    def failing_once(self):
+        reads.append(1)
+        if len(reads) == 1:
+            raise ValueError("a process's stat read while it exits")
+        return whole_table(self)
+
+    monkeypatch.setattr(ProcessPeaks, "_processes", failing_once)
+    with ProcessPeaks(os.getpid(), [], interval_s=0.01) as peaks:
+        time.sleep(0.3)
+    assert peaks.failed_samples == 1 and len(reads) > 2
+    assert peaks.peak("driver") > 0
 
 
 def run_bench(*args: str) -> str:
