@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -124,7 +125,8 @@ class Timer:
 
 @contextlib.contextmanager
 def local_stack(state_dir: Path):
-    """A new Ray head and MLflow server (`sppo.devtools.localstack.LocalStack`) on free ports, stopped after."""
+    """A new Ray head and MLflow server (`sppo.devtools.localstack.LocalStack`) on free ports, stopped
+    after, and Ray's temp dir (under /tmp, outside state_dir) removed."""
     from sppo.devtools.localstack import LocalStack, free_port
 
     stack = LocalStack(state_dir / "stack", ray_port=free_port(), dashboard_port=free_port(), mlflow_port=free_port())
@@ -133,6 +135,7 @@ def local_stack(state_dir: Path):
         yield stack
     finally:
         stack.stop()
+        shutil.rmtree(stack.ray_temp_dir, ignore_errors=True)
 
 
 def ray_daemon_pids(stack) -> list[int]:
