@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 import psutil
 import pytest
@@ -53,27 +54,32 @@ JOB_ENV = {"RAY_worker_niceness": "0"}
 
 
 @pytest.fixture
-def two_node_stack(tmp_path_factory):
+def two_node_stack(tmp_path_factory, request):
     """A Ray head and one worker node (NODE_CPUS each, token auth, the worker node with its own
     model cache) and an MLflow server. Afterwards, pass or fail, every process they started, and
-    every child of those, is gone."""
+    every child of those, is gone; the nodes' Ray temp dirs (every node's logs) are removed,
+    unless the test failed: then they are kept, and named in the test's output."""
     stack = LocalStack(tmp_path_factory.mktemp("two-node"), ray_port=free_port(), dashboard_port=free_port(),
                        mlflow_port=free_port(), num_cpus=NODE_CPUS)
-    temp_dirs = [str(stack.ray_temp_dir)]
     started: list[psutil.Process] = []
     try:
         stack.start()
         stack.worker_cache = stack.state_dir / "worker-node-cache"
-        temp_dirs.append(str(stack.add_worker_node(num_cpus=NODE_CPUS, env={"SPPO_CACHE": str(stack.worker_cache)})))
+        stack.add_worker_node(num_cpus=NODE_CPUS, env={"SPPO_CACHE": str(stack.worker_cache)})
         yield stack
     finally:
         started = process_trees({pid for pids in stack.pids.values() for pid in pids})
         stack.stop()
     assert started and not wait_gone(started, timeout_s=30)
+    tag = stack.ray_temp_dir.name.removeprefix("sppo-ray-")  # the worker nodes' too, those a test added
+    node_dirs = [str(stack.ray_temp_dir), *(str(d) for d in Path("/tmp").glob(f"sppo-rayw*-{tag}"))]
     strays = [p.pid for p in psutil.process_iter(["cmdline"])
-              if any(d in " ".join(p.info["cmdline"] or []) for d in temp_dirs)]
+              if any(d in " ".join(p.info["cmdline"] or []) for d in node_dirs)]
     assert not strays, f"processes of this test's Ray nodes outlived `stop`: {strays}"
-    for temp_dir in temp_dirs:  # outside pytest's tmp_path; kept only on failure
+    if getattr(request.node, "failed_call", False):
+        print(f"the Ray nodes' logs are kept in {', '.join(node_dirs)}")
+        return
+    for temp_dir in node_dirs:  # outside pytest's tmp_path
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
