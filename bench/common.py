@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import sys
 import threading
 import time
@@ -130,12 +129,8 @@ def local_stack(state_dir: Path):
     from sppo.devtools.localstack import LocalStack, free_port
 
     stack = LocalStack(state_dir / "stack", ray_port=free_port(), dashboard_port=free_port(), mlflow_port=free_port())
-    try:
-        stack.start()
+    with stack.running():
         yield stack
-    finally:
-        stack.stop()
-        shutil.rmtree(stack.ray_temp_dir, ignore_errors=True)
 
 
 def ray_daemon_pids(stack) -> list[int]:

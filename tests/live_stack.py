@@ -6,10 +6,8 @@ Shared by the end-to-end and fault-injection tests through the session fixture `
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,18 +27,6 @@ SECRETS = {
     "MLFLOW_TRACKING_PASSWORD": "plantedMlflowPassword0451",
     "SPPO_TEST_API_KEY": "plantedApiKey0451",
 }
-
-
-@contextlib.contextmanager
-def started(stack: LocalStack):
-    """A stack of one test's own, started; afterwards, pass or fail, stopped, and its Ray temp dir
-    (sockets and session logs, outside pytest's tmp_path, some 20 MB) removed."""
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop()
-        shutil.rmtree(stack.ray_temp_dir, ignore_errors=True)
 
 
 def client_env(stack: LocalStack, **extra: str) -> dict[str, str]:

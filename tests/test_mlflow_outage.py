@@ -17,8 +17,8 @@ import time
 import pytest
 
 from sppo.devtools.localstack import LocalStack, free_port
-from tests.live_stack import (REPO, assert_one_finished_iteration_and_nothing_redone, nested_runs, rest, started,
-                              submit, submit_command, wait_for_a_training_step)
+from tests.live_stack import (REPO, assert_one_finished_iteration_and_nothing_redone, nested_runs, rest, submit,
+                              submit_command, wait_for_a_training_step)
 from tests.processes import process_trees, wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.cluster_faults]
@@ -38,7 +38,7 @@ def own_stack(tmp_path_factory):
     """A Ray head and MLflow server of this test's own: their MLflow server is killed."""
     stack = LocalStack(tmp_path_factory.mktemp("outage"), ray_port=free_port(), dashboard_port=free_port(),
                        mlflow_port=free_port())
-    with started(stack):
+    with stack.running():
         yield stack
 
 

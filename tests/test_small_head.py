@@ -13,7 +13,7 @@ import re
 import pytest
 
 from sppo.devtools.localstack import LocalStack, free_port
-from tests.live_stack import nested_runs, rest, started, submit
+from tests.live_stack import nested_runs, rest, submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 def two_cpu_stack(tmp_path_factory):
     stack = LocalStack(tmp_path_factory.mktemp("two-cpu"), ray_port=free_port(), dashboard_port=free_port(),
                        mlflow_port=free_port(), num_cpus=2)
-    with started(stack):
+    with stack.running():
         yield stack
 
 

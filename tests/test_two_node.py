@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from pathlib import Path
 
 import psutil
 import pytest
@@ -69,10 +68,9 @@ def two_node_stack(tmp_path_factory, request):
         yield stack
     finally:
         started = process_trees({pid for pids in stack.pids.values() for pid in pids})
+        node_dirs = [str(d) for d in stack.temp_dirs()]  # the worker nodes' too, those a test added
         stack.stop()
     assert started and not wait_gone(started, timeout_s=30)
-    tag = stack.ray_temp_dir.name.removeprefix("sppo-ray-")  # the worker nodes' too, those a test added
-    node_dirs = [str(stack.ray_temp_dir), *(str(d) for d in Path("/tmp").glob(f"sppo-rayw*-{tag}"))]
     strays = [p.pid for p in psutil.process_iter(["cmdline"])
               if any(d in " ".join(p.info["cmdline"] or []) for d in node_dirs)]
     assert not strays, f"processes of this test's Ray nodes outlived `stop`: {strays}"

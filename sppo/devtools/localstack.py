@@ -9,11 +9,13 @@ machine that has none), and records the PIDs of exactly the processes it started
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -159,6 +161,31 @@ class LocalStack:
         tag = hashlib.sha1(str(self.state_dir.resolve()).encode()).hexdigest()[:8]
         return Path(f"/tmp/sppo-ray-{tag}-{self.ray_port}")
 
+    def _worker_temp_dir(self, index: int) -> Path:
+        # Not a prefix of the head's temp dir, so the head's PID marks never match this node.
+        return Path(f"/tmp/sppo-rayw{index}-{self.ray_temp_dir.name.removeprefix('sppo-ray-')}")
+
+    def _worker_indexes(self) -> list[int]:
+        return [int(name.rsplit("-", 1)[1]) for name in self.pids if name.startswith("ray-worker-")]
+
+    def temp_dirs(self) -> list[Path]:
+        """Ray's temp dirs of the head and of every worker node added (sockets, session logs: under
+        /tmp, outside state_dir), while they run."""
+        return [self.ray_temp_dir, *(self._worker_temp_dir(i) for i in self._worker_indexes())]
+
+    @contextlib.contextmanager
+    def running(self):
+        """This stack started; afterwards, pass or fail, stopped and its nodes' Ray temp dirs removed
+        (for a stack of a test's or a benchmark's own)."""
+        try:
+            self.start()
+            yield self
+        finally:
+            temp_dirs = self.temp_dirs()
+            self.stop()
+            for temp_dir in temp_dirs:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+
     def ray_running(self) -> bool:
         return _answers(f"{self.dashboard_url}/api/version")
 
@@ -223,10 +250,8 @@ class LocalStack:
         with its own temp dir, on loopback, token auth on, and `env` added to its processes'
         environment. Its daemons are recorded like the head's, so `stop` ends them too. Returns
         the node's temp dir."""
-        index = 1 + sum(name.startswith("ray-worker-") for name in self.pids)
-        # Not a prefix of the head's temp dir, so the head's PID marks never match this node.
-        tag = self.ray_temp_dir.name.removeprefix("sppo-ray-")
-        temp_dir = Path(f"/tmp/sppo-rayw{index}-{tag}")
+        index = 1 + len(self._worker_indexes())
+        temp_dir = self._worker_temp_dir(index)
         log = self.state_dir / f"ray-worker-{index}.log"
         ensure_auth_token({**_venv_env(), **(env or {})})
         agent_port = free_port()
