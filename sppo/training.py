@@ -31,6 +31,10 @@ from sppo.training_data import read_pairs, total_steps
 logger = logging.getLogger("sppo.training")
 
 
+# Of the collectives' timeout: when a training worker still in setup writes its threads' stacks.
+SETUP_STACKS_AT = 0.8
+
+
 class TrainingError(RuntimeError):
     """Training did not produce a checkpoint; the message carries the worker's error."""
 
@@ -63,26 +67,28 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from sppo import training_recipe
     from sppo.tracking import LiveMetrics
-    for module in ("deepspeed", "transformers"):  # the recipe's, timed here as the imports phase
-        importlib.import_module(module)
-    imported = time.time()
+    # Until the model is loaded (the recipe cancels it then); see SETUP_STACKS_AT.
+    with training_recipe.stacks_if_setup_stuck(config["setup_stacks_after_s"]):
+        for module in ("deepspeed", "transformers"):  # the recipe's, timed here as the imports phase
+            importlib.import_module(module)
+        imported = time.time()
 
-    cfg = TrainConfig.model_validate(config["cfg"])
-    policy = config["policy"].mapped(local_model)  # from shared storage if a URI
-    live_metrics = None
-    if ray.train.get_context().get_world_rank() == 0:
-        logger.setLevel(logging.INFO)  # progress lines, whatever level the worker's root logger is at
-        if config["mlflow_run_id"] is not None:
-            live_metrics = LiveMetrics(config["mlflow_tracking_uri"], config["mlflow_run_id"])
-    try:
-        result = training_recipe.train(
-            cfg, config["rows"], policy.weights,
-            config["checkpoint_dir"], device=ray.train.torch.get_device(), timeout_s=config["timeout_s"],
-            started_at=config["submitted_at"], live_metrics=live_metrics,
-            trust_remote_code=config["trust_remote_code"],
-            adapter_dir=policy.adapter)
-    except (FloatingPointError, TimeoutError, OSError, ValueError) as err:  # loss, deadline, disk, data
-        return {"error": f"{type(err).__name__}: {err}"}
+        cfg = TrainConfig.model_validate(config["cfg"])
+        policy = config["policy"].mapped(local_model)  # from shared storage if a URI
+        live_metrics = None
+        if ray.train.get_context().get_world_rank() == 0:
+            logger.setLevel(logging.INFO)  # progress lines, whatever level the worker's root logger is at
+            if config["mlflow_run_id"] is not None:
+                live_metrics = LiveMetrics(config["mlflow_tracking_uri"], config["mlflow_run_id"])
+        try:
+            result = training_recipe.train(
+                cfg, config["rows"], policy.weights,
+                config["checkpoint_dir"], device=ray.train.torch.get_device(), timeout_s=config["timeout_s"],
+                started_at=config["submitted_at"], live_metrics=live_metrics,
+                trust_remote_code=config["trust_remote_code"],
+                adapter_dir=policy.adapter)
+        except (FloatingPointError, TimeoutError, OSError, ValueError) as err:  # loss, deadline, disk, data
+            return {"error": f"{type(err).__name__}: {err}"}
     # worker_start: from fit() to the recipe (Ray Train's controller, the workers' processes,
     # the process group).
     timings = {"worker_start": entered - config["submitted_at"], "imports": imported - entered, **result.timings}
@@ -194,6 +200,9 @@ def train_policy(
             "mlflow_tracking_uri": mlflow_tracking_uri,
             "mlflow_run_id": mlflow_run_id,
             "timeout_s": timeout_s,
+            # A rank still in setup by then shows where, before a peer's collective times out
+            # (a few seconds after this, at its first collective) and the group is torn down.
+            "setup_stacks_after_s": SETUP_STACKS_AT * torch_config.timeout_s,
             "trust_remote_code": trust_remote_code,
             "submitted_at": time.time(),
         },

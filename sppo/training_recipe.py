@@ -26,11 +26,14 @@ Without any orchestrator, on the job's own config:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import logging
 import math
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +130,21 @@ def release_freed_blocks() -> None:
     if mallopt is not None:
         M_MMAP_THRESHOLD = -3  # malloc.h
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+@contextlib.contextmanager
+def stacks_if_setup_stuck(after_s: float) -> Iterator[None]:
+    """Within the block, write every thread's stack to stderr once, after_s from its start, unless
+    `train` has loaded the model by then (which cancels it). A rank stuck in setup outside any
+    collective (imports, the data, DeepSpeed's comm layer) is otherwise silent: only its peers
+    time out, in their next collective, and they cannot say where it is. faulthandler's watchdog
+    is a C thread, so the dump comes even if the stuck thread holds the GIL; it starts with
+    `Timeout (h:mm:ss)!`."""
+    faulthandler.dump_traceback_later(after_s, repeat=False, file=sys.stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def init_deepspeed(backend: str) -> None:
@@ -375,6 +393,7 @@ def train(
         # The checkpoint is saved in the dtype the policy came in, whatever the training dtype.
         save_dtype = AutoConfig.from_pretrained(policy_dir, trust_remote_code=trust_remote_code).dtype or torch.float32
         loaded = time.monotonic()
+        faulthandler.cancel_dump_traceback_later()  # setup is over (stacks_if_setup_stuck)
 
         # Reference log-probs: every row's, before any step (or, online, at each step).
         ref = torch.empty((0, 2))

@@ -560,13 +560,14 @@ def test_a_rank_stuck_before_a_collective_restarts_the_group_within_collective_s
     """One rank of the first worker group never reaches the group's first collective (a missed
     rendezvous store looks the same to its peer): its peer gives up after timeouts.collective_s,
     Ray Train starts the group again, and the run finishes long before the stage's timeout_s,
-    which bounded every collective before."""
+    which bounded every collective before. The stuck rank, in the setup watch the training
+    workers run under, writes its stack to its log before the group is torn down."""
     import time
 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from sppo.training import worker_group_configs
+    from sppo.training import SETUP_STACKS_AT, worker_group_configs
 
     def stuck_once(config):
         import time as clock
@@ -574,13 +575,16 @@ def test_a_rank_stuck_before_a_collective_restarts_the_group_within_collective_s
         import ray.train
         import torch.distributed as dist
 
+        from sppo.training_recipe import stacks_if_setup_stuck
+
         rank, attempts = ray.train.get_context().get_world_rank(), Path(config["attempts"])
         if rank == 0:
             attempt = len(list(attempts.glob("started-*")))
             (attempts / f"started-{attempt}").touch()
         elif not (attempts / "stuck").exists():
             (attempts / "stuck").touch()
-            clock.sleep(3600)
+            with stacks_if_setup_stuck(config["setup_stacks_after_s"]):
+                clock.sleep(3600)
         dist.barrier()
         if rank == 0:
             (attempts / f"finished-{attempt}").touch()
@@ -589,7 +593,8 @@ def test_a_rank_stuck_before_a_collective_restarts_the_group_within_collective_s
     torch_config, failure_config = worker_group_configs(role, "gloo")
     (tmp_path / "attempts").mkdir()
     trainer = TorchTrainer(
-        stuck_once, train_loop_config={"attempts": str(tmp_path / "attempts")},
+        stuck_once, train_loop_config={"attempts": str(tmp_path / "attempts"),
+                                       "setup_stacks_after_s": SETUP_STACKS_AT * torch_config.timeout_s},
         scaling_config=ScalingConfig(num_workers=role.count, resources_per_worker={"CPU": role.cpus}),
         torch_config=torch_config,
         run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="stuck-once", failure_config=failure_config),
@@ -601,6 +606,10 @@ def test_a_rank_stuck_before_a_collective_restarts_the_group_within_collective_s
     assert sorted(p.name for p in (tmp_path / "attempts").iterdir()) == ["finished-1", "started-0", "started-1", "stuck"]
     assert took < role.timeout_s, f"the stuck rank held the group {took:.0f} s, as long as the stage's timeout"
     print(f"a rank stuck once: the restarted group finished after {took:.0f} s (collective_s=20)")
+    logs = Path(ray_cluster._private.worker.global_worker.node.get_logs_dir_path())
+    dumps = [f for f in logs.glob("worker-*.err") if "Timeout (0:00:16)!" in f.read_text(errors="replace")]
+    assert len(dumps) == 1, "the stuck rank wrote no stack (or more than one rank did)"
+    assert "in stuck_once" in dumps[0].read_text(errors="replace")
 
 
 # Frees a 16 MiB block (glibc then raises its mmap threshold to 16 MiB), then allocates 101
