@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,8 +45,31 @@ def resolve_model(spec: str) -> str:
     version, build = _builder(name)
     target = cache_root() / f"tiny-{name}-{version}"
     if not (target / "config.json").exists():
-        # A model directory in the cache is whole or absent; of concurrent builders, one wins.
-        publish_directory(target, build, keep_existing=True)
+        # A model directory in the cache is whole or absent; of concurrent builders, one wins. A
+        # directory there without its config is not ours to keep (earlier versions could leave one,
+        # below): it is replaced.
+        publish_directory(target, lambda staging: _build_whole(spec, build, staging),
+                          keep_existing=not target.exists())
     return str(target)
+
+
+def _build_whole(spec: str, build: Callable[[Path], None], out_dir: Path) -> None:
+    """build(out_dir), in a child process where this one is in a torch.distributed process group:
+    there transformers' save_pretrained writes a model only on rank 0 (a training worker of rank
+    1 got a directory holding just the tokenizer's files). Refuses a directory without
+    config.json and weights, so that none is ever published."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        child = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                                "from sppo.tiny import _builder; _builder(sys.argv[1])[1](Path(sys.argv[2]))",
+                                spec[len(TINY_PREFIX):], str(out_dir)], capture_output=True, text=True)
+        if child.returncode != 0:
+            raise RuntimeError(f"building {spec} in a child process failed (exit {child.returncode}): "
+                               f"{child.stderr.strip()[-2000:]}")
+    else:
+        build(out_dir)
+    if not (out_dir / "config.json").is_file() or not any(out_dir.glob("*.safetensors")):
+        raise RuntimeError(f"building {spec} wrote no config.json or weights in {out_dir}: "
+                           f"{sorted(p.name for p in out_dir.iterdir())}")
 
 
