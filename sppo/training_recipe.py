@@ -33,9 +33,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -67,6 +68,9 @@ if TYPE_CHECKING:
     from sppo.tracking import LiveMetrics
 
 logger = logging.getLogger("sppo.training")
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,28 @@ def stacks_if_setup_stuck(after_s: float) -> Iterator[None]:
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+def on_every_rank(step: Callable[[], T]) -> T:
+    """step() on this rank, agreed with the others by one all_gather: if it raised OSError or
+    ValueError on any rank, every rank raises it (the lowest such rank's, naming it). A rank that
+    failed alone used to return while its peers went on into the model load's first broadcast
+    and waited there for it until timeouts.collective_s, with its error seen nowhere."""
+    import torch.distributed as dist
+
+    try:
+        value, failure = step(), None
+    except (OSError, ValueError) as err:
+        value, failure = None, (isinstance(err, ValueError), f"{type(err).__name__}: {err}")
+        own = err
+    failures: list[tuple[bool, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    for rank, failed in enumerate(failures):
+        if failed is not None:
+            is_value_error, message = failed
+            error = (ValueError if is_value_error else OSError)(f"rank {rank}: {message}")
+            raise error from (own if failure is not None else None)
+    return value
 
 
 def init_deepspeed(backend: str) -> None:
@@ -359,10 +385,13 @@ def train(
     (`read_pairs`), publish it at checkpoint_dir, on every rank of the current process group.
     With train.lora, pi_t is policy_dir plus the adapter in adapter_dir (None: a fresh one).
 
-    timeout_s: checked before each micro-batch against started_at (wall clock; default now).
+    timeout_s: checked at each micro-batch against started_at (wall clock; default now), every
+    rank stopping at the same one.
     live_metrics: where rank 0 logs each optimizer step. Raises FloatingPointError (a
     non-finite loss), TimeoutError, OSError (a checkpoint that cannot be written) or ValueError
-    (the data); nothing is published then.
+    (the data); nothing is published then. What each rank reads for itself before the model load
+    (the tokenizer, the pairs, the config, the weights' presence) raises on every rank if it fails
+    on any (`on_every_rank`).
     """
     import torch.distributed as dist
     from transformers import AutoConfig, AutoTokenizer
@@ -378,10 +407,20 @@ def train(
 
     # Setup: the pairs tokenized as sampling saw them, then pi_t into ZeRO-3 partitions.
     started = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=trust_remote_code)
+
+    def read_inputs():
+        tokenizer = AutoTokenizer.from_pretrained(policy_dir, trust_remote_code=trust_remote_code)
+        pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                             sampled_tokens=cfg.reference_logps == "sampler")
+        # The checkpoint is saved in the dtype the policy came in, whatever the training dtype.
+        config = AutoConfig.from_pretrained(policy_dir, trust_remote_code=trust_remote_code)
+        if Path(policy_dir).is_dir() and not any(Path(policy_dir).glob("*.safetensors")):
+            raise FileNotFoundError(f"policy {policy_dir}: no *.safetensors weights on this node")
+        return tokenizer, pairs, config.dtype or torch.float32
+
+    # What this node reads for itself, agreed before the first collective of the model load.
+    tokenizer, pairs, save_dtype = on_every_rank(read_inputs)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pairs = encode_pairs(tokenizer, rows, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                         sampled_tokens=cfg.reference_logps == "sampler")
     probs = torch.tensor([[r["chosen_probs_win"], r["chosen_probs_lose"], r["chosen_probs"]] for r in rows])
     per_epoch, num_steps = steps_per_epoch(len(rows), cfg), total_steps(len(rows), cfg)
     encoded = time.monotonic()
@@ -390,8 +429,6 @@ def train(
     try:
         if cfg.reference_logps == "online" and cfg.lora is None:
             frozen = load_frozen_reference(policy_dir, cfg, trust_remote_code)
-        # The checkpoint is saved in the dtype the policy came in, whatever the training dtype.
-        save_dtype = AutoConfig.from_pretrained(policy_dir, trust_remote_code=trust_remote_code).dtype or torch.float32
         loaded = time.monotonic()
         faulthandler.cancel_dump_traceback_later()  # setup is over (stacks_if_setup_stuck)
 
@@ -437,9 +474,7 @@ def train(
                 step = len(history) + 1
                 if step > num_steps:  # train.max_steps reached inside this epoch
                     break
-                if time.time() > deadline:
-                    raise TimeoutError(f"training did not finish within timeout_s={timeout_s} "
-                                       f"(at step {step}/{num_steps})")
+                late = time.time() > deadline  # agreed below, so that every rank stops at the same micro-batch
                 index = order[start : start + cfg.per_device_batch_size]
                 batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in index], pad_id).items()}
                 # The reference first: with an adapter it is a forward pass of the engine itself.
@@ -462,20 +497,25 @@ def train(
                     rejected_lengths=lengths[len(index):],
                     wpo_weights=wpo_weights,
                 ), loss_params)
-                # Summed over all ranks before backward, so every rank sees a bad loss at once.
+                # Summed over all ranks before backward, so every rank sees a bad loss, or a rank past
+                # the deadline, at once.
                 micro = torch.stack([
                     losses.sum(),
                     (policy_chosen - ref_rows[:, 0]).sum(),
                     (policy_rejected - ref_rows[:, 1]).sum(),
                     losses.new_tensor(len(index)),
+                    losses.new_tensor(float(late)),
                 ]).detach().double()
                 dist.all_reduce(micro)
+                if micro[4].item() > 0:
+                    raise TimeoutError(f"training did not finish within timeout_s={timeout_s} "
+                                       f"(at step {step}/{num_steps})")
                 if not math.isfinite(micro[0].item()):
                     raise FloatingPointError(
                         f"non-finite {cfg.loss} loss ({micro[0].item()}) at step {step}/{num_steps}, epoch {epoch}; "
                         f"learning rate {engine.get_lr()[0]:.3g}, eta {cfg.eta}: no checkpoint is written"
                     )
-                sums += micro.cpu()
+                sums += micro[:4].cpu()
                 learning_rate = engine.get_lr()[0]
                 engine.backward(losses.mean())
                 boundary = engine.is_gradient_accumulation_boundary()
