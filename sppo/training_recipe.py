@@ -153,9 +153,10 @@ def stacks_if_setup_stuck(after_s: float) -> Iterator[None]:
 
 def on_every_rank(step: Callable[[], T]) -> T:
     """step() on this rank, agreed with the others by one all_gather: if it raised OSError or
-    ValueError on any rank, every rank raises it (the lowest such rank's, naming it). A rank that
-    failed alone used to return while its peers went on into the model load's first broadcast
-    and waited there for it until timeouts.collective_s, with its error seen nowhere."""
+    ValueError on any rank, every rank raises it (the lowest such rank's, naming it). Raised on
+    one rank alone, it would be returned by that rank alone (the Ray shell returns such errors),
+    its peers waiting in the model load's first broadcast until timeouts.collective_s, and the
+    driver, which sees rank 0's result only, would never see it."""
     import torch.distributed as dist
 
     try:

@@ -59,7 +59,12 @@ def test_a_cached_tiny_model_without_its_config_is_replaced(tmp_path, monkeypatc
 
 
 def test_a_build_that_writes_no_model_publishes_nothing(tmp_path, monkeypatch):
+    import torch.distributed
+
     monkeypatch.setenv("SPPO_CACHE", str(tmp_path))
+    # Built in this process, where the builder below is seen: another test in it (a session's
+    # process group of one) may have left a process group, which sends builds to a child process.
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(tiny, "_builder", lambda name: ("v0", lambda out: (out / "tokenizer.json").write_text("{}")))
     with pytest.raises(RuntimeError, match=r"building tiny:policy wrote no config.json or weights .*tokenizer.json"):
         tiny.resolve_model("tiny:policy")
