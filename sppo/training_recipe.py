@@ -391,7 +391,7 @@ def train(
     live_metrics: where rank 0 logs each optimizer step. Raises FloatingPointError (a
     non-finite loss), TimeoutError, OSError (a checkpoint that cannot be written) or ValueError
     (the data); nothing is published then. What each rank reads for itself before the model load
-    (the tokenizer, the pairs, the config, the weights' presence) raises on every rank if it fails
+    (the tokenizer, the pairs, the config, the weights' and adapter's presence) raises on every rank if it fails
     on any (`on_every_rank`).
     """
     import torch.distributed as dist
@@ -417,6 +417,8 @@ def train(
         config = AutoConfig.from_pretrained(policy_dir, trust_remote_code=trust_remote_code)
         if Path(policy_dir).is_dir() and not any(Path(policy_dir).glob("*.safetensors")):
             raise FileNotFoundError(f"policy {policy_dir}: no *.safetensors weights on this node")
+        if adapter_dir is not None and not Path(adapter_dir, "adapter_config.json").is_file():
+            raise FileNotFoundError(f"pi_t's adapter {adapter_dir}: no adapter_config.json on this node")
         return tokenizer, pairs, config.dtype or torch.float32
 
     # What this node reads for itself, agreed before the first collective of the model load.

@@ -404,6 +404,24 @@ def test_the_recipe_stops_at_its_deadline_and_publishes_nothing(one_process_grou
     assert _nothing_published(tmp_path / "ckpt")
 
 
+def test_a_policy_or_adapter_missing_on_this_node_fails_before_the_model_load(one_process_group, tiny_policy_dir,
+                                                                              tmp_path):
+    """Checked in the agreed setup (`on_every_rank`), so a node that lacks them fails every rank
+    at once, naming the rank, rather than failing alone inside the ZeRO-3 load."""
+    import shutil
+
+    no_weights = tmp_path / "policy"
+    shutil.copytree(tiny_policy_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(OSError, match=r"rank 0: FileNotFoundError: policy .*/policy: no \*\.safetensors weights"):
+        train(TrainConfig(**ONE_RANK_CFG), make_rows(8), str(no_weights), str(tmp_path / "ckpt"),
+              device=one_process_group)
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(OSError, match=r"rank 0: FileNotFoundError: pi_t's adapter .*/adapter: no adapter_config\.json"):
+        train(TrainConfig(**{**ONE_RANK_CFG, "lora": {}}), make_rows(8), tiny_policy_dir, str(tmp_path / "ckpt"),
+              device=one_process_group, adapter_dir=str(tmp_path / "adapter"))
+    assert _nothing_published(tmp_path / "ckpt")
+
+
 @pytest.mark.slow
 def test_the_recipe_on_a_full_disk_keeps_the_published_checkpoint(one_process_group, tiny_policy_dir, small_disk):
     """A checkpoint that does not fit on its filesystem fails with the disk error naming it; what
