@@ -37,7 +37,7 @@ TEST_LANES ?= 2
 # What `make demo` announces for a 2-core machine: install from docs/performance.md ("Install"), the rest from README.
 DEMO_INSTALL_TIME := about 15 s the first time with fast downloads (5 s with uv's cache warm)
 DEMO_SERVERS_TIME := about 10-20 s
-DEMO_JOB_TIME := about 130-160 s on an empty home directory
+DEMO_JOB_TIME := about 90-160 s on an empty home directory
 # When make started, and when each part of the demo ended: the wall times it prints at its end.
 STARTED := $(shell date +%s)
 DEMO_TIMES = $(STATE_DIR)/demo-times
