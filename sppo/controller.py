@@ -32,7 +32,7 @@ from sppo.model_card import CARD_FILE, card_summary, registry_tags, write_card
 from sppo.pairs import hybrid_candidates, training_rows
 from sppo.prompts import dataset_responses, heldout_prompts, iteration_prompts, prompt_length_filter
 from sppo.models import local_model
-from sppo.node_metrics import start_node_monitors, stop_node_monitors
+from sppo.node_metrics import NodeMonitors
 from sppo.plan import PlacementError, job_placement
 from sppo.policy import ADAPTER_DIR, Policy
 from sppo.preflight import preflight
@@ -212,7 +212,7 @@ def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | No
     engines = EnginePool(cfg.sampling.model_copy(update={"engine_mode": engine_mode}), run_roles(cfg).sampling,
                          cfg.policy.trust_remote_code, max_lora_rank=cfg.train.lora.rank if cfg.train.lora else None)
     # Every node's CPU, memory, disk, network (and GPU) as the parent run's system/<node>/*.
-    node_monitors = start_node_monitors(tracker.parent_id, tracker.uri) if cfg.tracking.system_metrics else []
+    node_monitors = NodeMonitors(tracker.parent_id, tracker.uri) if cfg.tracking.system_metrics else None
     try:
         for t, todo in plan.items():
             log.info("=== iteration %d/%d: policy %s", t, cfg.iterations, policy)
@@ -224,7 +224,8 @@ def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | No
         status = "FINISHED"
     finally:
         engines.close()
-        stop_node_monitors(node_monitors)
+        if node_monitors is not None:
+            node_monitors.stop()
         tracker.finish_parent(status)
     return [run.iteration(t).checkpoint for t in range(1, cfg.iterations + 1)]
 

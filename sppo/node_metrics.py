@@ -5,10 +5,16 @@ no GPU in the shipped layouts), while the engines, judges and training workers r
 One small actor per node (no CPU reserved, pinned to its node) runs MLflow's system metrics
 monitor with MLflow's node naming: `system/<node>/cpu_utilization_percentage`, `.../gpu_0_...`
 where the node has a GPU (nvidia-ml-py is in the GPU image), one sample every 10 s for the whole
-job. Nodes that join after the job started are not watched.
+job. Nodes that join while the job runs (an autoscaler adding GPU nodes for training) get theirs
+at the next check, every NodeMonitors.check_s: Ray's public API announces no joining node.
 """
 
 from __future__ import annotations
+
+import logging
+import threading
+
+log = logging.getLogger("sppo")
 
 
 class NodeMetricsMonitor:
@@ -30,22 +36,44 @@ def node_name(node: dict) -> str:
     return f"{node['NodeManagerAddress']}-{node['NodeID'][:8]}"
 
 
-def start_node_monitors(run_id: str, tracking_uri: str) -> list:
-    """One monitor actor on each live node, started without waiting for them."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+class NodeMonitors:
+    """A NodeMetricsMonitor on every live node for as long as this lives: those of the nodes up now,
+    started without waiting for them, then one for each node that joins, checked every check_s."""
 
-    monitor_cls = ray.remote(num_cpus=0, max_restarts=0)(NodeMetricsMonitor)
-    return [monitor_cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
-            .remote(run_id, tracking_uri, node_name(node))
-            for node in ray.nodes() if node["Alive"]]
+    def __init__(self, run_id: str, tracking_uri: str, check_s: float = 30.0):
+        self._run_id, self._tracking_uri, self._check_s = run_id, tracking_uri, check_s
+        self.monitors: dict[str, object] = {}  # node id -> its monitor actor
+        self._stopped = threading.Event()
+        self.watch_new_nodes()
+        self._thread = threading.Thread(target=self._keep_watching, name="node-monitors", daemon=True)
+        self._thread.start()
 
+    def watch_new_nodes(self) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-def stop_node_monitors(monitors: list, grace_s: float = 15.0) -> None:
-    """Flush and stop each monitor (a node gone or a monitor stuck is not waited for past grace_s)."""
-    import ray
+        monitor_cls = ray.remote(num_cpus=0, max_restarts=0)(NodeMetricsMonitor)
+        for node in ray.nodes():
+            if node["Alive"] and node["NodeID"] not in self.monitors:
+                self.monitors[node["NodeID"]] = monitor_cls.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+                ).remote(self._run_id, self._tracking_uri, node_name(node))
 
-    if monitors:
-        ray.wait([m.stop.remote() for m in monitors], num_returns=len(monitors), timeout=grace_s)
-    for monitor in monitors:
-        ray.kill(monitor)
+    def _keep_watching(self) -> None:
+        while not self._stopped.wait(self._check_s):
+            try:
+                self.watch_new_nodes()
+            except Exception as err:  # metrics are never worth a job: try again at the next check
+                log.warning("system metrics: could not check for new Ray nodes: %s", err)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Flush and stop each monitor (a node gone or a monitor stuck is not waited for past grace_s)."""
+        import ray
+
+        self._stopped.set()
+        self._thread.join()
+        monitors = list(self.monitors.values())
+        if monitors:
+            ray.wait([m.stop.remote() for m in monitors], num_returns=len(monitors), timeout=grace_s)
+        for monitor in monitors:
+            ray.kill(monitor)
