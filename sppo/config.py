@@ -71,11 +71,23 @@ class PromptsConfig(_Strict):
     # held-out prompts.
     seed: int = 42
     # Held-out prompts for evaluation, never used for training: eval_size prompts set aside
-    # from a pooled source before it is cut, or (sources with "{t}") the split eval_split.
+    # from a pooled source before it is cut, or (sources with "{t}") a seeded sample of
+    # eval_size prompts of the split eval_split (0: all of it).
     eval_size: int = Field(default=0, ge=0)
     # Sources with "{t}" only: the split held out for evaluation (with "{t}" read as 1); a
     # held-out prompt that also appears in a training split is left out of training.
     eval_split: str | None = None
+
+    @model_validator(mode="after")
+    def _held_out_set_is_named(self) -> "PromptsConfig":
+        ready = "{t}" in self.source or "{t}" in self.split
+        if ready and self.eval_size and self.eval_split is None:
+            raise ValueError(f"eval_size ({self.eval_size}) with ready-made splits (\"{{t}}\" in source or split) "
+                             "needs eval_split, the split it samples the held-out prompts from")
+        if not ready and self.eval_split is not None:
+            raise ValueError(f"eval_split ({self.eval_split!r}) is for ready-made splits only (\"{{t}}\" in source "
+                             "or split); a pooled source holds out prompts.eval_size prompts")
+        return self
 
 
 class SamplingConfig(_Strict):

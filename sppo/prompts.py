@@ -246,16 +246,23 @@ def _ready_splits(cfg: PromptsConfig) -> bool:
     return ITERATION_MARK in cfg.source or ITERATION_MARK in cfg.split
 
 
+def _seeded_sample(prompts: list[str], size: int, seed: int) -> list[str]:
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    return [prompts[i] for i in order[:size]]
+
+
 def heldout_prompts(cfg: PromptsConfig, too_long=None) -> list[str]:
     """Evaluation prompts: never part of any iteration's training prompts. With `too_long`, those
     it rejects are left out, as they are from training."""
-    if _ready_splits(cfg):
-        chosen = load_prompts(cfg, iteration=1, split=cfg.eval_split) if cfg.eval_split else []
+    if not _ready_splits(cfg):
+        chosen = _seeded_sample(load_prompts(cfg), cfg.eval_size, cfg.seed)
+    elif cfg.eval_split is None:
+        chosen = []
     else:
-        pool = load_prompts(cfg)
-        order = list(range(len(pool)))
-        random.Random(cfg.seed).shuffle(order)
-        chosen = [pool[i] for i in order[: cfg.eval_size]]
+        chosen = load_prompts(cfg, iteration=1, split=cfg.eval_split)
+        if cfg.eval_size:
+            chosen = _seeded_sample(chosen, cfg.eval_size, cfg.seed)
     if too_long is None or not chosen:
         return chosen
     fitting = [p for p in chosen if not too_long(p)]

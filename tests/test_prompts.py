@@ -118,6 +118,32 @@ def test_ready_splits_drop_prompts_of_the_eval_split(tmp_path):
     assert selection.counts["heldout_dropped"] == 1 and selection.counts["heldout"] == 2
 
 
+def test_eval_size_samples_the_eval_split_of_ready_splits(tmp_path):
+    """The production SPPO configs judge all 994 prompts of test_iteration_1; eval_size, which used
+    to be ignored there, now takes a seeded sample of it (a cheaper evaluation per iteration)."""
+    heldout_split = [f"h{i}" for i in range(20)]
+    splits = {"train_iteration_1": [{"prompt": p} for p in ["a", "b", "h3", "h4"]],
+              "test_iteration_1": [{"prompt": p} for p in heldout_split]}
+    _save_dataset(tmp_path / "ds", splits)
+    whole = PromptsConfig(source=str(tmp_path / "ds"), split="train_iteration_{t}", eval_split="test_iteration_1")
+    assert heldout_prompts(whole) == heldout_split
+    sampled = whole.model_copy(update={"eval_size": 5})
+    chosen = heldout_prompts(sampled)
+    assert len(chosen) == 5 and set(chosen) <= set(heldout_split) and chosen == heldout_prompts(sampled)
+    assert chosen != heldout_prompts(sampled.model_copy(update={"seed": 7}))
+    trained = iteration_prompts(sampled, 1).prompts
+    assert not set(chosen) & set(trained) and {"a", "b"} <= set(trained)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"split": "train_iteration_{t}", "eval_size": 8}, r"eval_size \(8\) with ready-made splits .* needs eval_split"),
+    ({"eval_split": "test"}, r"eval_split \('test'\) is for ready-made splits only"),
+])
+def test_a_held_out_set_that_names_nothing_is_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PromptsConfig(**fields)
+
+
 def test_counts_and_length_filter(tmp_path, tiny_policy_dir):
     from transformers import AutoTokenizer
 
