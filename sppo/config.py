@@ -536,6 +536,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     for key in keys[:-1]:
         child = node.setdefault(key, {})
+        if child is None:  # an optional section turned off (`lora: null`) that the override turns on
+            child = node[key] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: '{key}' is not a section")
         node = child

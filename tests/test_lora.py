@@ -52,6 +52,16 @@ def test_lora_is_off_by_default_and_left_out_of_the_config_record():
     assert on.flat()["train.lora.rank"] == 16 and on.digest("train") != cfg.digest("train")
 
 
+def test_a_set_inside_a_section_the_yaml_turned_off_turns_it_on(tmp_path):
+    """`lora: null` in a config, then `--set train.lora.rank=8`: the adapter with rank 8 and the
+    other defaults (it was refused: "'lora' is not a section"). A scalar is still no section."""
+    path = tmp_path / "off.yaml"
+    path.write_text("train:\n  lora: null\n  epochs: 2\n")
+    assert load_config(str(path), {"train.lora.rank": 8}).train.lora == LoraConfig(rank=8)
+    with pytest.raises(ConfigError, match=r"--set train\.epochs\.x: 'epochs' is not a section"):
+        load_config(str(path), {"train.epochs.x": 1})
+
+
 @pytest.mark.parametrize("rank", [1, 8, 16, 32, 64, 128, 256, 320, 512])
 def test_every_rank_vllm_serves_is_taken(rank):
     assert load_config(None, {"train.lora.rank": rank}).train.lora.rank == rank
