@@ -168,7 +168,7 @@ def evaluation_stage(cfg: RunConfig, rec: "IterationRecord", engines: EnginePool
     if not heldout:  # no held-out prompts configured (or none fits): nothing to evaluate, and done
         rec.manifest.record_stage(t, "evaluation", cfg, {}, rec.run_id)
         return
-    policies = {0: Policy(cfg.policy.path), t - 1: policy.mapped(rec.for_workers),
+    policies = {0: Policy(cfg.policy.path).mapped(rec.for_workers), t - 1: policy.mapped(rec.for_workers),
                 t: published_policy(cfg, it).mapped(rec.for_workers)}
     with rec.stage("evaluation", eval_judgments=it.eval_judgments):
         rows, metrics = evaluate(cfg, it.run, t, policies, heldout, engines, tokenizer)
@@ -205,7 +205,7 @@ def _run_iterations(cfg: RunConfig, manifest: RunManifest, resume_from: int | No
     plan = manifest.redo_plan(cfg)  # iteration -> the stages it runs; iterations the manifest vouches for are absent
     first = min(plan, default=cfg.iterations + 1)
     policy = Policy(cfg.policy.path) if first == 1 else published_policy(cfg, run.iteration(first - 1))
-    judge = cfg.judge.model_path or ""  # each judge actor resolves it on its node
+    judge = run.for_workers(cfg.judge.model_path or "")  # each judge actor resolves it on its node
     status = "FAILED"
     # One set of vLLM engines for the whole job: each iteration's stages load the policy they need
     # (with train.lora, the engines keep the base and serve each iteration's adapter).

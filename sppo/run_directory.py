@@ -25,6 +25,7 @@ storage themselves; `pull` brings it into the driver's copy.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,13 @@ class RunDirectory:
 
     def for_workers(self, spec: str) -> str:
         """A model or directory as engines, judges and train workers on any node must be given it:
-        with a mirror, its storage URI; without, output_dir is shared and paths serve."""
+        with a mirror, its storage URI; without, output_dir is shared and paths serve. A relative
+        path is made absolute here, where the config named it: an actor's working directory is
+        not the driver's."""
+        from sppo.models import is_local_path
+
+        if spec and is_local_path(spec) and not Path(spec).is_absolute():
+            spec = os.path.abspath(os.path.expanduser(spec))
         return self.mirror.worker_spec(spec) if self.mirror is not None else spec
 
     def archive(self, t: int) -> Path | None:

@@ -131,6 +131,18 @@ def test_a_shared_directory_works_the_same_way(tmp_path):
     assert not list((tmp_path / "nfs" / "run" / "iter-1").glob("*.uploading-*"))
 
 
+def test_workers_are_given_a_relative_model_path_made_absolute(tmp_path, monkeypatch):
+    """An actor's working directory is not the driver's: `policy.path: models/pi0` reached the
+    engines, judges and evaluation as written (training alone made it absolute)."""
+    (tmp_path / "models" / "pi0").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    run = RunDirectory(tmp_path / "out")
+    assert run.for_workers("models/pi0") == str(tmp_path / "models" / "pi0")
+    assert run.for_workers("./models/pi0") == str(tmp_path / "models" / "pi0")
+    for as_is in ("tiny:policy", "google/gemma-2-9b-it", "s3://bucket/m", "", str(tmp_path / "models" / "pi0")):
+        assert run.for_workers(as_is) == as_is
+
+
 def _cfg(tmp_path: Path, **overrides) -> RunConfig:
     return RunConfig.model_validate({"output_dir": str(tmp_path / "out"), **overrides})
 
