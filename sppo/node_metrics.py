@@ -41,7 +41,10 @@ class NodeMonitors:
     started without waiting for them, then one for each node that joins, checked every check_s."""
 
     def __init__(self, run_id: str, tracking_uri: str, check_s: float = 30.0):
+        import ray
+
         self._run_id, self._tracking_uri, self._check_s = run_id, tracking_uri, check_s
+        self._monitor_cls = ray.remote(num_cpus=0, max_restarts=0)(NodeMetricsMonitor)
         self.monitors: dict[str, object] = {}  # node id -> its monitor actor
         self._stopped = threading.Event()
         self.watch_new_nodes()
@@ -52,10 +55,9 @@ class NodeMonitors:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        monitor_cls = ray.remote(num_cpus=0, max_restarts=0)(NodeMetricsMonitor)
         for node in ray.nodes():
             if node["Alive"] and node["NodeID"] not in self.monitors:
-                self.monitors[node["NodeID"]] = monitor_cls.options(
+                self.monitors[node["NodeID"]] = self._monitor_cls.options(
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
                 ).remote(self._run_id, self._tracking_uri, node_name(node))
 
