@@ -555,6 +555,48 @@ def test_a_setup_failure_on_one_rank_is_raised_on_every_rank(tmp_path):
         assert f"rank {rank}: inputs read" in done.stdout  # the group is still usable
 
 
+ONE_RANK_LATE = """
+import json, sys, time
+from datetime import timedelta
+import torch, torch.distributed as dist
+from sppo.config import TrainConfig
+from sppo.training_data import read_pairs
+from sppo.training_recipe import train
+
+pairs, policy, checkpoint, cfg = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+# Short, so that a rank left waiting in a collective fails this script in a minute, not 30.
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+rank = dist.get_rank()
+started_at = time.time() - (60 if rank == 0 else 0)  # rank 0 is past the deadline, rank 1 is not
+try:
+    train(TrainConfig(**cfg), read_pairs(pairs), policy, checkpoint, device=torch.device("cpu"),
+          timeout_s=30, started_at=started_at)
+except TimeoutError as err:
+    print(f"rank {rank}: {err}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_every_rank_stops_at_the_same_micro_batch_past_the_deadline(tiny_policy_dir, tmp_path):
+    """One rank past timeout_s, the other not (their clocks or their pace differ): both stop at
+    step 1. Checked alone, the late rank used to return while the other went into the forward
+    pass's ZeRO-3 gathers and waited there for it until the collectives' timeout."""
+    import json
+
+    pairs_path = tmp_path / "pairs.parquet"
+    pd.DataFrame(make_rows(NUM_ROWS)).to_parquet(pairs_path)
+    script = tmp_path / "one_rank_late.py"
+    script.write_text(ONE_RANK_LATE)
+    done = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                           str(script), str(pairs_path), tiny_policy_dir, str(tmp_path / "ckpt"), json.dumps(TRAIN_CFG)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: training did not finish within timeout_s=30 (at step 1/{EXPECTED_STEPS})" in done.stdout
+    assert not (tmp_path / "ckpt").exists()
+
+
 # ---------------------------------------------------------------- the Ray shell's failures
 
 
