@@ -51,6 +51,7 @@ from sppo.losses import (
     sequence_wpo_logweights,
     wpo_pair_weights,
 )
+from sppo.policy import ADAPTER_CONFIG
 from sppo.progress import PROGRESS_EVERY_S, progress
 from sppo.training_data import (
     EncodedPair,
@@ -417,8 +418,8 @@ def train(
         config = AutoConfig.from_pretrained(policy_dir, trust_remote_code=trust_remote_code)
         if Path(policy_dir).is_dir() and not any(Path(policy_dir).glob("*.safetensors")):
             raise FileNotFoundError(f"policy {policy_dir}: no *.safetensors weights on this node")
-        if adapter_dir is not None and not Path(adapter_dir, "adapter_config.json").is_file():
-            raise FileNotFoundError(f"pi_t's adapter {adapter_dir}: no adapter_config.json on this node")
+        if adapter_dir is not None and not Path(adapter_dir, ADAPTER_CONFIG).is_file():
+            raise FileNotFoundError(f"pi_t's adapter {adapter_dir}: no {ADAPTER_CONFIG} on this node")
         return tokenizer, pairs, config.dtype or torch.float32
 
     # What this node reads for itself, agreed before the first collective of the model load.
