@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -30,6 +31,12 @@ def is_local_path(spec: str) -> bool:
     if spec.startswith(PATH_PREFIXES):
         return True
     return not (is_uri(spec) or spec.startswith("tiny:")) and Path(spec).exists()
+
+
+def absolute_path(spec: str) -> str:
+    """A local path made absolute here (a worker's working directory is not the driver's);
+    storage URIs, tiny: models, hub ids and absolute paths as they are."""
+    return os.path.abspath(os.path.expanduser(spec)) if spec and is_local_path(spec) else spec
 
 
 def local_model_dir(spec: str) -> Path | None:

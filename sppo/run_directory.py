@@ -25,11 +25,11 @@ storage themselves; `pull` brings it into the driver's copy.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from sppo.models import absolute_path
 from sppo.policy import ADAPTER_CONFIG, ADAPTER_DIR
 from sppo.storage import SharedStorage, atomic_write_parquet, atomic_write_text
 
@@ -82,10 +82,7 @@ class RunDirectory:
         with a mirror, its storage URI; without, output_dir is shared and paths serve. A relative
         path is made absolute here, where the config named it: an actor's working directory is
         not the driver's."""
-        from sppo.models import is_local_path
-
-        if spec and is_local_path(spec) and not Path(spec).is_absolute():
-            spec = os.path.abspath(os.path.expanduser(spec))
+        spec = absolute_path(spec)
         return self.mirror.worker_spec(spec) if self.mirror is not None else spec
 
     def archive(self, t: int) -> Path | None:

@@ -23,7 +23,7 @@ from typing import Any
 from sppo.cluster import POLL_S, NodeWatch, PlacementWait
 from sppo.config import TrainConfig
 from sppo.losses import get_loss
-from sppo.models import is_local_path, local_model
+from sppo.models import absolute_path, is_local_path, local_model
 from sppo.policy import Policy
 from sppo.roles import Role, training_role
 from sppo.training_data import read_pairs, total_steps
@@ -145,11 +145,6 @@ def worker_group_configs(role: Role, backend: str):
                                        controller_failure_limit=max(0, math.ceil(role.timeout_s / 60) - 1))
 
 
-def _absolute(spec: str) -> str:
-    """Paths are handed to workers absolute; storage URIs and tiny: specs as they are."""
-    return str(Path(spec).resolve()) if is_local_path(spec) else spec
-
-
 def train_policy(
     pairs_path: str,
     policy: Policy,
@@ -195,8 +190,8 @@ def train_policy(
         train_loop_config={
             "cfg": cfg.model_dump(),
             "rows": rows,
-            "policy": policy.mapped(_absolute),
-            "checkpoint_dir": _absolute(checkpoint_dir),
+            "policy": policy.mapped(absolute_path),
+            "checkpoint_dir": absolute_path(checkpoint_dir),
             "mlflow_tracking_uri": mlflow_tracking_uri,
             "mlflow_run_id": mlflow_run_id,
             "timeout_s": timeout_s,
@@ -212,7 +207,7 @@ def train_policy(
         ),
         torch_config=torch_config,
         run_config=RunConfig(
-            storage_path=_absolute(storage_dir),
+            storage_path=absolute_path(storage_dir),
             name=f"train-{Path(checkpoint_dir).name}-{uuid.uuid4().hex[:8]}",
             failure_config=failure_config,
         ),
